@@ -1,0 +1,229 @@
+"""Run configuration: one YAML file, one pydantic model per stage, composed into `RunConfig`.
+
+Every model forbids unknown keys, so a typo is an error that names the field. Defaults live here
+and nowhere else. `load_config(path, overrides)` applies `--set a.b=c` overrides before validation,
+so an override is checked exactly like a value written in the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+TINY_PREFIX = "tiny:"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelRef(_Strict):
+    """A model: a Hugging Face id, a local directory, or `tiny:<size>` (built locally, offline)."""
+
+    path: str
+    chat: bool = False  # render prompts with the tokenizer's chat template (instruction models)
+    params: int | None = Field(default=None, gt=0)  # declared parameter count (endpoints)
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        if value.startswith(TINY_PREFIX):
+            from pipeline.tinymodels import TINY_SIZES
+
+            size = value[len(TINY_PREFIX):]
+            if size not in TINY_SIZES:
+                raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
+            return value
+        if _HF_ID.match(value) and not value.startswith((".", "/", "~")):
+            return value  # a hub id; resolved by vLLM / transformers at load time
+        path = Path(value).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model path {value!r} does not exist or has no config.json")
+        return str(path.resolve())
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: start an embedded local Ray; else connect (or RAY_ADDRESS)
+    # Logical CPUs for the embedded Ray. More than the 2 physical cores so that Ray Data's map
+    # tasks, the vLLM actors and Ray Train workers can be scheduled side by side.
+    num_cpus: int = Field(default=6, ge=1)
+    object_store_memory: int | None = Field(default=None, ge=78_643_200)
+
+
+class BenchmarkConfig(_Strict):
+    """Where items come from. `source` picks a loader from pipeline.benchmarks.LOADERS."""
+
+    source: str = "synthetic"
+    name: str = "arith"
+    kind: Literal["numeric", "choice", "math", "exact"] = "numeric"
+    # jsonl/parquet: split -> file path; huggingface: split -> split name of `path`.
+    path: str | None = None
+    subset: str | None = None
+    splits: dict[Literal["train", "eval"], str] = Field(default_factory=lambda: {"train": "train", "eval": "test"})
+    # Column mapping: contract column -> column in the source.
+    columns: dict[Literal["id", "question", "reference", "choices"], str] = Field(default_factory=dict)
+    reference_after: str | None = None  # GSM8K keeps the final answer after "####"
+    n_train: int = Field(default=256, ge=1)  # synthetic size, or a cap on a real split
+    n_eval: int = Field(default=128, ge=1)
+
+    @model_validator(mode="after")
+    def _source_known(self) -> "BenchmarkConfig":
+        from pipeline.benchmarks import LOADERS
+
+        if self.source not in LOADERS:
+            raise ValueError(f"unknown benchmark source {self.source!r}; valid: {sorted(LOADERS)}")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"benchmark source {self.source!r} needs `path`")
+        if self.source in ("jsonl", "parquet"):
+            for split, file in self.splits.items():
+                if not Path(file).expanduser().is_file():
+                    raise ValueError(f"benchmark file for split {split!r} not found: {file}")
+        return self
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings, mapped onto ray.data.llm.vLLMEngineProcessorConfig."""
+
+    concurrency: int = Field(default=1, ge=1)  # engine replicas
+    batch_size: int = Field(default=64, ge=1)
+    num_cpus: float = Field(default=1, gt=0)  # per replica (placement bundle)
+    num_gpus: float = Field(default=0, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int = Field(default=256, ge=16)
+    dtype: str = "float32"  # CPU: float32 works everywhere; bfloat16 on GPU
+    # On CPU this is the share of host memory reserved for the KV cache.
+    gpu_memory_utilization: float = Field(default=0.05, gt=0, le=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
+
+
+class SamplingConfig(_Strict):
+    samples: int = Field(default=1, ge=1)  # answers per prompt, each its own row
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=32, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+
+class GenerateConfig(_Strict):
+    engine: EngineConfig = EngineConfig()
+    sampling: SamplingConfig = SamplingConfig(samples=2, temperature=0.7)
+    prompt_template: str | None = None  # None: the template of the benchmark kind
+
+
+class MarkConfig(_Strict):
+    batch_size: int = Field(default=1024, ge=1)
+
+
+class TrainConfig(_Strict):
+    method: Literal["kto"] = "kto"
+    beta: float = Field(default=0.1, gt=0)
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    # KTO's KL reference point pairs each prompt with another completion of the same micro-batch.
+    per_device_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    deepspeed: Literal["zero2", "zero3", "zero3_offload", "none"] = "zero2"
+
+    @field_validator("per_device_batch_size")
+    @classmethod
+    def _kto_needs_pairs(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(
+                "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "
+                "prompt with another completion in the micro-batch); set train.per_device_batch_size >= 2"
+            )
+        return value
+
+
+class EvaluateConfig(_Strict):
+    sampling: SamplingConfig = SamplingConfig()  # greedy, one sample
+
+
+class RunConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    seed: int = 0
+    output_dir: str = "runs"
+    ray: RayConfig = RayConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    competitors: dict[Literal["large", "small"], ModelRef]
+    target: ModelRef
+    generate: GenerateConfig = GenerateConfig()
+    mark: MarkConfig = MarkConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("competitors")
+    @classmethod
+    def _both_competitors(cls, value: dict) -> dict:
+        missing = {"large", "small"} - set(value)
+        if missing:
+            raise ValueError(f"competitors needs both `large` and `small`; missing {sorted(missing)}")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.name
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides; values are parsed as YAML (`3` is an int, `[a, b]` a list)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example generate.sampling.samples=4")
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _format_errors(where: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return f"config error in {where}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; raise ConfigError naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error in {path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(path), exc)) from None

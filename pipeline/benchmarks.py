@@ -1,0 +1,149 @@
+"""Benchmark loading: any source -> the `items` contract, plus a quarantine of rejected rows.
+
+Conservation: every source row ends up either in the items table or in the quarantine table with
+a reason, so `rows read == len(items) + len(quarantine)` for every split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import synthetic
+from pipeline.prompts import LETTERS
+from pipeline.schemas import ITEMS, QUARANTINE, check
+
+
+class BenchmarkError(ValueError):
+    """A benchmark source that cannot be read at all (as opposed to one bad row)."""
+
+
+def _synthetic(cfg, split: str, seed: int) -> Iterable[dict]:
+    n = cfg.n_train if split == "train" else cfg.n_eval
+    for row in synthetic.problems(split, n, seed):
+        yield {"question": row["question"], "reference": row["reference"]}
+
+
+def _jsonl(cfg, split: str, seed: int) -> Iterable[dict | str]:
+    # Line by line rather than pyarrow.json: one malformed line must be quarantined, not fail the file.
+    path = Path(cfg.splits[split]).expanduser()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{lineno}: not valid JSON ({exc.msg})"
+                continue
+            yield row if isinstance(row, dict) else f"{path}:{lineno}: not a JSON object"
+
+
+def _parquet(cfg, split: str, seed: int) -> Iterable[dict]:
+    path = Path(cfg.splits[split]).expanduser()
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise BenchmarkError(f"benchmark file {path} is not readable Parquet: {exc}") from exc
+    yield from table.to_pylist()
+
+
+def _huggingface(cfg, split: str, seed: int) -> Iterable[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.splits[split])
+    except Exception as exc:  # hub errors come in many types; all mean "cannot load this source"
+        raise BenchmarkError(f"cannot load Hugging Face dataset {cfg.path!r} split {cfg.splits[split]!r}: {exc}") from exc
+    yield from ds
+
+
+LOADERS: dict[str, Callable[..., Iterable[dict | str]]] = {
+    "synthetic": _synthetic,
+    "jsonl": _jsonl,
+    "parquet": _parquet,
+    "huggingface": _huggingface,
+}
+
+
+def _choices(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and "text" in value:  # ARC: {"text": [...], "label": [...]}
+        value = value["text"]
+    if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise ValueError("choices must be a list of strings")
+
+
+def normalize(raw: dict, cfg, split: str, index: int) -> dict:
+    """Map one source row onto the items contract; raise ValueError with the reason if unusable."""
+    cols = {"id": "id", "question": "question", "reference": "reference", "choices": "choices", **cfg.columns}
+    question = raw.get(cols["question"])
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"missing or empty {cols['question']!r}")
+    reference = raw.get(cols["reference"])
+    if isinstance(reference, bool) or reference is None:
+        raise ValueError(f"missing or empty {cols['reference']!r}")
+    choices = _choices(raw.get(cols["choices"]))
+    if isinstance(reference, int) and cfg.kind == "choice":  # MMLU: index of the right option
+        if not 0 <= reference < len(LETTERS):
+            raise ValueError(f"answer index {reference} out of range")
+        reference = LETTERS[reference]
+    reference = str(reference)
+    if cfg.reference_after:
+        if cfg.reference_after not in reference:
+            raise ValueError(f"reference has no {cfg.reference_after!r} marker")
+        reference = reference.rsplit(cfg.reference_after, 1)[1]
+    reference = reference.strip()
+    if not reference:
+        raise ValueError(f"missing or empty {cols['reference']!r}")
+    if cfg.kind == "choice" and not choices:
+        raise ValueError("kind `choice` needs a non-empty choices list")
+    item_id = raw.get(cols["id"])
+    return {
+        "id": str(item_id) if item_id not in (None, "") else f"{cfg.name}-{split}-{index:06d}",
+        "question": question.strip(),
+        "reference": reference,
+        "kind": cfg.kind,
+        "choices": choices,
+        "split": split,
+        "source": f"{cfg.source}:{cfg.path or cfg.name}",
+    }
+
+
+def load_items(cfg, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Both splits of the benchmark as (items, quarantine) tables.
+
+    Real splits are capped at n_train / n_eval rows (the first ones, so the cap is deterministic).
+    """
+    items, rejected, seen = [], [], set()
+    for split in ("train", "eval"):
+        cap = cfg.n_train if split == "train" else cfg.n_eval
+        kept = 0
+        for index, raw in enumerate(LOADERS[cfg.source](cfg, split, seed)):
+            if kept >= cap:
+                break
+            if isinstance(raw, str):
+                rejected.append({"source": f"{split}", "row": "", "reason": raw})
+                continue
+            try:
+                row = normalize(raw, cfg, split, index)
+                if row["id"] in seen:
+                    raise ValueError(f"duplicate id {row['id']!r}")
+            except ValueError as exc:
+                rejected.append(
+                    {"source": f"{split}", "row": json.dumps(raw, default=str)[:2000], "reason": f"row {index}: {exc}"}
+                )
+                continue
+            seen.add(row["id"])
+            items.append(row)
+            kept += 1
+    return (
+        check(pa.Table.from_pylist(items, schema=ITEMS), ITEMS, "items"),
+        pa.Table.from_pylist(rejected, schema=QUARANTINE),
+    )

@@ -1,0 +1,41 @@
+"""Prompt templates per benchmark kind, and chat-template rendering for instruction models.
+
+Each template tells the model how to state its final answer, in the form the marker reads first
+("The answer is X"). Templates are `str.format` strings over the item columns.
+"""
+
+from __future__ import annotations
+
+TEMPLATES = {
+    "numeric": "Question: {question}\nAnswer:",
+    "math": "Question: {question}\nPut the final answer in \\boxed{{}}.\nAnswer:",
+    "choice": "Question: {question}\n{options}\nAnswer with the letter of the correct option.\nAnswer:",
+    "exact": "Question: {question}\nAnswer:",
+}
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def template_for(kind: str, override: str | None = None) -> str:
+    if override:
+        return override
+    if kind not in TEMPLATES:
+        raise ValueError(f"no prompt template for kind {kind!r}; valid: {sorted(TEMPLATES)}")
+    return TEMPLATES[kind]
+
+
+def render(item: dict, template: str) -> str:
+    """The raw prompt text for one item row."""
+    choices = item.get("choices") or []
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    try:
+        return template.format(question=item["question"], options=options, kind=item.get("kind", ""))
+    except KeyError as exc:
+        raise ValueError(f"prompt template uses unknown field {exc}; available: question, options, kind") from None
+
+
+def render_chat(prompt: str, tokenizer) -> str:
+    """Wrap a raw prompt as a single user turn with the model's chat template."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )

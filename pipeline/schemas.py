@@ -1,0 +1,96 @@
+"""The row contracts, as code: one `pyarrow.schema` per stage boundary.
+
+Column names are an interface (tests, tools and users depend on them); see README "Row contracts".
+`check(table, schema, where)` is called whenever a stage reads or writes a table.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+class SchemaError(ValueError):
+    """A table that does not match its contract; the message names the column."""
+
+
+ITEMS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("question", pa.string()),
+        ("reference", pa.string()),
+        ("kind", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("split", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+QUARANTINE = pa.schema([("source", pa.string()), ("row", pa.string()), ("reason", pa.string())])
+
+ANSWERS = pa.schema(
+    list(ITEMS)
+    + [
+        ("competitor", pa.string()),
+        ("model", pa.string()),
+        ("sample", pa.int32()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("completion_tokens", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+
+MARKED = pa.schema(
+    list(ANSWERS)
+    + [
+        ("correct", pa.bool_()),
+        ("extracted", pa.string()),
+        ("reason", pa.string()),
+        ("marked_by", pa.string()),
+    ]
+)
+
+# TRL's unpaired-preference format, plus provenance columns TRL ignores.
+KTO = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("label", pa.bool_()),
+        ("id", pa.string()),
+        ("competitor", pa.string()),
+        ("sample", pa.int32()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("id", pa.string()),
+        ("chosen_competitor", pa.string()),
+        ("rejected_competitor", pa.string()),
+    ]
+)
+
+NEGATIVES = MARKED
+
+REASONS = ("match", "mismatch", "no_answer", "truncated", "error", "llm_equal", "llm_not_equal")
+
+
+def check(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Return `table` with columns in contract order; raise SchemaError naming what is wrong."""
+    names = set(table.column_names)
+    missing = [f.name for f in schema if f.name not in names]
+    if missing:
+        raise SchemaError(f"{where}: missing column(s) {missing}; has {table.column_names}")
+    for field in schema:
+        actual = table.schema.field(field.name).type
+        if actual != field.type and not (pa.types.is_null(actual)):
+            raise SchemaError(f"{where}: column {field.name!r} is {actual}, expected {field.type}")
+    return table.select(schema.names).cast(schema)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
