@@ -102,7 +102,11 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(default=256, ge=16)
     dtype: str = "float32"  # CPU: float32 works everywhere; bfloat16 on GPU
     # On CPU this is the share of host memory reserved for the KV cache.
-    gpu_memory_utilization: float = Field(default=0.05, gt=0, le=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # KV cache size set explicitly (vLLM's kv_cache_memory_bytes); on CPU set it, because the
+    # utilization-based sizing subtracts the engine process's RSS and fails for small shares.
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    enforce_eager: bool = False  # skip graph compilation: faster start-up, slower steady state
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
 
 

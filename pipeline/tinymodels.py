@@ -27,7 +27,7 @@ PRETRAIN_ROWS = 20_000
 
 # A "large" model about 8x the "small" one, trained longer: the size gap shows in accuracy.
 TINY_SIZES: dict[str, dict] = {
-    "small": {"hidden": 64, "heads": 1, "layers": 1, "intermediate": 128, "steps": 400, "lr": 4e-3},
+    "small": {"hidden": 64, "heads": 1, "layers": 1, "intermediate": 128, "steps": 1000, "lr": 4e-3},
     "large": {"hidden": 128, "heads": 2, "layers": 2, "intermediate": 384, "steps": 700, "lr": 3e-3},
 }
 
