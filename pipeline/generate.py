@@ -123,7 +123,9 @@ def generate_answers(items: pa.Table, models: list[tuple[str, str, bool]], engin
         for r in requests:
             r["request_prompt"] = r["prompt"]  # the engine stage consumes `prompt`; keep a copy
         processor = build_processor(processor_config(path, engine))
-        outputs.append(processor(ray.data.from_items(requests)))
+        # Blocks of about one engine batch: the default of one block per row costs a task per row.
+        blocks = max(1, -(-len(requests) // engine.batch_size))
+        outputs.append(processor(ray.data.from_items(requests, override_num_blocks=blocks)))
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
     rows = ds.take_all()
     for r in rows:

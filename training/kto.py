@@ -122,5 +122,6 @@ def train_kto(data: Path, model: str, out_dir: Path, train_cfg, seed: int, stora
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    metrics = result.metrics or {}
-    return {"train_loss": metrics.get("train_loss"), "steps": metrics.get("steps"), "history": json.loads(history.read_text())}
+    logs = json.loads(history.read_text())
+    final = next((h for h in reversed(logs) if "train_loss" in h), {})
+    return {"train_loss": final.get("train_loss"), "steps": final.get("step", 0), "history": logs}

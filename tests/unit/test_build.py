@@ -1,0 +1,44 @@
+import pyarrow as pa
+
+from pipeline.build import build_datasets, recommended_weights
+from pipeline.schemas import KTO, MARKED, PAIRS
+
+
+def _row(item, competitor, sample, correct, completion="x", error=None):
+    return dict(id=item, question="q", reference="1", kind="numeric", choices=None, split="train", source="t",
+                competitor=competitor, model=f"m-{competitor}", sample=sample, prompt=f"P{item}",
+                completion=completion, finish_reason="stop", completion_tokens=1, error=error,
+                correct=correct, extracted="1" if correct else None, reason="match" if correct else "mismatch",
+                marked_by="rules")
+
+
+def test_datasets_from_marked_rows():
+    rows = [
+        _row("a", "large", 0, True, "right a"),
+        _row("a", "small", 0, False, "wrong a"),
+        _row("b", "large", 0, True, "right b"),
+        _row("b", "small", 0, True, "right b2"),
+        _row("c", "large", 0, False, "wrong c"),
+        _row("c", "small", 0, False, "", error="engine died"),
+    ]
+    out = build_datasets(pa.Table.from_pylist(rows, schema=MARKED))
+    kto, pairs, negatives, stats = out["kto"], out["pairs"], out["negatives"], out["stats"]
+    assert kto.schema == KTO and pairs.schema == PAIRS
+    # The error row has no completion to learn from: kept in negatives, left out of kto.
+    assert kto.num_rows == 5 and negatives.num_rows == 3
+    assert kto["label"].to_pylist().count(True) == 3
+    assert pairs.to_pylist() == [
+        {"prompt": "Pa", "chosen": "right a", "rejected": "wrong a", "id": "a", "chosen_competitor": "large", "rejected_competitor": "small"}
+    ]
+    assert stats["competitors"]["large"]["accuracy"] == 2 / 3
+    assert stats["competitors"]["small"]["reasons"]["mismatch"] == 2
+    assert stats["agreement"] == {"both_right": 1, "large_only": 1, "small_only": 0, "both_wrong": 1}
+    assert stats["labels"] == {"desirable": 3, "undesirable": 2, "total": 5}
+    assert stats["excluded_from_kto"] == 1
+
+
+def test_recommended_weights_put_ratio_in_paper_range():
+    w = recommended_weights(n_desirable=100, n_undesirable=300)
+    ratio = w["desirable_weight"] * 100 / (w["undesirable_weight"] * 300)
+    assert 1.0 <= ratio <= 4 / 3
+    assert recommended_weights(0, 10) is None
