@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn a benchmark into an aligned model.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Turn a benchmark into an aligned model.")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

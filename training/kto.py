@@ -100,7 +100,7 @@ def train_kto(data: Path, model: str, out_dir: Path, train_cfg, seed: int, stora
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
-            "data": str(Path(data).resolve()),
+            "data": str(Path(data).resolve() / "*.parquet"),
             "model": model,
             "model_out": str(tmp.resolve()),
             "work_dir": str(storage / "work"),

@@ -1,0 +1,108 @@
+"""End-to-end tier: the real `lossaverse run` (Ray, vLLM CPU, Ray Train + DeepSpeed + TRL KTO) on
+tiny models, with a JSONL benchmark in GSM8K's own format that holds some malformed rows."""
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pipeline import synthetic
+from pipeline.rundir import read_table
+from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, QUARANTINE
+from pipeline.tinymodels import resolve_model
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.e2e
+
+N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS = 40, 24, 2, 3
+
+
+def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:
+    lines = [json.dumps({"question": r["question"], "answer": f"{r['solution']}\n#### {r['reference']}"})
+             for r in synthetic.problems(split, n, seed=7)]
+    if bad:
+        lines[3:3] = ["{broken json", json.dumps({"question": "", "answer": "#### 1"}), json.dumps({"question": "No answer?"})]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    _gsm8k_jsonl(tmp / "train.jsonl", "train", N_TRAIN, bad=True)
+    _gsm8k_jsonl(tmp / "test.jsonl", "eval", N_EVAL, bad=False)
+    overrides = [
+        f"output_dir={tmp / 'runs'}",
+        "name=e2e",
+        "benchmark.source=jsonl",
+        f"benchmark.path={tmp}",
+        f"benchmark.splits={{train: {tmp / 'train.jsonl'}, eval: {tmp / 'test.jsonl'}}}",
+        "benchmark.columns={reference: answer}",
+        "benchmark.reference_after='####'",
+        f"generate.sampling.samples={SAMPLES}",
+    ]
+    args = ["run", str(ROOT / "configs" / "local.yaml")] + [a for o in overrides for a in ("--set", o)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run_cli(*args)
+    return {"dir": tmp / "runs" / "e2e", "first": first, "second": second}
+
+
+def test_every_row_is_accounted_for(run):
+    d = run["dir"]
+    items = read_table(d / "items", ITEMS)
+    quarantine = read_table(d / "items" / "quarantine", QUARANTINE)
+    assert items.num_rows + quarantine.num_rows == N_TRAIN + BAD_ROWS + N_EVAL
+    assert quarantine.num_rows == BAD_ROWS
+    answers = read_table(d / "answers", ANSWERS)
+    marked = read_table(d / "marked", MARKED)
+    assert answers.num_rows == marked.num_rows == N_TRAIN * 2 * SAMPLES
+    keys = {(r["id"], r["competitor"], r["sample"]) for r in marked.select(["id", "competitor", "sample"]).to_pylist()}
+    assert len(keys) == marked.num_rows  # exactly one row per (item, competitor, sample)
+
+
+def test_large_beats_small_and_both_labels_present(run):
+    stats = json.loads((run["dir"] / "datasets" / "stats.json").read_text())
+    large, small = stats["competitors"]["large"]["accuracy"], stats["competitors"]["small"]["accuracy"]
+    assert 0 < small < large < 1
+    kto = read_table(run["dir"] / "datasets" / "kto", KTO)
+    assert 0 < pc.sum(kto["label"]).as_py() < kto.num_rows
+    assert stats["labels"]["total"] == kto.num_rows
+
+
+def test_trained_model_loads_and_changed(run):
+    model_dir = run["dir"] / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    base = load_file(Path(resolve_model("tiny:small")) / "model.safetensors")
+    tuned = load_file(model_dir / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    metrics = json.loads((run["dir"] / "checkpoints" / "metrics.json").read_text())
+    assert any("loss" in m for m in metrics)
+
+
+def test_evaluation_reports_before_and_after(run):
+    results = json.loads((run["dir"] / "eval" / "results.json").read_text())
+    assert set(results) == {"target-base", "target-kto"}
+    assert all(r["n"] == N_EVAL for r in results.values())
+    assert "target after KTO" in run["first"].stdout
+    manifest = json.loads((run["dir"] / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["items", "generate", "mark", "datasets", "train", "evaluate"]
+
+
+def test_rerun_skips_complete_stages(run):
+    second = run["second"]
+    assert second.returncode == 0, second.stderr[-2000:]
+    for stage in ["items", "generate", "mark", "datasets", "train", "evaluate"]:
+        assert f"skip {stage}" in second.stdout
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    out = run_cli("run", str(ROOT / "configs" / "local.yaml"), "--set", f"output_dir={tmp_path}", "--set", "train.betta=1")
+    assert out.returncode == 2
+    assert "train.betta: Extra inputs are not permitted" in out.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
