@@ -69,17 +69,31 @@ def _models(refs: dict) -> list[tuple[str, str, bool]]:
     return [(name, resolve_model(ref.path), ref.chat) for name, ref in refs.items()]
 
 
+def check_competitor_sizes(sizes: dict[str, int]) -> None:
+    """The competition's rule: a `large` and a `small` model of clearly different size."""
+    large, small = sizes["large"], sizes["small"]
+    if large == small:
+        raise StageError(f"competitors large and small have the same size ({large:,} parameters); pick models of different sizes")
+    if large < small:
+        raise StageError(f"competitor `large` ({large:,} parameters) is smaller than `small` ({small:,}); swap them")
+
+
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
     from pipeline.generate import generate_answers
+    from pipeline.tinymodels import parameter_count
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
     g = cfg.generate
-    answers = generate_answers(items, _models(cfg.competitors), g.engine, g.sampling, cfg.seed, g.prompt_template)
+    models = _models(cfg.competitors)
+    sizes = {name: cfg.competitors[name].params or parameter_count(path) for name, path, _ in models}
+    check_competitor_sizes(sizes)
+    answers = generate_answers(items, models, g.engine, g.sampling, cfg.seed, g.prompt_template)
     expected = items.num_rows * len(cfg.competitors) * g.sampling.samples
     if answers.num_rows != expected:
         raise StageError(f"generate produced {answers.num_rows} answers, expected {expected}")
     write_table(answers, run_dir / "answers")
-    return {"rows": answers.num_rows, "errors": answers.num_rows - pc.sum(pc.is_null(answers["error"])).as_py()}
+    errors = answers.num_rows - pc.sum(pc.is_null(answers["error"])).as_py()
+    return {"rows": answers.num_rows, "errors": errors, "parameters": sizes}
 
 
 def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
