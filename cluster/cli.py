@@ -99,9 +99,41 @@ def generate(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, addr
 
 
 @app.command()
-def mark(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt):
+def mark(
+    config: Optional[Path] = typer.Argument(None),
+    set: list[str] = SetOpt,
+    force: bool = ForceOpt,
+    address: Optional[str] = AddressOpt,
+    answers: Optional[Path] = typer.Option(None, "--answers", help="Mark this answers Parquet (file or folder) instead of a run's"),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --answers: where marked/ and datasets/ go"),
+):
     """Mark the answers right or wrong and build the kto / negatives / pairs datasets."""
-    _command(config, set, ["mark", "datasets"], force, address)
+    if answers is None:
+        if config is None:
+            err.print("[red]error:[/] give a CONFIG, or --answers PATH --out DIR to mark answers produced elsewhere")
+            raise typer.Exit(2)
+        _command(config, set, ["mark", "datasets"], force, address)
+        return
+
+    def go():
+        from cluster.config import MarkConfig, RayConfig
+        from cluster.ray_env import init_ray, shutdown_ray
+        from cluster.stages import build_dataset_dir, mark_answers
+
+        if out is None:
+            raise FileNotFoundError("--answers needs --out DIR for the marked rows and datasets")
+        if not answers.exists():
+            raise FileNotFoundError(f"answers not found: {answers}")
+        console.print(init_ray(RayConfig(), address))
+        try:
+            info = mark_answers(answers, out / "marked", MarkConfig().batch_size)
+            info.update(build_dataset_dir(out / "marked", out / "datasets"))
+        finally:
+            shutdown_ray()
+        console.print(summary_table(out))
+        console.print(f"marked {info['rows']} rows into {out.resolve()}")
+
+    _guard(go)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cluster.config import RunConfig
 from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
@@ -112,24 +113,33 @@ def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
 
 def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
     src = _need(run_dir, "answers", "generate")
-    rows_in = read_table(src, ANSWERS).num_rows
-    rows = mark_parquet(src, run_dir / "marked", cfg.mark.batch_size)
+    return mark_answers(src, run_dir / "marked", cfg.mark.batch_size)
+
+
+def mark_answers(src: Path, dst: Path, batch_size: int) -> dict:
+    """Mark any Parquet file or folder that follows the answers contract; rows in == rows out."""
+    rows_in = check(pq.read_table(src), ANSWERS, f"answers at {src}").num_rows
+    rows = mark_parquet(src, dst, batch_size)
     if rows != rows_in:
         raise StageError(f"mark lost rows: {rows_in} answers in, {rows} marked rows out")
     return {"rows": rows}
 
 
 def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
+    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets")
+
+
+def build_dataset_dir(marked_dir: Path, out: Path) -> dict:
+    """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole."""
     from pipeline.build import build_datasets
 
-    marked = read_table(_need(run_dir, "marked", "mark"), MARKED)
-    built = build_datasets(marked)
-    tmp = run_dir / "datasets.tmp"
+    built = build_datasets(read_table(marked_dir, MARKED))
+    tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ("kto", "negatives", "pairs"):
         write_table(built[name], tmp / name)
     write_json(built["stats"], tmp / "stats.json")
-    replace_dir(tmp, run_dir / "datasets")
+    replace_dir(tmp, out)
     return {name: built[name].num_rows for name in ("kto", "negatives", "pairs")}
 
 
@@ -177,9 +187,7 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     models = [("target-base", resolve_model(cfg.target.path), cfg.target.chat), ("target-kto", str(model_dir.resolve()), cfg.target.chat)]
     answers = generate_answers(items, models, cfg.generate.engine, cfg.evaluate.sampling, cfg.seed, cfg.generate.prompt_template)
     write_table(answers, run_dir / "eval" / "answers")
-    rows = mark_parquet(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
-    if rows != answers.num_rows:
-        raise StageError(f"evaluate lost rows: {answers.num_rows} answers, {rows} marked")
+    mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
     results = accuracy(read_table(run_dir / "eval" / "marked", MARKED))
     write_json(results, run_dir / "eval" / "results.json")
     return {"models": results}

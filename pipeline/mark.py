@@ -68,12 +68,12 @@ def extract_numeric(text: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def grade_numeric(completion: str, reference: str, choices) -> tuple[str | None, bool]:
-    extracted, _ = extract_numeric(completion)
+def grade_numeric(completion: str, reference: str, choices) -> tuple[str | None, bool, bool]:
+    extracted, how = extract_numeric(completion)
     if extracted is None:
-        return None, False
+        return None, False, False
     ref = to_number(reference)
-    return extracted, ref is not None and to_number(extracted) == ref
+    return extracted, ref is not None and to_number(extracted) == ref, how == "strict"
 
 
 def normalize_text(text: str) -> str:
@@ -82,17 +82,17 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def grade_exact(completion: str, reference: str, choices) -> tuple[str | None, bool]:
+def grade_exact(completion: str, reference: str, choices) -> tuple[str | None, bool, bool]:
     lines = [ln for ln in completion.strip().splitlines() if ln.strip()]
     if not lines:
-        return None, False
+        return None, False, False
     last = lines[-1]
     m = re.search(r"answer is[:\s]*(.+)", last, re.IGNORECASE)
     extracted = (m.group(1) if m else last).strip().rstrip(".")
-    return extracted, normalize_text(extracted) == normalize_text(reference)
+    return extracted, normalize_text(extracted) == normalize_text(reference), m is not None
 
 
-def grade_choice(completion: str, reference: str, choices) -> tuple[str | None, bool]:
+def grade_choice(completion: str, reference: str, choices) -> tuple[str | None, bool, bool]:
     """The option letter (or the option's text); several different letters stated is wrong."""
     letters = {m.upper() for m in re.findall(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])", completion)}
     options = list(choices or [])
@@ -102,28 +102,30 @@ def grade_choice(completion: str, reference: str, choices) -> tuple[str | None, 
         hits = {LETTERS[i] for i, c in enumerate(options) if normalize_text(c) and normalize_text(c) in text}
         letters = hits
     if not letters:
-        return None, False
+        return None, False, False
     if len(letters) > 1:
-        return ",".join(sorted(letters)), False
+        return ",".join(sorted(letters)), False, True
     (letter,) = letters
-    return letter, letter == reference.strip().upper()
+    return letter, letter == reference.strip().upper(), True
 
 
-def grade_math(completion: str, reference: str, choices) -> tuple[str | None, bool]:
+def grade_math(completion: str, reference: str, choices) -> tuple[str | None, bool, bool]:
     """Equivalence through math-verify, after a cheap numeric fast path."""
-    extracted, _ = extract_numeric(completion)
+    extracted, how = extract_numeric(completion)
     if extracted is not None and to_number(reference) is not None and to_number(extracted) == to_number(reference):
-        return extracted, True
+        return extracted, True, how == "strict"
     from math_verify import parse, verify
 
     gold = parse(f"${reference}$")
     answer = parse(completion)
     if not answer:
-        return extracted, False
-    return str(answer[-1]), bool(verify(gold, answer))
+        return extracted, False, False
+    return str(answer[-1]), bool(verify(gold, answer)), "\\boxed" in completion or how == "strict"
 
 
-GRADERS: dict[str, Callable[[str, str, list | None], tuple[str | None, bool]]] = {
+# A grader returns (extracted, correct, stated): `stated` is True when the answer was given in
+# the final-answer form, False when it was only guessed from the text (e.g. the last number).
+GRADERS: dict[str, Callable[[str, str, list | None], tuple[str | None, bool, bool]]] = {
     "numeric": grade_numeric,
     "math": grade_math,
     "choice": grade_choice,
@@ -140,9 +142,12 @@ def mark_row(completion: str | None, reference: str, kind: str, choices=None, fi
         return Verdict(False, None, "error", marked_by)
     if not completion or not completion.strip():
         return Verdict(False, None, "no_answer", marked_by)
-    extracted, correct = GRADERS[kind](completion, reference, choices)
+    extracted, correct, stated = GRADERS[kind](completion, reference, choices)
+    if finish_reason == "length" and not stated:
+        # Cut by the token limit before a final answer: a number mid-reasoning is not an answer.
+        return Verdict(False, None, "truncated", marked_by)
     if extracted is None:
-        return Verdict(False, None, "truncated" if finish_reason == "length" else "no_answer", marked_by)
+        return Verdict(False, None, "no_answer", marked_by)
     return Verdict(correct, extracted, "match" if correct else "mismatch", marked_by)
 
 

@@ -65,3 +65,11 @@ def test_mark_table_keeps_every_row_and_adds_verdicts():
     assert out["id"].to_pylist() == ["q0", "q1", "q2"]
     assert out["correct"].to_pylist() == [True, False, False]
     assert out["reason"].to_pylist() == ["match", "mismatch", "error"]
+
+
+def test_number_mid_reasoning_in_a_cut_answer_is_truncated_not_a_guess():
+    assert mark_row("First 12 + 30 gives", "42", "numeric", finish_reason="length").reason == "truncated"
+    # A stated final answer before the cut still counts.
+    assert mark_row("The answer is 42. Also", "42", "numeric", finish_reason="length").correct
+    # Without the cut, the last number is read (flexible extraction).
+    assert mark_row("12 + 30 = 42", "42", "numeric", finish_reason="stop").correct
