@@ -76,3 +76,16 @@ def test_unreadable_parquet_is_a_clear_error(tmp_path):
     cfg = BenchmarkConfig(source="parquet", path=str(bad), splits={"train": str(bad), "eval": str(bad)})
     with pytest.raises(BenchmarkError, match="is not readable Parquet"):
         load_items(cfg, seed=0)
+
+
+def test_math500_format(tmp_path):
+    path = tmp_path / "test.jsonl"
+    rows = [{"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "...", "answer": "\\frac{3}{4}", "subject": "Algebra",
+             "level": 1, "unique_id": "test/algebra/1.json"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = BenchmarkConfig(source="jsonl", kind="math", name="math500", path=str(path), splits={"train": str(path), "eval": str(path)},
+                          columns={"id": "unique_id", "question": "problem", "reference": "answer"})
+    items, quarantine = load_items(cfg, seed=0)
+    # The same file as both splits: the second copy of the id is quarantined, not silently dropped.
+    assert items.to_pylist()[0]["reference"] == "\\frac{3}{4}" and items["kind"][0].as_py() == "math"
+    assert quarantine.num_rows == 1 and "duplicate id" in quarantine["reason"][0].as_py()

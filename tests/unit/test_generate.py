@@ -1,0 +1,43 @@
+import pyarrow as pa
+
+from cluster.config import BenchmarkConfig, SamplingConfig
+from pipeline.benchmarks import load_items
+from pipeline.generate import answers_from_outputs, expand_requests, finish_reason
+from pipeline.schemas import ANSWERS
+from pipeline.tinymodels import build_tokenizer
+
+
+def _items(n=3):
+    items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed=0)
+    return items.slice(0, n)
+
+
+def test_one_request_per_item_and_sample_with_distinct_seeds():
+    reqs = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), None, seed=0)
+    assert len(reqs) == 12
+    assert sorted({r["sample"] for r in reqs}) == [0, 1, 2, 3]
+    assert len({r["sampling_params"]["seed"] for r in reqs}) == 12
+    again = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), None, seed=0)
+    assert [r["sampling_params"]["seed"] for r in reqs] == [r["sampling_params"]["seed"] for r in again]
+    assert reqs[0]["prompt"].startswith("Question: ") and reqs[0]["prompt"].endswith("Answer:")
+
+
+def test_chat_models_get_their_chat_template():
+    tok = build_tokenizer(["hello world 123"])
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    reqs = expand_requests(_items(1), "large", "m", SamplingConfig(), None, seed=0, tokenizer=tok)
+    assert reqs[0]["prompt"].startswith("<|user|>Question: ") and reqs[0]["prompt"].endswith("<|assistant|>")
+
+
+def test_failed_rows_become_error_answers():
+    reqs = expand_requests(_items(2), "small", "m", SamplingConfig(max_tokens=8), None, seed=0)
+    outputs = [
+        {**reqs[0], "generated_text": " The answer is 3.", "num_generated_tokens": 8},
+        {**reqs[1], "__inference_error__": "ValueError: prompt too long"},
+    ]
+    table = answers_from_outputs(outputs)
+    assert table.schema == ANSWERS and table.num_rows == 2
+    rows = table.to_pylist()
+    assert rows[0]["finish_reason"] == "length" and rows[0]["error"] is None
+    assert rows[1]["finish_reason"] == "error" and rows[1]["completion"] == "" and "too long" in rows[1]["error"]
+    assert finish_reason({"num_generated_tokens": 3, "sampling_params": {"max_tokens": 8}}) == "stop"
