@@ -71,7 +71,7 @@ def summary_table(run_dir: Path) -> Table:
     if results_path.is_file():
         for name, r in json.loads(results_path.read_text()).items():
             label = {"target-base": "target before training", "target-kto": "target after KTO"}.get(name, name)
-            table.add_row(f"{label} accuracy (eval)", f"{r['accuracy']:.3f} ({r['correct']}/{r['n']})")
+            table.add_row(f"{label} accuracy (eval)", f"{r['accuracy']:.3f} ({r['correct']}/{r['answers']})")
     return table
 
 

@@ -15,11 +15,11 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 from cluster.config import RunConfig
 from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
-from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, check
+from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, check_schema
 
 
 class StageError(RuntimeError):
@@ -108,7 +108,7 @@ def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
     ds = ray.data.read_parquet(str(src.resolve()))
     mark_dataset(ds, batch_size).write_parquet(str(tmp.resolve()))
     replace_dir(tmp, dst)
-    return read_table(dst, MARKED).num_rows
+    return pads.dataset(dst, format="parquet").count_rows()
 
 
 def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
@@ -118,7 +118,9 @@ def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
 
 def mark_answers(src: Path, dst: Path, batch_size: int) -> dict:
     """Mark any Parquet file or folder that follows the answers contract; rows in == rows out."""
-    rows_in = check(pq.read_table(src), ANSWERS, f"answers at {src}").num_rows
+    answers = pads.dataset(src, format="parquet")  # metadata only: the rows stream through Ray
+    check_schema(answers.schema, ANSWERS, f"answers at {src}")
+    rows_in = answers.count_rows()
     rows = mark_parquet(src, dst, batch_size)
     if rows != rows_in:
         raise StageError(f"mark lost rows: {rows_in} answers in, {rows} marked rows out")
@@ -169,16 +171,8 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     return {"steps": result["steps"], "train_loss": result["train_loss"], "desirable": n_d, "undesirable": kto.num_rows - n_d}
 
 
-def accuracy(marked: pa.Table) -> dict:
-    out = {}
-    for name in sorted(set(marked["competitor"].to_pylist())):
-        rows = marked.filter(pc.equal(marked["competitor"], name))
-        right = int(pc.sum(rows["correct"]).as_py() or 0)
-        out[name] = {"n": rows.num_rows, "correct": right, "accuracy": right / rows.num_rows}
-    return out
-
-
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
+    from pipeline.build import competitor_accuracy
     from pipeline.generate import generate_answers
     from pipeline.tinymodels import resolve_model
 
@@ -188,7 +182,7 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     answers = generate_answers(items, models, cfg.generate.engine, cfg.evaluate.sampling, cfg.seed, cfg.generate.prompt_template)
     write_table(answers, run_dir / "eval" / "answers")
     mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
-    results = accuracy(read_table(run_dir / "eval" / "marked", MARKED))
+    results = competitor_accuracy(read_table(run_dir / "eval" / "marked", MARKED))
     write_json(results, run_dir / "eval" / "results.json")
     return {"models": results}
 

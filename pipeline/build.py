@@ -77,7 +77,8 @@ def recommended_weights(n_desirable: int, n_undesirable: int) -> dict | None:
     }
 
 
-def stats(marked: pa.Table, kto: pa.Table) -> dict:
+def competitor_accuracy(marked: pa.Table) -> dict[str, dict]:
+    """Per competitor (or evaluated model): model, answers, correct, accuracy, counts per reason."""
     per: dict[str, dict] = {}
     for name in sorted(set(marked["competitor"].to_pylist())):
         rows = marked.filter(pc.equal(marked["competitor"], name))
@@ -90,6 +91,11 @@ def stats(marked: pa.Table, kto: pa.Table) -> dict:
             "accuracy": right / n if n else 0.0,
             "reasons": {r: reasons.get(r, 0) for r in REASONS},
         }
+    return per
+
+
+def stats(marked: pa.Table, kto: pa.Table) -> dict:
+    per = competitor_accuracy(marked)
     verdicts = {(r["id"], r["sample"], r["competitor"]): r["correct"] for r in marked.select(["id", "sample", "competitor", "correct"]).to_pylist()}
     agreement = Counter()
     for (item, sample, comp), ok in verdicts.items():

@@ -79,16 +79,20 @@ NEGATIVES = MARKED
 REASONS = ("match", "mismatch", "no_answer", "truncated", "error", "llm_equal", "llm_not_equal")
 
 
+def check_schema(actual: pa.Schema, schema: pa.Schema, where: str) -> None:
+    """Raise SchemaError naming the first missing or mistyped column of `actual`."""
+    missing = [f.name for f in schema if f.name not in actual.names]
+    if missing:
+        raise SchemaError(f"{where}: missing column(s) {missing}; has {actual.names}")
+    for field in schema:
+        found = actual.field(field.name).type
+        if found != field.type and not pa.types.is_null(found):
+            raise SchemaError(f"{where}: column {field.name!r} is {found}, expected {field.type}")
+
+
 def check(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     """Return `table` with columns in contract order; raise SchemaError naming what is wrong."""
-    names = set(table.column_names)
-    missing = [f.name for f in schema if f.name not in names]
-    if missing:
-        raise SchemaError(f"{where}: missing column(s) {missing}; has {table.column_names}")
-    for field in schema:
-        actual = table.schema.field(field.name).type
-        if actual != field.type and not (pa.types.is_null(actual)):
-            raise SchemaError(f"{where}: column {field.name!r} is {actual}, expected {field.type}")
+    check_schema(table.schema, schema, where)
     return table.select(schema.names).cast(schema)
 
 

@@ -88,7 +88,7 @@ def test_trained_model_loads_and_changed(run):
 def test_evaluation_reports_before_and_after(run):
     results = json.loads((run["dir"] / "eval" / "results.json").read_text())
     assert set(results) == {"target-base", "target-kto"}
-    assert all(r["n"] == N_EVAL for r in results.values())
+    assert all(r["answers"] == N_EVAL for r in results.values())
     assert "target after KTO" in run["first"].stdout
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"items", "generate", "mark", "datasets", "train", "evaluate"}
