@@ -184,7 +184,7 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
     results = competitor_accuracy(read_table(run_dir / "eval" / "marked", MARKED))
     write_json(results, run_dir / "eval" / "results.json")
-    return {"models": results}
+    return {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in results.items()}, "models": results}
 
 
 STAGES: list[Stage] = [
