@@ -30,10 +30,10 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
     start = time.perf_counter()
     console.print(init_ray(cfg.ray, address))
     try:
-        manifest = execute(cfg, stages, force=force, report=console.print)
+        execute(cfg, stages, force=force, report=console.print)
     finally:
         shutdown_ray()
-    return cfg, manifest, time.perf_counter() - start
+    return cfg, time.perf_counter() - start
 
 
 def _guard(fn):
@@ -77,7 +77,7 @@ def summary_table(run_dir: Path) -> Table:
 
 def _command(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]) -> None:
     def go():
-        cfg, _, seconds = _execute(config, overrides, stages, force, address)
+        cfg, seconds = _execute(config, overrides, stages, force, address)
         console.print(summary_table(cfg.run_dir))
         console.print(f"run directory: {cfg.run_dir.resolve()}  ({seconds:.0f}s)")
 

@@ -215,8 +215,7 @@ def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Calla
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
-    manifest.set("config", cfg.model_dump(mode="json"))
-    manifest.set("versions", _versions())
+    manifest.update(config=cfg.model_dump(mode="json"), versions=_versions())
     fps = stage_fingerprints(cfg)
     for stage in STAGES:
         if stage.name not in names:

@@ -22,7 +22,8 @@ def row_seed(seed: int, item_id: str, sample: int) -> int:
 
 
 def expand_requests(items: pa.Table, competitor: str, model: str, sampling, template: str | None, seed: int, tokenizer=None) -> list[dict]:
-    """One request per (item, sample): item columns + competitor, model, sample, prompt, sampling_params."""
+    """One request per (item, sample): item columns + competitor, model, sample, prompt,
+    sampling_params, and `request_prompt`, a copy of the prompt (the engine stage consumes `prompt`)."""
     rows = []
     for item in check(items, ITEMS, "generate input").to_pylist():
         prompt = render(item, template_for(item["kind"], template))
@@ -37,13 +38,14 @@ def expand_requests(items: pa.Table, competitor: str, model: str, sampling, temp
             }
             if sampling.stop:
                 params["stop"] = list(sampling.stop)
-            rows.append({**item, "competitor": competitor, "model": model, "sample": sample, "prompt": prompt, "sampling_params": params})
+            rows.append({**item, "competitor": competitor, "model": model, "sample": sample, "prompt": prompt,
+                         "request_prompt": prompt, "sampling_params": params})
     return rows
 
 
-def finish_reason(row: dict) -> str:
+def finish_reason(row: dict, error: str | None = None) -> str:
     """vLLM's processor output has no finish reason; derive it: the token budget spent is `length`."""
-    if row.get("error"):
+    if error:
         return "error"
     max_tokens = (row.get("sampling_params") or {}).get("max_tokens")
     if max_tokens is not None and row.get("num_generated_tokens", 0) >= max_tokens:
@@ -63,9 +65,9 @@ def answers_from_outputs(rows: list[dict]) -> pa.Table:
                 "competitor": row["competitor"],
                 "model": row["model"],
                 "sample": int(row["sample"]),
-                "prompt": row["prompt"],
+                "prompt": row["request_prompt"],
                 "completion": "" if error else (row.get("generated_text") or ""),
-                "finish_reason": finish_reason({**row, "error": error}),
+                "finish_reason": finish_reason(row, error),
                 "completion_tokens": 0 if error else int(row.get("num_generated_tokens") or 0),
                 "error": error,
             }
@@ -120,15 +122,10 @@ def generate_answers(items: pa.Table, models: list[tuple[str, str, bool]], engin
 
             tokenizer = AutoTokenizer.from_pretrained(path)
         requests = expand_requests(items, competitor, path, sampling, template, seed, tokenizer)
-        for r in requests:
-            r["request_prompt"] = r["prompt"]  # the engine stage consumes `prompt`; keep a copy
         processor = build_processor(processor_config(path, engine))
         # Blocks of about one engine batch: the default of one block per row costs a task per row.
         blocks = max(1, -(-len(requests) // engine.batch_size))
         outputs.append(processor(ray.data.from_items(requests, override_num_blocks=blocks)))
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
-    rows = ds.take_all()
-    for r in rows:
-        r["prompt"] = r.get("request_prompt", r.get("prompt"))
-    table = answers_from_outputs(rows)
+    table = answers_from_outputs(ds.take_all())
     return table.sort_by([("competitor", "ascending"), ("id", "ascending"), ("sample", "ascending")])

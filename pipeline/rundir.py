@@ -97,8 +97,8 @@ class Manifest:
         }
         self.save()
 
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
         self.save()
 
     def save(self) -> None:
