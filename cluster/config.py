@@ -27,16 +27,36 @@ TINY_PREFIX = "tiny:"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelRef(_Strict):
-    """A model: a Hugging Face id, a local directory, or `tiny:<size>` (built locally, offline)."""
+class EndpointConfig(_Strict):
+    """A competitor served elsewhere behind an OpenAI-compatible API (ray.data.llm HTTP processor)."""
 
+    url: str = Field(pattern=r"^https?://")  # the API base, e.g. http://host:8000/v1
+    api: Literal["completions", "chat"] = "completions"  # POST {url}/completions or /chat/completions
+    api_key_env: str | None = None  # name of the environment variable holding the key, never the key
+    headers: dict[str, str] = Field(default_factory=dict)
+    qps: int | None = Field(default=None, ge=1)  # per replica; None: no limit
+    max_retries: int = Field(default=3, ge=0)  # on 408/429/502/503/504 and connection errors
+    retry_wait_s: float = Field(default=1.0, gt=0)  # exponential backoff base
+    concurrency: int = Field(default=1, ge=1)  # request actors
+    batch_size: int = Field(default=16, ge=1)
+
+
+class ModelRef(_Strict):
+    """A model: a Hugging Face id, a local directory, or `tiny:<size>` (built locally, offline);
+    or, with `endpoint`, the model name an OpenAI-compatible server knows it by."""
+
+    endpoint: EndpointConfig | None = None
     path: str
     chat: bool = False  # render prompts with the tokenizer's chat template (instruction models)
     params: int | None = Field(default=None, gt=0)  # declared parameter count (endpoints)
+    # Engine settings of this model only, over `generate.engine` (replicas, tensor parallel, ...).
+    engine: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, value: str) -> str:
+    def _path_exists(cls, value: str, info) -> str:
+        if info.data.get("endpoint") is not None:
+            return value  # the served model's name, checked by the server
         if value.startswith(TINY_PREFIX):
             from pipeline.tinymodels import TINY_SIZES
 
@@ -50,6 +70,12 @@ class ModelRef(_Strict):
         if not (path / "config.json").is_file():
             raise ValueError(f"model path {value!r} does not exist or has no config.json")
         return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _endpoint_declares_size(self) -> "ModelRef":
+        if self.endpoint is not None and self.params is None:
+            raise ValueError("a model behind an endpoint must declare its size: set `params` (parameter count)")
+        return self
 
 
 class RayConfig(_Strict):
@@ -92,13 +118,19 @@ class BenchmarkConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    """vLLM engine settings, mapped onto ray.data.llm.vLLMEngineProcessorConfig."""
+    """vLLM engine settings, mapped onto ray.data.llm.vLLMEngineProcessorConfig.
+
+    One replica is `tensor_parallel_size * pipeline_parallel_size` placement bundles of
+    `num_cpus` CPUs and `num_gpus` GPUs each; `concurrency` replicas run side by side.
+    """
 
     concurrency: int = Field(default=1, ge=1)  # engine replicas
     batch_size: int = Field(default=64, ge=1)
-    num_cpus: float = Field(default=1, gt=0)  # per replica (placement bundle)
-    num_gpus: float = Field(default=0, ge=0)
+    num_cpus: float = Field(default=1, gt=0)  # per bundle
+    num_gpus: float = Field(default=0, ge=0)  # per bundle (1 per tensor/pipeline-parallel worker on GPU)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     max_model_len: int = Field(default=256, ge=16)
     dtype: str = "float32"  # CPU: float32 works everywhere; bfloat16 on GPU
     # On CPU this is the share of host memory reserved for the KV cache.
@@ -109,6 +141,10 @@ class EngineConfig(_Strict):
     enforce_eager: bool = False  # skip graph compilation: faster start-up, slower steady state
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
 
+    @property
+    def bundles_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 class SamplingConfig(_Strict):
     samples: int = Field(default=1, ge=1)  # answers per prompt, each its own row
@@ -116,12 +152,22 @@ class SamplingConfig(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=32, ge=1)
     stop: list[str] = Field(default_factory=list)
+    seed: int | None = None  # None: the run's seed; each (item, sample) gets its own seed from it
+
+
+class FewShot(_Strict):
+    question: str
+    answer: str
 
 
 class GenerateConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     sampling: SamplingConfig = SamplingConfig(samples=2, temperature=0.7)
     prompt_template: str | None = None  # None: the template of the benchmark kind
+    system_prompt: str | None = None  # chat models only
+    few_shot: list[FewShot] = Field(default_factory=list)  # worked examples before each question
+    shard_items: int = Field(default=256, ge=1)  # items per answers shard (the unit of resume)
+    progress_interval_s: float = Field(default=10.0, gt=0)
 
 
 class MarkConfig(_Strict):
@@ -180,6 +226,23 @@ class RunConfig(_Strict):
             raise ValueError(f"competitors needs both `large` and `small`; missing {sorted(missing)}")
         return value
 
+    @model_validator(mode="after")
+    def _competitor_engines(self) -> "RunConfig":
+        for name, ref in self.competitors.items():
+            try:
+                self.engine_for(ref)
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                field = ".".join(str(p) for p in e["loc"])
+                raise ValueError(f"competitors.{name}.engine.{field}: {e['msg']}") from None
+        return self
+
+    def engine_for(self, ref: ModelRef) -> EngineConfig:
+        """`generate.engine` with the model's own engine settings on top."""
+        if not ref.engine:
+            return self.generate.engine
+        return EngineConfig.model_validate({**self.generate.engine.model_dump(), **ref.engine})
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser() / self.name
@@ -209,9 +272,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _format_errors(where: str, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        field = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {msg}")
+        parts.append(f"{field}: {msg}" if field else msg)
     return f"config error in {where}: " + "; ".join(parts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,10 @@ import pyarrow.dataset as pads
 from cluster.config import RunConfig
 from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
 from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, check_schema
+
+
+# Where stages print progress lines (the CLI's console; `print` by default).
+REPORT: ContextVar[Callable[[str], None]] = ContextVar("report", default=print)
 
 
 class StageError(RuntimeError):
@@ -64,10 +69,55 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
     }
 
 
-def _models(refs: dict) -> list[tuple[str, str, bool]]:
+def competitors_of(cfg: RunConfig, refs: dict) -> list:
+    """Config model references -> pipeline.generate.Competitor, local engines resolved."""
+    from pipeline.generate import Competitor
     from pipeline.tinymodels import resolve_model
 
-    return [(name, resolve_model(ref.path), ref.chat) for name, ref in refs.items()]
+    out = []
+    for name, ref in refs.items():
+        if ref.endpoint is not None:
+            out.append(Competitor(name, ref.path, ref.chat, endpoint=ref.endpoint, params=ref.params))
+        else:
+            out.append(Competitor(name, resolve_model(ref.path), ref.chat, engine=cfg.engine_for(ref), params=ref.params))
+    return out
+
+
+def _style(cfg: RunConfig):
+    from pipeline.generate import PromptStyle
+
+    g = cfg.generate
+    return PromptStyle(g.prompt_template, g.system_prompt, tuple((s.question, s.answer) for s in g.few_shot))
+
+
+def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
+    """Print which resources each competitor gets; refuse a plan the cluster cannot hold."""
+    from cluster.plan import PlanError, check_plan, placements, ray_nodes
+
+    plan = placements(competitors)
+    for p in plan:
+        report(f"plan {p.describe()}")
+    try:
+        check_plan(plan, ray_nodes() if nodes is None else nodes)
+    except PlanError as exc:
+        raise StageError(str(exc)) from None
+
+
+def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, out: Path, fp: str) -> dict:
+    """Plan, then generate every competitor's answers on `items` into `out` (resumable shards)."""
+    from pipeline.shards import generate_sharded
+
+    report = REPORT.get()
+    plan_generation(competitors, report)
+    totals = generate_sharded(
+        items, competitors, sampling, _style(cfg), cfg.seed, out.with_name(f"{out.name}.shards"), out, fp,
+        cfg.generate.shard_items, report, cfg.generate.progress_interval_s,
+    )
+    expected = items.num_rows * len(competitors) * sampling.samples
+    rows = pads.dataset(out, format="parquet").count_rows()
+    if rows != expected:
+        raise StageError(f"generate produced {rows} answers, expected {expected}")
+    return totals
 
 
 def check_competitor_sizes(sizes: dict[str, int]) -> None:
@@ -80,21 +130,19 @@ def check_competitor_sizes(sizes: dict[str, int]) -> None:
 
 
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
-    from pipeline.generate import generate_answers
     from pipeline.tinymodels import parameter_count
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
-    g = cfg.generate
-    models = _models(cfg.competitors)
-    sizes = {name: cfg.competitors[name].params or parameter_count(path) for name, path, _ in models}
+    competitors = competitors_of(cfg, cfg.competitors)
+    sizes = {c.name: c.params or parameter_count(c.model) for c in competitors}
     check_competitor_sizes(sizes)
-    answers = generate_answers(items, models, g.engine, g.sampling, cfg.seed, g.prompt_template)
-    expected = items.num_rows * len(cfg.competitors) * g.sampling.samples
-    if answers.num_rows != expected:
-        raise StageError(f"generate produced {answers.num_rows} answers, expected {expected}")
-    write_table(answers, run_dir / "answers")
-    errors = answers.num_rows - pc.sum(pc.is_null(answers["error"])).as_py()
-    return {"rows": answers.num_rows, "errors": errors, "parameters": sizes}
+    totals = generate_into(cfg, items, competitors, cfg.generate.sampling, run_dir / "answers", stage_fingerprints(cfg)["generate"])
+    return {
+        "rows": sum(t["rows"] for t in totals.values()),
+        "errors": sum(t["errors"] for t in totals.values()),
+        "parameters": sizes,
+        "competitors": totals,
+    }
 
 
 def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
@@ -173,14 +221,17 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
 
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     from pipeline.build import competitor_accuracy
-    from pipeline.generate import generate_answers
+    from pipeline.generate import Competitor
     from pipeline.tinymodels import resolve_model
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "eval")
-    model_dir = _need(run_dir, "model", "train")
-    models = [("target-base", resolve_model(cfg.target.path), cfg.target.chat), ("target-kto", str(model_dir.resolve()), cfg.target.chat)]
-    answers = generate_answers(items, models, cfg.generate.engine, cfg.evaluate.sampling, cfg.seed, cfg.generate.prompt_template)
-    write_table(answers, run_dir / "eval" / "answers")
+    model_dir = _need(run_dir, "model", "train").resolve()
+    engine = cfg.engine_for(cfg.target)
+    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine),
+              Competitor("target-kto", str(model_dir), cfg.target.chat, engine=engine)]
+    # The trained model's files are part of what the answers depend on.
+    fp = fingerprint(stage_fingerprints(cfg)["evaluate"], (model_dir / "config.json").stat().st_mtime_ns)
+    generate_into(cfg, items, models, cfg.evaluate.sampling, run_dir / "eval" / "answers", fp)
     mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
     results = competitor_accuracy(read_table(run_dir / "eval" / "marked", MARKED))
     write_json(results, run_dir / "eval" / "results.json")
@@ -217,6 +268,7 @@ def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Calla
     manifest = Manifest(run_dir)
     manifest.update(config=cfg.model_dump(mode="json"), versions=_versions())
     fps = stage_fingerprints(cfg)
+    REPORT.set(report)
     for stage in STAGES:
         if stage.name not in names:
             continue

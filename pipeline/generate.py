@@ -1,19 +1,47 @@
-"""Generation: items -> answers, one Ray Data LLM (vLLM) processor per model, in one Ray Data job.
+"""Generation: items -> answers, one Ray Data LLM processor per competitor, in one Ray Data job.
 
-`expand_requests` (pure) turns items into one request row per (item, sample) with the rendered
-prompt and per-row sampling parameters; `answers_from_outputs` (pure) turns processor output rows,
-successful or failed, into `answers` rows. `generate_answers` wires them around
-`ray.data.llm.build_processor`. An inference failure is a row with `error` set, never a lost row.
+Pure pieces: `build_prompt` (template, few-shot, chat template), `expand_requests` (one request per
+(item, sample) with its own seed), `answers_from_outputs` (processor output rows, successful or
+failed, -> `answers` rows). The Ray pieces: `processor_for` builds a `vLLMEngineProcessorConfig`
+(local engines) or an `HttpRequestProcessorConfig` (an OpenAI-compatible endpoint), and
+`stream_answers` unions every competitor's processor into one dataset and yields its rows as they
+finish, for `pipeline.shards` to write. An inference failure is a row with `error` set, never a
+lost row.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import re
 import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipeline.prompts import render, render_chat, template_for
+from pipeline.prompts import render, template_for
 from pipeline.schemas import ANSWERS, ITEMS, check
+
+
+@dataclass(frozen=True)
+class Competitor:
+    """One model that answers: a local vLLM engine (`engine`) or an endpoint (`endpoint`)."""
+
+    name: str
+    model: str  # local path / hub id, or the served model's name for an endpoint
+    chat: bool = False
+    engine: Any = None  # cluster.config.EngineConfig
+    endpoint: Any = None  # cluster.config.EndpointConfig
+    params: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    template: str | None = None  # None: the benchmark kind's template
+    system_prompt: str | None = None
+    few_shot: tuple = ()  # (question, answer) pairs
 
 
 def row_seed(seed: int, item_id: str, sample: int) -> int:
@@ -21,34 +49,93 @@ def row_seed(seed: int, item_id: str, sample: int) -> int:
     return zlib.crc32(f"{seed}:{item_id}:{sample}".encode()) & 0x7FFFFFFF
 
 
-def expand_requests(items: pa.Table, competitor: str, model: str, sampling, template: str | None, seed: int, tokenizer=None) -> list[dict]:
+def chat_messages(item: dict, style: PromptStyle) -> list[dict]:
+    """System prompt, few-shot turns, then the question, as chat messages."""
+    template = template_for(item["kind"], style.template)
+    messages = [{"role": "system", "content": style.system_prompt}] if style.system_prompt else []
+    for question, answer in style.few_shot:
+        messages.append({"role": "user", "content": render({**item, "question": question, "choices": None}, template)})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": render(item, template)})
+    return messages
+
+
+def build_prompt(item: dict, style: PromptStyle, tokenizer=None) -> str:
+    """The exact text sent to a model: raw (few-shot examples as text) or chat-templated."""
+    if tokenizer is not None:
+        return tokenizer.apply_chat_template(chat_messages(item, style), tokenize=False, add_generation_prompt=True)
+    template = template_for(item["kind"], style.template)
+    shots = "".join(
+        f"{render({**item, 'question': q, 'choices': None}, template)} {a}\n\n" for q, a in style.few_shot
+    )
+    return shots + render(item, template)
+
+
+def sampling_params(sampling, seed: int, item_id: str, sample: int) -> dict:
+    base = sampling.seed if sampling.seed is not None else seed
+    params = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": row_seed(base, item_id, sample),
+    }
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    return params
+
+
+def expand_requests(items: pa.Table, competitor: str, model: str, sampling, template: str | None, seed: int,
+                    tokenizer=None, style: PromptStyle | None = None, api: str | None = None) -> list[dict]:
     """One request per (item, sample): item columns + competitor, model, sample, prompt,
-    sampling_params, and `request_prompt`, a copy of the prompt (the engine stage consumes `prompt`)."""
+    sampling_params, and copies the engine stage does not consume: `request_prompt` and `max_tokens`.
+    For a chat endpoint (`api="chat"`) the request carries `messages` and the prompt is their JSON."""
+    style = style or PromptStyle(template=template)
     rows = []
     for item in check(items, ITEMS, "generate input").to_pylist():
-        prompt = render(item, template_for(item["kind"], template))
-        if tokenizer is not None:
-            prompt = render_chat(prompt, tokenizer)
+        if api == "chat":
+            messages = chat_messages(item, style)
+            prompt = json.dumps(messages, ensure_ascii=False)
+        else:
+            messages, prompt = None, build_prompt(item, style, tokenizer)
         for sample in range(sampling.samples):
-            params = {
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "max_tokens": sampling.max_tokens,
-                "seed": row_seed(seed, item["id"], sample),
-            }
-            if sampling.stop:
-                params["stop"] = list(sampling.stop)
-            rows.append({**item, "competitor": competitor, "model": model, "sample": sample, "prompt": prompt,
-                         "request_prompt": prompt, "sampling_params": params})
+            row = {**item, "competitor": competitor, "model": model, "sample": sample, "prompt": prompt,
+                   "request_prompt": prompt, "max_tokens": sampling.max_tokens,
+                   "sampling_params": sampling_params(sampling, seed, item["id"], sample)}
+            if messages is not None:
+                row["messages"] = messages
+            rows.append(row)
     return rows
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, style: PromptStyle) -> pa.Table:
+    """`expand_requests` as a Ray Data map over item blocks (runs in the workers, not the driver)."""
+    api = competitor.endpoint.api if competitor.endpoint is not None else None
+    tokenizer = _tokenizer(competitor.model) if competitor.chat and api is None else None
+    rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, None, seed,
+                           tokenizer=tokenizer, style=style, api=api)
+    return pa.Table.from_pylist(rows)
+
+
+_CONTEXT = re.compile(r"max_model_len|maximum context|context length|too long|longer than the maximum", re.I)
+
+
 def finish_reason(row: dict, error: str | None = None) -> str:
-    """vLLM's processor output has no finish reason; derive it: the token budget spent is `length`."""
+    """Why generation stopped. vLLM's processor output has no finish reason, so it is derived: the
+    token budget spent is `length`; a failure is `context_length` when the prompt did not fit, else
+    `error`. An endpoint's own finish reason is kept."""
     if error:
-        return "error"
-    max_tokens = (row.get("sampling_params") or {}).get("max_tokens")
-    if max_tokens is not None and row.get("num_generated_tokens", 0) >= max_tokens:
+        return "context_length" if _CONTEXT.search(error) else "error"
+    if row.get("api_finish_reason"):
+        return str(row["api_finish_reason"])
+    max_tokens = row.get("max_tokens")  # the engine stage consumes `sampling_params`
+    if max_tokens is not None and (row.get("num_generated_tokens") or 0) >= max_tokens:
         return "length"
     return "stop"
 
@@ -57,8 +144,10 @@ def answers_from_outputs(rows: list[dict]) -> pa.Table:
     """Processor output rows -> `answers` rows. Failed rows carry `__inference_error__`."""
     out = []
     for row in rows:
-        error = row.get("__inference_error__") or None
+        error = row.get("__inference_error__") or row.get("api_error") or None
         item = {name: row.get(name) for name in ITEMS.names}
+        if item["choices"] is not None:
+            item["choices"] = list(item["choices"])
         out.append(
             {
                 **item,
@@ -75,8 +164,8 @@ def answers_from_outputs(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=ANSWERS)
 
 
-def processor_config(model_path: str, engine):
-    """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig (one per model)."""
+def vllm_config(model_path: str, engine):
+    """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig: replicas, parallelism, bundles."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     bundle = {"CPU": engine.num_cpus}
@@ -89,6 +178,7 @@ def processor_config(model_path: str, engine):
             "dtype": engine.dtype,
             "gpu_memory_utilization": engine.gpu_memory_utilization,
             "tensor_parallel_size": engine.tensor_parallel_size,
+            "pipeline_parallel_size": engine.pipeline_parallel_size,
             "enable_prefix_caching": False,
             "enforce_eager": engine.enforce_eager,
             **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
@@ -96,8 +186,9 @@ def processor_config(model_path: str, engine):
         },
         concurrency=engine.concurrency,
         batch_size=engine.batch_size,
-        placement_group_config={"bundle_per_worker": bundle},
-        # Prompts are rendered (and chat-templated) by expand_requests; vLLM tokenizes itself.
+        # Ray Data LLM repeats this bundle tensor_parallel_size * pipeline_parallel_size times.
+        placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
+        # Prompts are rendered (and chat-templated) by expand_batch; vLLM tokenizes itself.
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
@@ -105,27 +196,91 @@ def processor_config(model_path: str, engine):
     )
 
 
-def generate_answers(items: pa.Table, models: list[tuple[str, str, bool]], engine, sampling, seed: int, template: str | None = None) -> pa.Table:
-    """Answers of every model in `models` [(competitor, model_path, chat)] on every item.
+# The processor config name kept for callers of the first version.
+processor_config = vllm_config
 
-    All processors are unioned into one Ray Data job, so on a cluster the replicas of each model
-    run side by side on their own resources. Returns rows sorted by (competitor, id, sample).
-    """
-    import ray.data
+
+def http_payload(row: dict) -> dict:
+    """An OpenAI-compatible request body for one request row (runs in Ray Data workers)."""
+    params = dict(row["sampling_params"])
+    body = {"model": row["model"], **{k: v for k, v in params.items() if v is not None}}
+    if "stop" in body:
+        body["stop"] = list(body["stop"])
+    if row.get("messages") is not None:
+        body["messages"] = [dict(m) for m in row["messages"]]
+    else:
+        body["prompt"] = row["request_prompt"]
+    return {**row, "payload": body}
+
+
+def http_output(row: dict) -> dict:
+    """An OpenAI-compatible response -> the columns `answers_from_outputs` reads."""
+    response = row.get("http_response") or {}
+    if "error" in response or not response.get("choices"):
+        error = response.get("error", response)
+        message = error.get("message", json.dumps(error)) if isinstance(error, dict) else str(error)
+        return {**row, "api_error": f"endpoint error: {message}"[:2000], "generated_text": "", "num_generated_tokens": 0}
+    choice = response["choices"][0]
+    text = choice.get("text")
+    if text is None:
+        text = (choice.get("message") or {}).get("content") or ""
+    usage = response.get("usage") or {}
+    return {**row, "api_error": None, "generated_text": text, "api_finish_reason": choice.get("finish_reason"),
+            "num_generated_tokens": int(usage.get("completion_tokens") or 0)}
+
+
+def http_config(endpoint):
+    """EndpointConfig -> ray.data.llm.HttpRequestProcessorConfig (URL, key from the environment,
+    qps limit, retries with exponential backoff)."""
+    from ray.data.llm import HttpRequestProcessorConfig
+
+    headers = dict(endpoint.headers)
+    if endpoint.api_key_env:
+        key = os.environ.get(endpoint.api_key_env)
+        if not key:
+            raise ValueError(f"endpoint {endpoint.url}: environment variable {endpoint.api_key_env} (the API key) is not set")
+        headers["Authorization"] = f"Bearer {key}"
+    path = "/chat/completions" if endpoint.api == "chat" else "/completions"
+    return HttpRequestProcessorConfig(
+        url=endpoint.url.rstrip("/") + path,
+        headers=headers,
+        qps=endpoint.qps,
+        max_retries=endpoint.max_retries,
+        base_retry_wait_time_in_s=endpoint.retry_wait_s,
+        concurrency=endpoint.concurrency,
+        batch_size=endpoint.batch_size,
+    )
+
+
+def processor_for(competitor: Competitor):
     from ray.data.llm import build_processor
 
-    outputs = []
-    for competitor, path, chat in models:
-        tokenizer = None
-        if chat:
-            from transformers import AutoTokenizer
+    if competitor.endpoint is not None:
+        return build_processor(http_config(competitor.endpoint), preprocess=http_payload, postprocess=http_output)
+    return build_processor(vllm_config(competitor.model, competitor.engine))
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        requests = expand_requests(items, competitor, path, sampling, template, seed, tokenizer)
-        processor = build_processor(processor_config(path, engine))
-        # Blocks of about one engine batch: the default of one block per row costs a task per row.
-        blocks = max(1, -(-len(requests) // engine.batch_size))
-        outputs.append(processor(ray.data.from_items(requests, override_num_blocks=blocks)))
+
+def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
+                   style: PromptStyle) -> Iterator[dict]:
+    """Yield processor output rows for the given item shards of each competitor, as they finish.
+
+    Every competitor's processor joins one Ray Data job (a union), so on a cluster the replicas of
+    each model run side by side on their own resources. Each shard is one input block, so shards
+    finish roughly in order and the writer holds only a few open shards at a time.
+    """
+    import ray.data
+
+    outputs = []
+    for competitor in competitors:
+        blocks = shards.get(competitor.name) or []
+        if not blocks:
+            continue
+        requests = ray.data.from_arrow(blocks).map_batches(
+            expand_batch, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"competitor": competitor, "sampling": sampling, "seed": seed, "style": style},
+        )
+        outputs.append(processor_for(competitor)(requests))
+    if not outputs:
+        return
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
-    table = answers_from_outputs(ds.take_all())
-    return table.sort_by([("competitor", "ascending"), ("id", "ascending"), ("sample", "ascending")])
+    yield from ds.iter_rows()

@@ -2,7 +2,16 @@ import pyarrow as pa
 
 from cluster.config import BenchmarkConfig, SamplingConfig
 from pipeline.benchmarks import load_items
-from pipeline.generate import answers_from_outputs, expand_requests, finish_reason
+from pipeline.generate import (
+    PromptStyle,
+    answers_from_outputs,
+    build_prompt,
+    chat_messages,
+    expand_requests,
+    finish_reason,
+    http_output,
+    http_payload,
+)
 from pipeline.schemas import ANSWERS
 from pipeline.tinymodels import build_tokenizer
 
@@ -39,5 +48,29 @@ def test_failed_rows_become_error_answers():
     assert table.schema == ANSWERS and table.num_rows == 2
     rows = table.to_pylist()
     assert rows[0]["finish_reason"] == "length" and rows[0]["error"] is None
-    assert rows[1]["finish_reason"] == "error" and rows[1]["completion"] == "" and "too long" in rows[1]["error"]
-    assert finish_reason({"num_generated_tokens": 3, "sampling_params": {"max_tokens": 8}}) == "stop"
+    assert rows[1]["finish_reason"] == "context_length" and rows[1]["completion"] == "" and "too long" in rows[1]["error"]
+    assert finish_reason({"num_generated_tokens": 3, "max_tokens": 8}) == "stop"
+    assert finish_reason({}, "RuntimeError: engine exploded") == "error"
+
+
+def test_system_prompt_and_few_shot_turns_precede_the_question():
+    style = PromptStyle(system_prompt="Be exact.", few_shot=(("What is 1 + 1?", "The answer is 2."),))
+    item = _items(1).to_pylist()[0]
+    messages = chat_messages(item, style)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "Question: What is 1 + 1?\nAnswer:" and messages[2]["content"] == "The answer is 2."
+    raw = build_prompt(item, style)  # a base model gets the examples as text, no system turn
+    assert raw.startswith("Question: What is 1 + 1?\nAnswer: The answer is 2.\n\nQuestion: ") and "Be exact" not in raw
+
+
+def test_chat_endpoint_requests_carry_messages_and_responses_map_to_answers():
+    reqs = expand_requests(_items(1), "large", "served", SamplingConfig(max_tokens=8, stop=["\n"]), None, seed=0, api="chat")
+    body = http_payload(reqs[0])["payload"]
+    assert body["model"] == "served" and body["messages"][-1]["role"] == "user" and "prompt" not in body
+    assert body["max_tokens"] == 8 and body["stop"] == ["\n"] and isinstance(body["seed"], int)
+    ok = http_output({**reqs[0], "http_response": {"choices": [{"message": {"content": "The answer is 4."}, "finish_reason": "stop"}],
+                                                   "usage": {"completion_tokens": 5}}})
+    bad = http_output({**reqs[0], "http_response": {"error": {"message": "prompt is too long for the context"}}})
+    rows = answers_from_outputs([ok, bad]).to_pylist()
+    assert rows[0]["completion"] == "The answer is 4." and rows[0]["completion_tokens"] == 5 and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("endpoint error: prompt is too long") and rows[1]["finish_reason"] == "context_length"

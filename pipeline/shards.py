@@ -1,0 +1,187 @@
+"""Answers written in shards keyed by item, so an interrupted generation resumes where it stopped.
+
+Items are sorted by id and cut into shards of `shard_items`; shard k of competitor c is the file
+`<c>-<k:05d>.parquet` holding exactly one row per (item, sample) of those items. A shard file is
+written to a temporary name and renamed, so it is either complete or absent: a run interrupted at
+any point (Ctrl-C, a killed driver, a lost node) and started again regenerates only the missing
+shards, and the union of the files has exactly one row per (item, competitor, sample).
+
+`_state.json` holds the fingerprint of the config that produced the shards; shards written under
+another config are discarded rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.generate import answers_from_outputs
+
+STATE = "_state.json"
+
+
+def shard_items(items: pa.Table, size: int) -> list[pa.Table]:
+    """Items sorted by id, cut into consecutive shards of `size` items (the last may be shorter)."""
+    items = items.sort_by("id")
+    return [items.slice(start, size) for start in range(0, items.num_rows, size)]
+
+
+class ShardStore:
+    """One folder of answer shards for one config fingerprint."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.dir = Path(directory)
+        state = self.dir / STATE
+        if self.dir.exists() and (not state.is_file() or json.loads(state.read_text()).get("fingerprint") != fingerprint):
+            shutil.rmtree(self.dir)  # written under another config: not ours to resume
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp-*"):  # a shard whose writer was killed mid-write
+            stale.unlink()
+        state.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    def path(self, competitor: str, index: int) -> Path:
+        return self.dir / f"{competitor}-{index:05d}.parquet"
+
+    def done(self, competitor: str, index: int) -> bool:
+        return self.path(competitor, index).is_file()
+
+    def write(self, competitor: str, index: int, table: pa.Table) -> None:
+        final = self.path(competitor, index)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        tmp.replace(final)  # atomic: a shard is complete or absent
+
+
+@dataclass
+class Tally:
+    """Per-competitor progress: prompts done of total, tokens, errors, wall time."""
+
+    total: int
+    done: int = 0
+    tokens: int = 0
+    errors: int = 0
+    resumed: int = 0  # rows found complete on disk, not regenerated
+    start: float = field(default_factory=time.perf_counter)
+    end: float | None = None
+
+    def line(self, name: str) -> str:
+        elapsed = (self.end or time.perf_counter()) - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        per_row = elapsed / self.done if self.done else 0.0
+        eta = per_row * (self.total - self.done)
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"generate {name}: {self.done}/{self.total} prompts ({pct:.0f}%), {rate:,.0f} tokens/s, "
+                f"{self.errors} errors, ETA {eta:.0f}s")
+
+    def summary(self) -> dict:
+        wall = (self.end or time.perf_counter()) - self.start
+        return {"rows": self.done + self.resumed, "generated": self.done, "resumed": self.resumed, "tokens": self.tokens,
+                "errors": self.errors, "seconds": round(wall, 2),
+                "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0}
+
+
+def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dict[int, pa.Table]], samples: int,
+                 tallies: dict[str, Tally], report: Callable[[str], None], interval_s: float) -> None:
+    """Group streamed output rows by (competitor, shard); write each shard when its last row arrives.
+
+    Rows are keyed by (item, sample) within a shard, so a batch that Ray retries after an engine
+    died cannot add a duplicate. Memory holds the open shards only.
+    """
+    shard_of = {
+        (competitor, item_id): index
+        for competitor, shards in pending.items()
+        for index, table in shards.items()
+        for item_id in table["id"].to_pylist()
+    }
+    open_shards: dict[tuple[str, int], dict[tuple[str, int], dict]] = {}
+    written: set[tuple[str, int]] = set()
+    last = time.perf_counter()
+    for row in rows:
+        competitor = row["competitor"]
+        index = shard_of[(competitor, row["id"])]
+        if (competitor, index) in written:
+            continue  # a late duplicate of a row already in a written shard
+        buf = open_shards.setdefault((competitor, index), {})
+        key = (row["id"], int(row["sample"]))
+        if key in buf:
+            continue
+        buf[key] = row
+        tally = tallies[competitor]
+        tally.done += 1
+        tally.tokens += int(row.get("num_generated_tokens") or 0)
+        tally.errors += bool(row.get("__inference_error__") or row.get("api_error"))
+        if len(buf) == pending[competitor][index].num_rows * samples:
+            table = answers_from_outputs([buf[k] for k in sorted(buf)])
+            store.write(competitor, index, table)
+            del open_shards[(competitor, index)]
+            written.add((competitor, index))
+            if tally.done == tally.total:
+                tally.end = time.perf_counter()
+        if time.perf_counter() - last >= interval_s:
+            last = time.perf_counter()
+            for name, t in tallies.items():
+                if t.total:
+                    report(t.line(name))
+    for name, t in tallies.items():
+        t.end = t.end or time.perf_counter()
+        if t.total:
+            report(t.line(name))
+
+
+def missing_rows(store: ShardStore, shards: dict[str, list[pa.Table]], samples: int) -> list[str]:
+    """(competitor, shard) files absent or of the wrong size after a run: should be none."""
+    problems = []
+    for competitor, tables in shards.items():
+        for index, table in enumerate(tables):
+            path = store.path(competitor, index)
+            want = table.num_rows * samples
+            if not path.is_file():
+                problems.append(f"{path.name}: missing")
+                continue
+            got = pq.read_table(path, columns=["id", "sample"])
+            keys = set(zip(got["id"].to_pylist(), got["sample"].to_pylist()))
+            if got.num_rows != want or len(keys) != want or not pc.all(pc.is_in(got["id"], table["id"])).as_py():
+                problems.append(f"{path.name}: {got.num_rows} rows ({len(keys)} distinct), expected {want}")
+    return problems
+
+
+def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: int, work_dir: Path, final_dir: Path,
+                     fingerprint: str, shard_size: int, report: Callable[[str], None], interval_s: float = 10.0) -> dict:
+    """Generate every competitor's answers on `items` into `final_dir`, resuming from `work_dir`.
+
+    Returns per-competitor totals (rows, generated, resumed, tokens, errors, seconds, tokens/s).
+    Raises RuntimeError if a shard came out incomplete (it never should: a failed prompt is a row).
+    """
+    from pipeline.generate import stream_answers
+
+    store = ShardStore(work_dir, fingerprint)
+    all_shards = shard_items(items, shard_size)
+    samples = sampling.samples
+    pending = {c.name: {i: t for i, t in enumerate(all_shards) if not store.done(c.name, i)} for c in competitors}
+    tallies = {}
+    for c in competitors:
+        todo = sum(t.num_rows for t in pending[c.name].values()) * samples
+        tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo)
+        if tallies[c.name].resumed:
+            report(f"generate {c.name}: resuming, {len(all_shards) - len(pending[c.name])}/{len(all_shards)} shards already written")
+    rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style)
+    write_shards(rows, store, pending, samples, tallies, report, interval_s)
+    problems = missing_rows(store, {c.name: all_shards for c in competitors}, samples)
+    if problems:
+        raise RuntimeError("generation left incomplete shards: " + "; ".join(problems[:5]))
+    (store.dir / STATE).unlink()
+    final_dir = Path(final_dir)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    store.dir.rename(final_dir)
+    return {name: t.summary() for name, t in tallies.items()}

@@ -1,0 +1,71 @@
+"""Answer shards: complete-or-absent files, one row per (item, sample), resume without regenerating."""
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cluster.config import BenchmarkConfig, SamplingConfig
+from pipeline.benchmarks import load_items
+from pipeline.generate import expand_requests
+from pipeline.shards import ShardStore, Tally, missing_rows, shard_items, write_shards
+
+
+def _items(n):
+    items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed=0)
+    return items.filter(pc.equal(items["split"], "train"))
+
+
+def _outputs(items, competitor, samples):
+    """What the processor streams back: request rows plus the engine's output columns."""
+    reqs = expand_requests(items, competitor, "m", SamplingConfig(samples=samples, max_tokens=4), None, seed=0)
+    return [{**r, "generated_text": f" The answer is {r['sample']}.", "num_generated_tokens": 3} for r in reqs]
+
+
+def test_shards_are_consecutive_id_ranges_covering_every_item():
+    items = _items(10)
+    shards = shard_items(items, 4)
+    assert [s.num_rows for s in shards] == [4, 4, 2]
+    ids = [i for s in shards for i in s["id"].to_pylist()]
+    assert ids == sorted(items["id"].to_pylist())
+
+
+def test_each_shard_is_written_once_complete_and_duplicates_are_dropped(tmp_path):
+    items = _items(6)
+    shards = shard_items(items, 4)
+    store = ShardStore(tmp_path / "s", "fp")
+    rows = _outputs(items, "small", samples=2)
+    rows = rows + rows[:3]  # a retried batch delivers some rows again
+    tallies = {"small": Tally(total=12)}
+    lines = []
+    write_shards(iter(rows), store, {"small": dict(enumerate(shards))}, 2, tallies, lines.append, interval_s=1e9)
+    assert missing_rows(store, {"small": shards}, 2) == []
+    t0 = pq.read_table(store.path("small", 0))
+    assert t0.num_rows == 8 and len(set(zip(t0["id"].to_pylist(), t0["sample"].to_pylist()))) == 8
+    assert tallies["small"].done == 12 and tallies["small"].tokens == 36
+    assert lines and lines[-1].startswith("generate small: 12/12 prompts (100%)")
+
+
+def test_an_interrupted_stream_leaves_no_partial_shard(tmp_path):
+    items = _items(6)
+    shards = shard_items(items, 4)
+    store = ShardStore(tmp_path / "s", "fp")
+    rows = _outputs(items, "small", samples=2)
+    first_shard_ids = set(shards[0]["id"].to_pylist())
+    stream = [r for r in rows if r["id"] in first_shard_ids] + [r for r in rows if r["id"] not in first_shard_ids][:2]
+    write_shards(iter(stream), store, {"small": dict(enumerate(shards))}, 2, {"small": Tally(total=12)}, print, 1e9)
+    assert store.done("small", 0) and not store.done("small", 1)
+    assert missing_rows(store, {"small": shards}, 2) == ["small-00001.parquet: missing"]
+    # Resumed under the same fingerprint: the finished shard is kept; under another it is discarded.
+    assert ShardStore(tmp_path / "s", "fp").done("small", 0)
+    assert not ShardStore(tmp_path / "s", "other").done("small", 0)
+
+
+def test_missing_rows_names_a_short_shard(tmp_path):
+    items = _items(4)
+    shards = shard_items(items, 4)
+    store = ShardStore(tmp_path / "s", "fp")
+    rows = _outputs(items, "small", samples=1)
+    from pipeline.generate import answers_from_outputs
+
+    store.write("small", 0, answers_from_outputs(rows[:3]))
+    assert missing_rows(store, {"small": shards}, 1) == ["small-00000.parquet: 3 rows (3 distinct), expected 4"]
