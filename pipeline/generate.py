@@ -215,8 +215,9 @@ def http_payload(row: dict) -> dict:
 
 def http_output(row: dict) -> dict:
     """An OpenAI-compatible response -> the columns `answers_from_outputs` reads."""
+    # Ray Data stores responses as one Arrow struct type, so absent keys come back as None.
     response = row.get("http_response") or {}
-    if "error" in response or not response.get("choices"):
+    if response.get("error") is not None or not response.get("choices"):
         error = response.get("error", response)
         message = error.get("message", json.dumps(error)) if isinstance(error, dict) else str(error)
         return {**row, "api_error": f"endpoint error: {message}"[:2000], "generated_text": "", "num_generated_tokens": 0}

@@ -1,0 +1,176 @@
+"""Generation on an embedded local Ray with the real vLLM CPU engine and a real HTTP endpoint."""
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
+from pipeline.benchmarks import load_items
+from pipeline.generate import Competitor, PromptStyle
+from pipeline.rundir import read_table
+from pipeline.schemas import ANSWERS
+from pipeline.shards import generate_sharded
+from pipeline.tinymodels import resolve_model
+
+pytestmark = pytest.mark.integration
+
+ENGINE = EngineConfig(max_model_len=128, kv_cache_gib=0.1, enforce_eager=True, dtype="float32", batch_size=8)
+
+
+def _train_items(n):
+    items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed=0)
+    return items.filter(pc.equal(items["split"], "train"))
+
+
+def _generate(tmp_path, items, competitors, sampling, shard_items=4, lines=None):
+    return generate_sharded(items, competitors, sampling, PromptStyle(), 0, tmp_path / "answers.shards",
+                            tmp_path / "answers", "fp", shard_items, (lines if lines is not None else []).append, 1.0)
+
+
+def _keys(table):
+    return list(zip(table["competitor"].to_pylist(), table["id"].to_pylist(), table["sample"].to_pylist()))
+
+
+def test_a_prompt_too_long_for_the_context_is_an_error_row_not_a_failed_job(local_ray, tmp_path):
+    items = _train_items(6)
+    rows = items.to_pylist()
+    rows[2]["question"] = "How many apples " * 200 + "?"  # far beyond max_model_len: the engine rejects it
+    items = pa.Table.from_pylist(rows, schema=items.schema)
+    sampling = SamplingConfig(samples=2, temperature=0.0, max_tokens=16)
+    totals = _generate(tmp_path, items, [Competitor("small", resolve_model("tiny:small"), engine=ENGINE)], sampling)
+    answers = read_table(tmp_path / "answers", ANSWERS)
+    assert answers.num_rows == 6 * 2 and len(set(_keys(answers))) == 12  # one row per (item, sample)
+    failed = answers.filter(pc.invert(pc.is_null(answers["error"])))
+    assert sorted(set(failed["id"].to_pylist())) == [rows[2]["id"]]
+    assert set(failed["finish_reason"].to_pylist()) == {"context_length"}
+    assert totals["small"]["errors"] == 2 and totals["small"]["rows"] == 12
+    ok = answers.filter(pc.is_null(answers["error"]))
+    assert all(t > 0 for t in ok["completion_tokens"].to_pylist())
+    by_item = {}  # greedy decoding is deterministic: both samples of an item agree
+    for r in ok.to_pylist():
+        by_item.setdefault(r["id"], set()).add(r["completion"])
+    assert all(len(v) == 1 for v in by_item.values())
+
+
+def _engine_actor_pids():
+    """Pids of this test's own vLLM engine actors: descendants of this process (the embedded Ray's
+    raylet starts the workers) whose title names the engine stage."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "vLLMEngineStageUDF" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_an_engine_replica_killed_mid_run_is_replaced_and_no_row_is_lost(local_ray, tmp_path):
+    items = _train_items(240)
+    sampling = SamplingConfig(samples=1, temperature=0.7, max_tokens=48)
+    shards_dir = tmp_path / "answers.shards"
+    killed = {}
+
+    def kill_when_output_flows():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            written = list(shards_dir.glob("large-*.parquet")) if shards_dir.is_dir() else []
+            pids = _engine_actor_pids()
+            if written and pids:
+                killed["pid"], killed["shards_before"] = pids[0], len(written)
+                os.kill(pids[0], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_output_flows, daemon=True)
+    killer.start()
+    totals = _generate(tmp_path, items, [Competitor("large", resolve_model("tiny:large"), engine=ENGINE)], sampling)
+    killer.join(timeout=10)
+    assert "pid" in killed, "the engine actor was never seen running"
+    assert killed["shards_before"] < 60  # the kill landed mid-run (240 items / 4 per shard)
+    answers = read_table(tmp_path / "answers", ANSWERS)
+    keys = _keys(answers)
+    assert answers.num_rows == 240 == len(set(keys)) == totals["large"]["rows"]
+    assert set(answers["id"].to_pylist()) == set(items["id"].to_pylist())
+    assert killed["pid"] not in _engine_actor_pids()
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """A small OpenAI-compatible /v1/completions server: checks the key, fails the first call with
+    503 (to be retried), rejects prompts marked TOO LONG with 400, answers the rest."""
+
+    calls = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.headers.get("Authorization") != "Bearer sekrit":
+            return self._send(401, {"error": {"message": "bad key"}})
+        if len(type(self).calls) == 1:
+            return self._send(503, {"error": {"message": "warming up"}})
+        if "TOO LONG" in body["prompt"]:
+            return self._send(400, {"error": {"message": "This model's maximum context length is 32 tokens"}})
+        words = body["prompt"].split()
+        text = f" The answer is {len(words)}."
+        self._send(200, {"choices": [{"text": text, "finish_reason": "stop", "index": 0}],
+                         "usage": {"completion_tokens": 5, "prompt_tokens": len(words)}})
+
+    def _send(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    _Endpoint.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("LV_TEST_KEY", "sekrit")
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_openai_compatible_endpoint_competes_with_retries_and_error_rows(local_ray, tmp_path, endpoint):
+    items = _train_items(8)
+    rows = items.to_pylist()
+    rows[5]["question"] = "TOO LONG " + rows[5]["question"]
+    items = pa.Table.from_pylist(rows, schema=items.schema)
+    ep = EndpointConfig(url=endpoint, api_key_env="LV_TEST_KEY", qps=50, max_retries=3, retry_wait_s=0.05, batch_size=4)
+    sampling = SamplingConfig(samples=2, temperature=0.0, max_tokens=8)
+    totals = _generate(tmp_path, items, [Competitor("large", "served-7b", endpoint=ep, params=7_000_000_000)], sampling)
+    answers = read_table(tmp_path / "answers", ANSWERS)
+    assert answers.num_rows == 16 == len(set(_keys(answers))), answers.num_rows
+    assert totals["large"]["errors"] == 2, answers.filter(pc.invert(pc.is_null(answers["error"])))["error"].to_pylist()
+    bad = answers.filter(pc.equal(answers["id"], rows[5]["id"])).to_pylist()
+    assert {r["finish_reason"] for r in bad} == {"context_length"} and all("maximum context" in r["error"] for r in bad)
+    good = answers.filter(pc.is_null(answers["error"])).to_pylist()
+    assert all(r["completion"] == f" The answer is {len(r['prompt'].split())}." for r in good)
+    assert all(c["path"] == "/v1/completions" and c["auth"] == "Bearer sekrit" for c in _Endpoint.calls)
+    assert len(_Endpoint.calls) == 17  # 16 requests + the one 503 that was retried
+    assert {c["body"]["model"] for c in _Endpoint.calls} == {"served-7b"}
+
+
+def test_a_missing_api_key_is_refused_before_any_request(local_ray, tmp_path, endpoint, monkeypatch):
+    monkeypatch.delenv("LV_TEST_KEY")
+    ep = EndpointConfig(url=endpoint, api_key_env="LV_TEST_KEY")
+    with pytest.raises(ValueError, match="LV_TEST_KEY"):
+        _generate(tmp_path, _train_items(2), [Competitor("large", "m", endpoint=ep, params=10)], SamplingConfig())
+    assert _Endpoint.calls == []
