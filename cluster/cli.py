@@ -42,10 +42,11 @@ def _guard(fn):
     from cluster.stages import StageError
     from pipeline.benchmarks import BenchmarkError
     from pipeline.schemas import SchemaError
+    from cluster.submit import SubmitError
 
     try:
         return fn()
-    except (ConfigError, StageError, BenchmarkError, SchemaError, FileNotFoundError) as exc:
+    except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
@@ -137,9 +138,15 @@ def mark(
 
 
 @app.command()
-def train(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt):
-    """Align the target with KTO on datasets/kto (Ray Train + DeepSpeed + TRL)."""
-    _command(config, set, ["train"], force, address)
+def train(
+    config: Path,
+    set: list[str] = SetOpt,
+    force: bool = ForceOpt,
+    address: Optional[str] = AddressOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training run from its last checkpoint"),
+):
+    """Align the target with train.method (kto, or the dpo / sft baselines): Ray Train + DeepSpeed + TRL."""
+    _command(config, [*set, "train.resume=true"] if resume else set, ["train"], force, address)
 
 
 @app.command()
@@ -157,6 +164,214 @@ def check(config: Path, set: list[str] = SetOpt):
 
         cfg = load_config(config, set)
         console.print(f"ok: {config} (run directory {cfg.run_dir})")
+
+    _guard(go)
+
+
+def _numbers(text: str, what: str) -> list[int]:
+    try:
+        values = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what}: expected comma-separated numbers like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{what}: expected positive numbers, got {text!r}")
+    return sorted(set(values))
+
+
+def bench_table(result: dict) -> Table:
+    """The headline figures of `bench.json`: each stage against its baseline."""
+    table = Table(title="lossaverse bench")
+    for column in ("stage", "measure", "value", "baseline", "ratio"):
+        table.add_column(column, justify="left" if column in ("stage", "measure") else "right")
+    if "generate" in result:
+        g = result["generate"]
+        one = g["replicas"][min(g["replicas"])]
+        table.add_row("generate", "tokens/s steady (1 replica)", f"{one['steady_tokens_per_s']['median']:,.0f}",
+                      f"{g['baseline']['steady_tokens_per_s']['median']:,.0f}", f"{g['ratio_steady']:.2f}")
+        table.add_row("generate", "tokens/s end to end", f"{one['tokens_per_s']['median']:,.0f}",
+                      f"{g['baseline']['tokens_per_s']['median']:,.0f}", f"{g['ratio_end_to_end']:.2f}")
+        for r, v in g["replicas"].items():
+            table.add_row("generate", f"{r} replica(s): tokens/s, start-up s", f"{v['steady_tokens_per_s']['median']:,.0f}",
+                          f"{v['startup_s']['median']:.1f}s", "")
+        table.add_row("generate", "scaling efficiency at max replicas", f"{g['scaling_efficiency']:.2f}", "", "")
+        table.add_row("generate", "driver peak RSS growth (MiB, 4x prompts)", f"{g['memory']['driver_growth_mib']:+.1f}", "", "")
+    if "mark" in result:
+        for n, m in result["mark"]["rows"].items():
+            for kind, k in m["kinds"].items():
+                table.add_row("mark", f"{kind} rows/s ({int(n):,} rows)", f"{k['rows_per_s']['median']:,.0f}", "", "")
+            if "baseline" in m:
+                table.add_row("mark", f"math-verify rows/s ({int(n):,} rows)", "", f"{m['baseline']['rows_per_s']['median']:,.0f}",
+                              f"{m.get('ratio', 0):.0f}")
+    if "train" in result:
+        t = result["train"]
+        for w, v in (t.get("workers") or {}).items():
+            table.add_row("train", f"samples/s, {w} worker(s)", f"{v['samples_per_s']['median']:.1f}", "", "")
+        if "ratio" in t:
+            table.add_row("train", "Ray Train (1 worker) vs TRL direct", "", f"{t.get('baseline', {}).get('samples_per_s', {}).get('median', 0):.1f}",
+                          f"{t['ratio']:.2f}")
+    cost = result.get("cost")
+    if cost:
+        table.add_row("cost", f"generate {cost['inputs']['prompts']:,} x {cost['inputs']['samples']} on {cost['inputs']['replicas']} replicas",
+                      f"{cost['generate_hours']:.2f} h", "", "")
+    return table
+
+
+@app.command()
+def bench(
+    stage: str = typer.Argument(..., help="generate, mark, train or all"),
+    config: Path = typer.Argument(...),
+    set: list[str] = SetOpt,
+    address: Optional[str] = AddressOpt,
+    replicas: str = typer.Option("1,2,4", "--replicas", help="generate: engine replica counts to sweep"),
+    workers: str = typer.Option("1,2", "--workers", help="train: Ray Train worker counts to sweep"),
+    rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
+    prompts: int = typer.Option(512, "--prompts", help="generate: prompts per measurement"),
+    repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where bench.json and the plot go (default runs/<name>/bench)"),
+    cost_prompts: int = typer.Option(10_000, "--cost-prompts", help="cost model: prompts of the job to size"),
+    cost_samples: int = typer.Option(4, "--cost-samples", help="cost model: answers per prompt"),
+    cost_replicas: int = typer.Option(8, "--cost-replicas", help="cost model: engine replicas"),
+):
+    """Benchmark stages against their plain baselines in one run; write bench.json and a scaling plot."""
+    from cluster.bench import STAGES
+
+    if stage not in (*STAGES, "all"):
+        err.print(f"[red]error:[/] unknown bench stage {stage!r}; valid: {', '.join((*STAGES, 'all'))}")
+        raise typer.Exit(2)
+    stages = list(STAGES) if stage == "all" else [stage]
+    sweep_r, sweep_w, sweep_rows = _numbers(replicas, "--replicas"), _numbers(workers, "--workers"), _numbers(rows, "--rows")
+
+    def go():
+        from cluster.bench import run_bench
+        from cluster.config import load_config
+        from cluster.ray_env import init_ray, shutdown_ray
+
+        cfg = load_config(config, set)
+        target = out or cfg.run_dir / "bench"
+        if {"generate", "train"}.intersection(stages):
+            console.print(init_ray(cfg.ray, address))
+        try:
+            result = run_bench(cfg, stages, target, sweep_r, sweep_w, sweep_rows, prompts, repeats,
+                               (cost_prompts, cost_samples, cost_replicas), console.print)
+        finally:
+            shutdown_ray()
+        console.print(bench_table(result))
+        console.print(f"bench.json and bench_scaling.png in {target.resolve()}  ({result['seconds']:.0f}s)")
+
+    _guard(go)
+
+
+@app.command()
+def serve(
+    target: Path = typer.Argument(..., help="A run config (serves its <run_dir>/model) or a model directory"),
+    set: list[str] = SetOpt,
+    address: Optional[str] = AddressOpt,
+    base: Optional[str] = typer.Option(None, "--base", help="With a MODEL_DIR: also serve this model (directory, hub id, tiny:SIZE) for A/B"),
+):
+    """Serve the trained target behind an OpenAI-compatible API (Ray Serve LLM), and the marker at POST /mark."""
+
+    def go():
+        from serving.model import describe
+        from serving.run import plan_for, serve_until_stopped
+
+        plan = plan_for(target, base, set)  # every check before anything starts
+        for line in describe(plan):
+            console.print(line)
+        serve_until_stopped(plan, address, console.print)
+
+    _guard(go)
+
+
+JobAddressOpt = typer.Option(None, "--address", help="The cluster's Ray dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
+
+
+def _final(job_id: str, details) -> None:
+    status = details.status.value
+    console.print(f"job {job_id}: {status}" + (f" ({details.message})" if details.message and status != "SUCCEEDED" else ""))
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    config: Path,
+    set: list[str] = SetOpt,
+    address: Optional[str] = JobAddressOpt,
+    command: str = typer.Option("run", "--command", help="What the job runs: lossaverse run | generate | mark | train | evaluate | check"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return at once"),
+):
+    """Run CONFIG on a Ray cluster through the Ray Jobs API: stream the logs, print the job id and final status."""
+
+    def go():
+        from cluster import submit as jobs
+        from cluster.config import load_config
+
+        cfg = load_config(config, set)  # a bad config fails here, before anything is uploaded
+        jc = jobs.client(address)
+        job_id = jobs.submit(jc, cfg, command, config, set, Path.cwd())
+        console.print(f"submitted job {job_id}")
+        if no_wait:
+            console.print(f"follow it with: lossaverse jobs logs {job_id} --follow --address ...")
+            return
+        try:
+            details = jobs.follow(jc, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        except KeyboardInterrupt:
+            err.print(f"stopped following; the job goes on. Stop it with: lossaverse jobs stop {job_id}")
+            raise typer.Exit(130) from None
+        _final(job_id, details)
+
+    _guard(go)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster: status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: Optional[str] = JobAddressOpt):
+    """The job's status, message and entrypoint."""
+
+    def go():
+        from cluster import submit as jobs
+
+        d = jobs.info(jobs.client(address), job_id)
+        console.print(f"{job_id}: {d.status.value}")
+        console.print(f"entrypoint: {d.entrypoint}", markup=False)
+        if d.message:
+            console.print(f"message: {d.message}", markup=False)
+
+    _guard(go)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: Optional[str] = JobAddressOpt, follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends")):
+    """The job's logs so far (or, with --follow, until it ends)."""
+
+    def go():
+        from cluster import submit as jobs
+
+        jc = jobs.client(address)
+        if follow:
+            _final(job_id, jobs.follow(jc, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush())))
+        else:
+            sys.stdout.write(jobs.logs(jc, job_id))
+
+    _guard(go)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt, wait: float = typer.Option(30, "--wait", help="Seconds to wait for the job to end (0: return at once)")):
+    """Stop a running job."""
+
+    def go():
+        from cluster import submit as jobs
+
+        jc = jobs.client(address)
+        if not jobs.stop(jc, job_id):
+            console.print(f"job {job_id} had already ended: {jobs.info(jc, job_id).status.value}")
+            return
+        status = jobs.wait(jc, job_id, wait).status.value if wait > 0 else "stop requested"
+        console.print(f"job {job_id}: {status}")
 
     _guard(go)
 

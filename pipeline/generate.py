@@ -164,6 +164,21 @@ def answers_from_outputs(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=ANSWERS)
 
 
+def engine_kwargs(engine) -> dict:
+    """EngineConfig -> vLLM engine arguments (the same for the stage and for vLLM used directly)."""
+    return {
+        "max_model_len": engine.max_model_len,
+        "dtype": engine.dtype,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "enable_prefix_caching": False,
+        "enforce_eager": engine.enforce_eager,
+        **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
+        **engine.engine_kwargs,
+    }
+
+
 def vllm_config(model_path: str, engine):
     """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig: replicas, parallelism, bundles."""
     from ray.data.llm import vLLMEngineProcessorConfig
@@ -173,17 +188,7 @@ def vllm_config(model_path: str, engine):
         bundle["GPU"] = engine.num_gpus
     return vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs={
-            "max_model_len": engine.max_model_len,
-            "dtype": engine.dtype,
-            "gpu_memory_utilization": engine.gpu_memory_utilization,
-            "tensor_parallel_size": engine.tensor_parallel_size,
-            "pipeline_parallel_size": engine.pipeline_parallel_size,
-            "enable_prefix_caching": False,
-            "enforce_eager": engine.enforce_eager,
-            **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
-            **engine.engine_kwargs,
-        },
+        engine_kwargs=engine_kwargs(engine),
         concurrency=engine.concurrency,
         batch_size=engine.batch_size,
         # Ray Data LLM repeats this bundle tensor_parallel_size * pipeline_parallel_size times.

@@ -71,7 +71,11 @@ class Tally:
     errors: int = 0
     resumed: int = 0  # rows found complete on disk, not regenerated
     start: float = field(default_factory=time.perf_counter)
+    first: float | None = None  # the first row's arrival: start-up (engines loading) ends here
     end: float | None = None
+    # Time and tokens when a tenth of the rows had arrived: steady-state throughput is measured
+    # from there on, past the engines' start and the first wave of answers.
+    tenth: tuple[float, int] | None = None
 
     def line(self, name: str) -> str:
         elapsed = (self.end or time.perf_counter()) - self.start
@@ -84,9 +88,13 @@ class Tally:
 
     def summary(self) -> dict:
         wall = (self.end or time.perf_counter()) - self.start
+        first = self.first or self.start
+        t10, tok10 = self.tenth or (first, 0)
+        steady = (self.end or time.perf_counter()) - t10
         return {"rows": self.done + self.resumed, "generated": self.done, "resumed": self.resumed, "tokens": self.tokens,
-                "errors": self.errors, "seconds": round(wall, 2),
-                "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0}
+                "errors": self.errors, "seconds": round(wall, 2), "startup_s": round(first - self.start, 2),
+                "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0,
+                "steady_tokens_per_s": round((self.tokens - tok10) / steady, 1) if steady > 0 else 0.0}
 
 
 def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dict[int, pa.Table]], samples: int,
@@ -116,8 +124,11 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
             continue
         buf[key] = row
         tally = tallies[competitor]
+        tally.first = tally.first or time.perf_counter()
         tally.done += 1
         tally.tokens += int(row.get("num_generated_tokens") or 0)
+        if tally.tenth is None and tally.done * 10 >= tally.total:
+            tally.tenth = (time.perf_counter(), tally.tokens)
         tally.errors += bool(row.get("__inference_error__") or row.get("api_error"))
         if len(buf) == pending[competitor][index].num_rows * samples:
             table = answers_from_outputs([buf[k] for k in sorted(buf)])
