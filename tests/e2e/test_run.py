@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline import synthetic
+from pipeline.evalstats import models_of
 from pipeline.rundir import read_table
 from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, QUARANTINE
 from pipeline.tinymodels import resolve_model
@@ -87,8 +88,13 @@ def test_trained_model_loads_and_changed(run):
 
 def test_evaluation_reports_before_and_after(run):
     results = json.loads((run["dir"] / "eval" / "results.json").read_text())
-    assert set(results) == {"target-base", "target-kto"}
-    assert all(r["answers"] == N_EVAL for r in results.values())
+    models = models_of(results)
+    assert set(models) == {"target-base", "target-kto"}
+    assert all(r["answers"] == N_EVAL and r["items"] == N_EVAL for r in models.values())
+    assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
+    (pair,) = results["pairs"]
+    assert 0.0 <= pair["mcnemar_p"] <= 1.0
+    assert (run["dir"] / "report.md").is_file()
     assert "target after KTO" in run["first"].stdout
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"items", "generate", "mark", "datasets", "train", "evaluate"}

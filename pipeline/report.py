@@ -1,0 +1,469 @@
+"""The run report: runs/<name>/report.md and its plots in runs/<name>/report/*.png.
+
+Rendered from the run directory's stored files alone, so `lossaverse report RUN_DIR` re-renders it
+at any time, anywhere the directory is readable:
+
+    manifest.json               config (seed, target, train method)
+    eval/results.json           per-model accuracy, CI, pairs; an optional `rounds` list
+    eval/marked/                (only when results.json predates the CI/pairs: recomputed from it)
+    datasets/stats.json         competitors' accuracy, label balance, recommended KTO weights
+    datasets/kto/, marked/      label balance and reasons for wrong answers per competitor
+    checkpoints/metrics.json    training log: a list of per-step dicts (loss, kl, rewards/chosen, ...)
+
+Every source is optional; a section or plot whose source is absent is left out. `rounds`, when
+present, is a list of {"round": k, <name>: {"accuracy": a, "ci95": [lo, hi]}, ...} (the model
+entries may also sit under a "models" key).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from pipeline.evalstats import evaluation_results, model_label, models_of
+from pipeline.rundir import read_json
+
+RIGHT_REASONS = ("match", "llm_equal")  # reasons a right answer carries; every other reason is a wrong one
+# Training-log keys per panel, with the reader's name of each line. KTO logs the desirable
+# examples' rewards as rewards/chosen and the undesirable ones' as rewards/rejected (as DPO does).
+CURVES = {
+    "loss": {"loss": "train loss", "eval_loss": "validation loss"},
+    "KL estimate": {"kl": "KL (reference point)"},
+    "rewards": {"rewards/chosen": "desirable (rewards/chosen)", "rewards/rejected": "undesirable (rewards/rejected)",
+                "rewards/margins": "margin"},
+    "learning rate": {"learning_rate": "learning rate"},
+}
+
+
+class ReportError(FileNotFoundError):
+    """A run directory with nothing to report; the message says what to run first."""
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, loaded once."""
+
+    run_dir: Path
+    manifest: dict = field(default_factory=dict)
+    stats: dict | None = None
+    results: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)  # competitor -> desirable/undesirable
+    wrong_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # competitor -> reason -> count
+
+
+def _columns(path: Path, columns: list[str]):
+    """Only `columns` of the Parquet under `path`, or None when there is none."""
+    if not path.is_dir():
+        return None
+    files = sorted(str(p) for p in path.glob("*.parquet"))
+    if not files:
+        return None
+    ds = pads.dataset(files, format="parquet")
+    return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+
+
+def _metrics(raw) -> list[dict]:
+    if isinstance(raw, dict):  # tolerate {"log_history": [...]} / {"history": [...]}
+        raw = raw.get("log_history") or raw.get("history") or []
+    return [m for m in raw or [] if isinstance(m, dict)]
+
+
+def eval_results(run_dir: Path, seed: int = 0) -> dict | None:
+    """eval/results.json; when it predates CIs and pairs, those recomputed from eval/marked/ (same
+    numbers as the evaluate stage writes, given the run's seed); None without an evaluation."""
+    results = read_json(run_dir / "eval" / "results.json")
+    if results is not None and "pairs" in results:
+        return results
+    # Written before results carried CIs and pairs: recompute them from the stored marked rows.
+    marked = _columns(run_dir / "eval" / "marked", ["id", "competitor", "model", "sample", "correct", "reason"])
+    if marked is None or marked.num_rows == 0:
+        return results
+    recomputed = evaluation_results(marked, seed=seed)
+    if results and "rounds" in results:
+        recomputed["rounds"] = results["rounds"]
+    return recomputed
+
+
+def _competitor_counts(files: RunFiles) -> None:
+    """Label balance from datasets/kto (else marked/, else stats.json); wrong reasons from marked/ (else stats.json)."""
+    kto = _columns(files.run_dir / "datasets" / "kto", ["competitor", "label"])
+    marked = _columns(files.run_dir / "marked", ["competitor", "correct", "reason"])
+    comps = (files.stats or {}).get("competitors", {})
+    if kto is not None:
+        for name, label in zip(kto["competitor"].to_pylist(), kto["label"].to_pylist()):
+            c = files.labels.setdefault(name, {"desirable": 0, "undesirable": 0})
+            c["desirable" if label else "undesirable"] += 1
+    elif marked is not None:
+        for name, ok in zip(marked["competitor"].to_pylist(), marked["correct"].to_pylist()):
+            c = files.labels.setdefault(name, {"desirable": 0, "undesirable": 0})
+            c["desirable" if ok else "undesirable"] += 1
+    else:
+        for name, c in comps.items():
+            files.labels[name] = {"desirable": c["correct"], "undesirable": c["answers"] - c["correct"]}
+    if marked is not None:
+        for name, ok, reason in zip(marked["competitor"].to_pylist(), marked["correct"].to_pylist(), marked["reason"].to_pylist()):
+            if not ok:
+                r = files.wrong_reasons.setdefault(name, {})
+                r[reason] = r.get(reason, 0) + 1
+    else:
+        for name, c in comps.items():
+            files.wrong_reasons[name] = {r: n for r, n in c.get("reasons", {}).items() if r not in RIGHT_REASONS and n}
+
+
+def load_run(run_dir: Path) -> RunFiles:
+    """Read every report source under `run_dir`; ReportError when there is none at all."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory not found: {run_dir}")
+    manifest = read_json(run_dir / "manifest.json", {})
+    seed = int(manifest.get("config", {}).get("seed", 0) or 0)
+    files = RunFiles(run_dir, manifest, read_json(run_dir / "datasets" / "stats.json"), eval_results(run_dir, seed),
+                     _metrics(read_json(run_dir / "checkpoints" / "metrics.json")))
+    _competitor_counts(files)
+    if not (files.stats or files.results or files.metrics or files.labels):
+        raise ReportError(f"{run_dir} holds no datasets/stats.json, eval/results.json, marked/ or checkpoints/metrics.json: "
+                          "run `lossaverse run CONFIG` (or its stages) first")
+    return files
+
+
+def render_report(run_dir: Path) -> dict:
+    """Write run_dir/report.md and run_dir/report/*.png; returns their paths.
+
+    The plots are rendered into report.tmp/ and renamed into place, so a stale plot from an earlier
+    render never sits beside a fresh report.
+    """
+    files = load_run(run_dir)
+    run_dir = Path(run_dir)
+    tmp, final = run_dir / "report.tmp", run_dir / "report"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    made: dict[str, str] = {}
+    models = models_of(files.results or {})
+    if models:
+        made["accuracy"] = plot_accuracy(models, (files.results or {}).get("pairs", []), tmp / "accuracy.png")
+    rounds = (files.results or {}).get("rounds") or []
+    if rounds:
+        made["rounds"] = plot_rounds(rounds, tmp / "rounds.png")
+    if files.labels or files.wrong_reasons:
+        made["competitors"] = plot_competitors(files.labels, files.wrong_reasons, tmp / "competitors.png")
+    if any(k in m for m in files.metrics for panel in CURVES.values() for k in panel):
+        made["training"] = plot_training(files.metrics, CURVES, tmp / "training.png")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    text = markdown(files, {k: f"report/{Path(v).name}" for k, v in made.items()})
+    report = run_dir / "report.md"
+    part = run_dir / f"report.md.tmp-{os.getpid()}"
+    part.write_text(text)
+    os.replace(part, report)
+    return {"report": str(report), "plots": [str(final / Path(v).name) for v in made.values()]}
+
+
+# ---- markdown ----------------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _p_is(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "n/a"
+
+
+def _verdict(pair: dict) -> str:
+    lo, hi = pair["ci95"]
+    if lo > 0:
+        return "better (CI above zero)"
+    if hi < 0:
+        return "worse (CI below zero)"
+    return "no difference shown (CI includes zero)"
+
+
+def _headline(results: dict) -> list[str]:
+    models = models_of(results)
+    lines = ["## Headline", "", "| model | accuracy | 95% CI | items | answers |", "|---|---:|---:|---:|---:|"]
+    for name, r in models.items():
+        answers = r.get("answers", r.get("n", ""))
+        lines.append(f"| {model_label(name)} (`{name}`) | {_pct(r['accuracy'])} | {_ci(r.get('ci95'))} | "
+                     f"{r.get('items', 'n/a')} | {answers} |")
+    pairs = results.get("pairs") or []
+    if pairs:
+        lines += ["", "| comparison (same items) | difference (points) | 95% CI (points) | McNemar p | better / worse / tied items | verdict |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for p in pairs:
+            lo, hi = p["ci95"]
+            lines.append(f"| {model_label(p['model'])} − {model_label(p['baseline'])} | {_pts(p['diff'])} | "
+                         f"[{_pts(lo)}, {_pts(hi)}] | {_p(p['mcnemar_p'])} | "
+                         f"{p['model_better']} / {p['baseline_better']} / {p['ties']} | {_verdict(p)} |")
+    st = results.get("statistics")
+    if st:
+        lines += ["", f"CI: {st['ci']}, {st['n_boot']} resamples, seed {st['seed']}. Paired test: {st['test']}."]
+    return lines
+
+
+def _rounds(rounds: list[dict]) -> list[str]:
+    rows = round_entries(rounds)
+    names = sorted({n for _, entries in rows for n in entries})
+    lines = ["## Rounds", "", "| round | " + " | ".join(model_label(n) for n in names) + " |", "|---:|" + "---:|" * len(names)]
+    for k, entries in rows:
+        cells = [f"{_pct(entries[n]['accuracy'])} {_ci(entries[n]['ci95']) if entries[n].get('ci95') else ''}".strip()
+                 if n in entries else "" for n in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _competitors(files: RunFiles) -> list[str]:
+    lines = ["## Competitors and training data", ""]
+    comps = (files.stats or {}).get("competitors", {})
+    if comps:
+        lines += ["| competitor | accuracy (train split) | 95% CI (items) | answers |", "|---|---:|---:|---:|"]
+        for name, c in comps.items():
+            ci = c.get("ci95_bootstrap_items") or c.get("ci95")
+            lines.append(f"| {name} | {_pct(c['accuracy'])} | {_ci(ci)} | {c['answers']} |")
+        agreement = (files.stats or {}).get("agreement") or {}
+        if "mcnemar_p" in agreement:
+            lines += ["", "Agreement: " + ", ".join(f"{k} {v}" for k, v in agreement.items() if isinstance(v, int))
+                      + f"; McNemar p {_p(agreement['mcnemar_p'])}."]
+        lines.append("")
+    if files.labels:
+        lines += ["| competitor | desirable | undesirable | desirable share | wrong answers by reason |", "|---|---:|---:|---:|---|"]
+        for name, c in files.labels.items():
+            total = c["desirable"] + c["undesirable"]
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(files.wrong_reasons.get(name, {}).items(), key=lambda x: -x[1]))
+            lines.append(f"| {name} | {c['desirable']} | {c['undesirable']} | {_pct(c['desirable'] / total) if total else 'n/a'} | {reasons or '—'} |")
+    weights = (files.stats or {}).get("recommended_kto_weights")
+    if weights:
+        lines += ["", f"Recommended KTO weights (desirable : undesirable = {weights['desirable_weight']} : "
+                      f"{weights['undesirable_weight']}) bring λ_D·n_D / λ_U·n_U into the KTO paper's range [1, 4/3]."]
+    return lines
+
+
+def _training(files: RunFiles) -> list[str]:
+    steps = [m for m in files.metrics if "loss" in m]
+    lines = ["## Training", ""]
+    train = files.manifest.get("config", {}).get("train", {})
+    if train:
+        lines.append("Training: " + ", ".join(f"{k} {train[k]}" for k in ("method", "beta", "learning_rate", "epochs") if k in train) + ".")
+    if steps:
+        first, last = steps[0], steps[-1]
+        lines.append(f"{len(steps)} logged steps; loss {first['loss']:.4f} → {last['loss']:.4f}"
+                     + (f"; KL {last['kl']:.4f} at the end" if isinstance(last.get("kl"), (int, float)) else "") + ".")
+    return lines
+
+
+def markdown(files: RunFiles, plots: dict[str, str]) -> str:
+    """The report text; `plots` maps a plot's name to its path relative to the run directory."""
+    cfg = files.manifest.get("config", {})
+    lines = [f"# lossaverse report: {cfg.get('name') or files.run_dir.name}", ""]
+    target = (cfg.get("target") or {}).get("path")
+    facts = [f"run directory `{files.run_dir}`"] + ([f"target `{target}`"] if target else []) + \
+            ([f"seed {cfg['seed']}"] if "seed" in cfg else [])
+    lines += [", ".join(facts) + ".", ""]
+    if files.results and models_of(files.results):
+        lines += _headline(files.results) + [""]
+        if "accuracy" in plots:
+            lines += [f"![eval accuracy per model]({plots['accuracy']})", ""]
+    else:
+        lines += ["No evaluation yet: run `lossaverse evaluate CONFIG`.", ""]
+    if files.results and files.results.get("rounds"):
+        lines += _rounds(files.results["rounds"]) + [""]
+        if "rounds" in plots:
+            lines += [f"![accuracy per round]({plots['rounds']})", ""]
+    if files.stats or files.labels:
+        lines += _competitors(files) + [""]
+        if "competitors" in plots:
+            lines += [f"![label balance and reasons for wrong answers]({plots['competitors']})", ""]
+    if files.metrics:
+        lines += _training(files) + [""]
+        if "training" in plots:
+            lines += [f"![training curves]({plots['training']})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+
+# ---- plots (matplotlib's object API: no pyplot, no global backend state) ------------------------
+
+GOOD, BAD, NEUTRAL, MODEL = "#2a9d8f", "#e76f51", "#8d99ae", "#457b9d"
+REASON_COLOURS = {"mismatch": "#e76f51", "no_answer": "#f4a261", "truncated": "#e9c46a", "error": "#6d597a",
+                  "llm_not_equal": "#b56576"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def round_entries(rounds: list) -> list[tuple[int, dict[str, dict]]]:
+    """[(round number, {name: {"accuracy", "ci95"?}})] from a results `rounds` list, in order."""
+    out = []
+    for i, r in enumerate(r for r in rounds if isinstance(r, dict)):
+        entries = r.get("models") if isinstance(r.get("models"), dict) else r
+        out.append((int(r.get("round", i + 1)), {k: v for k, v in models_of(entries).items() if _finite(v["accuracy"])}))
+    return out
+
+
+def plot_accuracy(models: dict[str, dict], pairs: list[dict], path: Path) -> str:
+    """Left: eval accuracy per model with its 95% CI. Right (when there are pairs): each paired
+    difference with its CI, against the zero line."""
+    fig = _figure(11 if pairs else 6, max(3.6, 1.2 + 0.5 * len(pairs)) if pairs else 4)
+    axes = fig.subplots(1, 2, width_ratios=[1, 1.2]) if pairs else [fig.subplots()]
+    ax = axes[0]
+    names = list(models)
+    acc = [100 * models[n]["accuracy"] for n in names]
+    cis = [models[n].get("ci95") or [models[n]["accuracy"]] * 2 for n in names]
+    err = [[a - 100 * lo for a, (lo, _) in zip(acc, cis)], [100 * hi - a for a, (_, hi) in zip(acc, cis)]]
+    colours = [NEUTRAL if n.endswith("-base") else MODEL for n in names]
+    ax.bar(range(len(names)), acc, yerr=err, capsize=6, color=colours, edgecolor="black", linewidth=0.6)
+    for i, (a, (lo, hi)) in enumerate(zip(acc, cis)):
+        ax.annotate(f"{a:.1f}%\n[{100 * lo:.1f}, {100 * hi:.1f}]", (i, 100 * hi), xytext=(0, 4),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), [model_label(n).replace("target ", "target\n") for n in names], fontsize=8)
+    top = max(100 * hi for _, hi in cis)
+    ax.set_ylim(0, min(100, top * 1.25 + 5))
+    ax.set_ylabel("accuracy on the eval split (%)")
+    items = sorted({models[n].get("items") for n in names} - {None})
+    ax.set_title(f"Accuracy, 95% bootstrap CI ({', '.join(map(str, items))} items)" if items else "Accuracy", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    if pairs:
+        ax = axes[1]
+        for i, p in enumerate(pairs):
+            lo, hi = p["ci95"]
+            colour = GOOD if lo > 0 else BAD if hi < 0 else NEUTRAL
+            ax.errorbar(100 * p["diff"], i, xerr=[[100 * (p["diff"] - lo)], [100 * (hi - p["diff"])]], fmt="o",
+                        color=colour, capsize=5, markersize=7)
+            ax.annotate(f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]  {_p_is(p['mcnemar_p'])}",
+                        (100 * p["diff"], i), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8)
+        ax.axvline(0, color="black", linewidth=0.8)
+        low = min([0.0] + [100 * p["ci95"][0] for p in pairs])
+        high = max([0.0] + [100 * p["ci95"][1] for p in pairs])
+        pad = max(1.0, 0.12 * (high - low))
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_yticks(range(len(pairs)), [f"{model_label(p['model'])}\n− {model_label(p['baseline'])}" for p in pairs], fontsize=8)
+        ax.set_ylim(-0.7, len(pairs) - 0.3)
+        ax.invert_yaxis()
+        ax.set_xlabel("difference in accuracy (points), 95% paired bootstrap CI")
+        ax.set_title("Paired difference on the same items (McNemar exact p)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_rounds(rounds: list, path: Path) -> str:
+    """Accuracy per round of every model or competitor the rounds list, with CIs where given."""
+    rows = round_entries(rounds)
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    for name in sorted({n for _, entries in rows for n in entries}):
+        pts = [(k, e[name]) for k, e in rows if name in e]
+        xs, ys = [k for k, _ in pts], [100 * e["accuracy"] for _, e in pts]
+        ci = [e.get("ci95") or [e["accuracy"]] * 2 for _, e in pts]
+        err = [[y - 100 * c[0] for y, c in zip(ys, ci)], [100 * c[1] - y for y, c in zip(ys, ci)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=model_label(name))
+    ax.set_xticks(sorted({k for k, _ in rows}))
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy per round (95% CI)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_competitors(labels: dict[str, dict], wrong: dict[str, dict], path: Path) -> str:
+    """Left: desirable / undesirable rows per competitor. Right: the reasons for wrong answers."""
+    names = sorted(set(labels) | set(wrong))
+    fig = _figure(11, 2.2 + 0.6 * len(names))
+    left, right = fig.subplots(1, 2)
+    for i, n in enumerate(names):
+        c = labels.get(n, {"desirable": 0, "undesirable": 0})
+        total = c["desirable"] + c["undesirable"]
+        left.barh(i, c["desirable"], color=GOOD, label="desirable" if i == 0 else None)
+        left.barh(i, c["undesirable"], left=c["desirable"], color=BAD, label="undesirable" if i == 0 else None)
+        if total:
+            left.annotate(f"{c['desirable']} / {c['undesirable']}  ({100 * c['desirable'] / total:.0f}% desirable)",
+                          (total, i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    left.set_yticks(range(len(names)), names)
+    left.invert_yaxis()
+    left.set_xlim(0, max([sum(c.values()) for c in labels.values()] or [1]) * 1.6)
+    left.set_xlabel("rows")
+    left.set_title("Label balance per competitor", fontsize=10)
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(names)), ncol=2, frameon=False)
+    reasons = sorted({r for c in wrong.values() for r in c}, key=lambda r: (r not in REASON_COLOURS, r))
+    start = [0] * len(names)
+    for r in reasons:
+        counts = [wrong.get(n, {}).get(r, 0) for n in names]
+        right.barh(range(len(names)), counts, left=start, color=REASON_COLOURS.get(r), label=r)
+        start = [s + c for s, c in zip(start, counts)]
+    right.set_yticks(range(len(names)), names)
+    right.invert_yaxis()
+    right.set_xlabel("wrong answers")
+    right.set_title("Reasons for wrong answers", fontsize=10)
+    if reasons:
+        right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(names)), ncol=len(reasons), frameon=False)
+    return _save(fig, path)
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    """Trailing moving average (the raw curve of a few-example batch is too noisy to read)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(metrics: list[dict], curves: dict[str, dict[str, str]], path: Path) -> str:
+    """One panel per group of `curves` that the log holds, against the logged step."""
+    panels = {title: keys for title, keys in curves.items() if any(_finite(m.get(k)) for m in metrics for k in keys)}
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(5.5 * cols, 3.4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes, panels.items()):
+        smoothed = False
+        for key, label in keys.items():
+            pts = [(m.get("step", i + 1), m[key]) for i, m in enumerate(metrics) if _finite(m.get(key))]
+            if not pts:
+                continue
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
+            if len(ys) > 30 and key != "learning_rate":
+                line = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)[0]
+                ax.plot(xs, _smooth(ys, max(5, len(ys) // 20)), color=line.get_color(), label=label)
+                smoothed = True
+            else:
+                ax.plot(xs, ys, marker="o" if len(ys) < 15 else None, label=label)
+        if title == "rewards":
+            ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"{title} (faint: per step; solid: moving average)" if smoothed else title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,160 @@
+"""The report renders from a run directory's stored Parquet and JSON alone.
+
+The run directory is small but real: Parquet written through pipeline.rundir.write_table under the
+row contracts, stats.json and kto/ built by pipeline.build, results.json by pipeline.evalstats.
+The expected numbers are worked out by hand below.
+"""
+
+import json
+import shutil
+
+import matplotlib.image
+import pyarrow as pa
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cluster.cli import app, summary_table
+from pipeline.build import build_datasets
+from pipeline.evalstats import evaluation_results
+from pipeline.report import ReportError, load_run, render_report
+from pipeline.rundir import write_json, write_table
+from pipeline.schemas import ITEMS, MARKED, check
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(competitor: str, split: str, verdicts: list[bool], wrong_reason: str = "mismatch") -> list[dict]:
+    out = []
+    for i, ok in enumerate(verdicts):
+        out.append({"id": f"{split}-{i:03d}", "question": f"What is {i} + 1?", "reference": str(i + 1), "kind": "numeric",
+                    "choices": None, "split": split, "source": "builtin", "competitor": competitor,
+                    "model": f"/models/{competitor}", "sample": 0, "prompt": f"Q: What is {i} + 1?\nA:",
+                    "completion": f" The answer is {i + 1 if ok else 0}.", "finish_reason": "stop", "completion_tokens": 6,
+                    "error": None, "correct": ok, "extracted": str(i + 1 if ok else 0),
+                    "reason": "match" if ok else wrong_reason, "marked_by": "rules"})
+    return out
+
+
+def build_run(run_dir, rounds: bool = True, old_results: bool = False):
+    """Train split: large right on 12 of 16, small on 4 of 16 (small's misses: 10 mismatch, 2 truncated).
+    Eval split (20 items): base right on e000-e003 and e019 (25.0%), kto on e000-e008 (45.0%):
+    diff +20.0 points, discordant b=5, c=1, McNemar p = 2 * 7/64 = 0.21875."""
+    small = rows("small", "train", [i < 4 for i in range(16)])
+    for r in small[-2:]:
+        r["reason"], r["finish_reason"] = "truncated", "length"
+    train = pa.Table.from_pylist(rows("large", "train", [i < 12 for i in range(16)]) + small, schema=MARKED)
+    evaluated = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 or i == 19 for i in range(20)])
+                                     + rows("target-kto", "eval", [i < 9 for i in range(20)]), schema=MARKED)
+    items = check(pa.concat_tables([train.filter(pa.compute.equal(train["competitor"], "large")), evaluated.slice(0, 20)]), ITEMS, "items")
+    write_table(items, run_dir / "items")
+    write_table(train, run_dir / "marked")
+    built = build_datasets(train)
+    write_table(built["kto"], run_dir / "datasets" / "kto")
+    write_json(built["stats"], run_dir / "datasets" / "stats.json")
+    write_table(evaluated, run_dir / "eval" / "marked")
+    results = evaluation_results(evaluated, ["target-base", "target-kto"], seed=5)
+    if rounds:
+        results["rounds"] = [{"round": 1, "target-kto": {"accuracy": 0.45, "ci95": [0.25, 0.65]}, "small": {"accuracy": 0.25}},
+                             {"round": 2, "target-kto": {"accuracy": 0.55, "ci95": [0.35, 0.75]}, "small": {"accuracy": 0.45}}]
+    if old_results:  # as written before results carried CIs and pairs
+        results = {name: {k: results[name][k] for k in ("accuracy", "correct", "answers")} for name in ("target-base", "target-kto")}
+    write_json(results, run_dir / "eval" / "results.json")
+    metrics = [{"step": s, "loss": 0.5 - 0.002 * s, "kl": 0.01 * (s % 7), "rewards/chosen": 0.003 * s,
+                "rewards/rejected": -0.004 * s, "learning_rate": 5e-5 * (1 - s / 40)} for s in range(1, 41)]
+    write_json(metrics + [{"train_loss": 0.46, "train_runtime": 12.0}], run_dir / "checkpoints" / "metrics.json")
+    write_json({"config": {"name": "tiny", "seed": 5, "target": {"path": "tiny:small"},
+                           "train": {"method": "kto", "beta": 0.1}}, "stages": {}}, run_dir / "manifest.json")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    run_dir = build_run(tmp_path_factory.mktemp("run") / "tiny")
+    return run_dir, render_report(run_dir)
+
+
+def test_report_states_the_headline_numbers(rendered):
+    run_dir, out = rendered
+    text = (run_dir / "report.md").read_text()
+    assert out["report"] == str(run_dir / "report.md")
+    assert "| target before training (`target-base`) | 25.0% |" in text
+    assert "| target after KTO (`target-kto`) | 45.0% |" in text
+    assert "| 20 | 20 |" in text  # items, answers
+    assert "| target after KTO − target before training | +20.0 |" in text
+    assert "| 0.219 |" in text  # McNemar p = 0.21875
+    assert "5 / 1 / 14" in text  # better / worse / tied items
+    assert "| large | 75.0% |" in text and "| small | 25.0% |" in text  # train split: 12/16, 4/16
+    assert "| small | 4 | 12 | 25.0% | mismatch 10, truncated 2 |" in text
+    assert "40 logged steps; loss 0.4980 → 0.4200" in text
+    assert "| 2 | " in text and "55.0% [35.0%, 65.0%]" not in text and "55.0% [35.0%, 75.0%]" in text
+
+
+def test_report_ci_matches_the_stored_results(rendered):
+    run_dir, _ = rendered
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    lo, hi = results["target-kto"]["ci95"]
+    assert f"| 45.0% | [{100 * lo:.1f}%, {100 * hi:.1f}%] |" in (run_dir / "report.md").read_text()
+
+
+def test_plots_are_valid_nonempty_pngs(rendered):
+    run_dir, out = rendered
+    names = sorted(p.name for p in (run_dir / "report").iterdir())
+    assert names == ["accuracy.png", "competitors.png", "rounds.png", "training.png"]
+    assert sorted(out["plots"]) == sorted(str(run_dir / "report" / n) for n in names)
+    text = (run_dir / "report.md").read_text()
+    for name in names:
+        path = run_dir / "report" / name
+        assert path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+        assert f"(report/{name})" in text
+    image = matplotlib.image.imread(run_dir / "report" / "accuracy.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    assert image.std() > 0.01  # something was drawn
+
+
+def test_rerender_gives_the_same_report_and_drops_stale_plots(rendered, tmp_path):
+    run_dir, _ = rendered
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report" / "stale.png").write_bytes(b"old")
+    render_report(copy)
+    assert (copy / "report.md").read_text().replace(str(copy), "X") == (run_dir / "report.md").read_text().replace(str(run_dir), "X")
+    assert not (copy / "report" / "stale.png").exists()
+
+
+def test_old_results_are_completed_from_the_stored_marked_rows(tmp_path):
+    run_dir = build_run(tmp_path / "old", rounds=False, old_results=True)
+    files = load_run(run_dir)
+    assert files.results["pairs"][0]["model"] == "target-kto"
+    render_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "| +20.0 |" in text and "| 0.219 |" in text and "## Rounds" not in text
+    assert not (run_dir / "report" / "rounds.png").exists()
+
+
+def test_partial_runs_render_what_exists(tmp_path):
+    run_dir = build_run(tmp_path / "partial", rounds=False)
+    shutil.rmtree(run_dir / "eval")
+    write_json([{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}, {"epoch": 1.0}], run_dir / "checkpoints" / "metrics.json")
+    out = render_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "No evaluation yet" in text and "2 logged steps; loss 0.7000 → 0.6000" in text
+    assert sorted(p.rsplit("/", 1)[1] for p in out["plots"]) == ["competitors.png", "training.png"]
+    with pytest.raises(ReportError, match="run `lossaverse run CONFIG`"):
+        render_report(tmp_path / "partial" / "items")  # a directory with none of the report's sources
+
+
+def test_cli_report_and_summary_show_ci_and_paired_test(rendered, tmp_path):
+    run_dir, _ = rendered
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"report: {run_dir / 'report.md'}" in result.output
+    console = Console(record=True, width=200)
+    console.print(summary_table(run_dir))
+    table = console.export_text()
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    lo, hi = results["target-kto"]["ci95"]
+    assert f"0.450 [{lo:.3f}, {hi:.3f}] (9/20)" in table
+    assert "target-kto − target-base (eval, paired)" in table and "+0.200" in table and "McNemar p=0.219" in table
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "run directory not found" in missing.output
