@@ -68,12 +68,30 @@ def summary_table(run_dir: Path) -> Table:
     for name in ("negatives", "pairs"):
         if name in ds:
             table.add_row(f"datasets/{name} rows", str(ds[name]))
-    results_path = run_dir / "eval" / "results.json"
-    if results_path.is_file():
-        for name, r in json.loads(results_path.read_text()).items():
-            label = {"target-base": "target before training", "target-kto": "target after KTO"}.get(name, name)
-            table.add_row(f"{label} accuracy (eval)", f"{r['accuracy']:.3f} ({r['correct']}/{r['answers']})")
+    from pipeline.report import eval_results
+
+    results = eval_results(run_dir, manifest.get("config", {}).get("seed", 0))
+    for what, value in eval_rows(results or {}):
+        table.add_row(what, value)
     return table
+
+
+def eval_rows(results: dict) -> list[tuple[str, str]]:
+    """eval/results.json as summary rows: accuracy [95% CI] per model, then each paired difference
+    [95% CI] with McNemar's p."""
+    from pipeline.evalstats import model_label, models_of
+
+    rows = []
+    for name, r in models_of(results).items():
+        ci = f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r.get("ci95") else ""
+        answers = r.get("answers", r.get("n"))
+        items = f", {r['items']} items" if r.get("items", answers) != answers else ""
+        rows.append((f"{model_label(name)} accuracy (eval)", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
+    for p in results.get("pairs") or []:
+        lo, hi = p["ci95"]
+        rows.append((f"{p['model']} − {p['baseline']} (eval, paired)",
+                     f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
+    return rows
 
 
 def _command(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]) -> None:
@@ -372,6 +390,22 @@ def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt, wait: float =
             return
         status = jobs.wait(jc, job_id, wait).status.value if wait > 0 else "stop requested"
         console.print(f"job {job_id}: {status}")
+
+    _guard(go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/local")):
+    """Re-render RUN_DIR/report.md and its plots (RUN_DIR/report/*.png) from the stored Parquet and JSON alone."""
+
+    def go():
+        from pipeline.report import render_report
+
+        out = render_report(run_dir)
+        console.print(summary_table(run_dir))
+        console.print(f"report: {out['report']}")
+        for path in out["plots"]:
+            console.print(f"plot: {path}")
 
     _guard(go)
 

@@ -170,39 +170,189 @@ class GenerateConfig(_Strict):
     progress_interval_s: float = Field(default=10.0, gt=0)
 
 
+class JudgeConfig(_Strict):
+    """The supervisory LLM (off by default; see pipeline/judge.py), served like the competitors: a
+    vLLM processor, or with `model.endpoint` an OpenAI-compatible chat API. Asked only about rows the
+    rules cannot decide, and only whether the extracted answer and the reference are the same (yes/no)."""
+
+    enabled: bool = False
+    model: ModelRef | None = None
+    engine: EngineConfig = EngineConfig()  # vLLM engine (ignored for an endpoint)
+    max_chars: int = Field(default=200, ge=8, le=1000)  # the longest candidate answer ever shown to it
+
+    @model_validator(mode="after")
+    def _model_given(self) -> "JudgeConfig":
+        if self.enabled and self.model is None:
+            raise ValueError("the judge needs `model` (a Hugging Face id, a directory, tiny:<size>, or an endpoint)")
+        if self.model is not None and self.model.endpoint is not None and self.model.endpoint.api != "chat":
+            raise ValueError("a judge endpoint must use `api: chat` (its answer is constrained with response_format)")
+        return self
+
+
 class MarkConfig(_Strict):
     batch_size: int = Field(default=1024, ge=1)
+    math_timeout_s: int = Field(default=5, ge=1)  # math-verify's parse and verify timeouts, each
+    # datasets/kto: for items no competitor got right, add the reference answer as a desirable row
+    # (competitor `reference`).
+    kto_reference_rows: bool = False
+    judge: JudgeConfig = JudgeConfig()
+
+
+class LoraSettings(_Strict):
+    """LoRA adapters (peft): only they are trained; the reference is the base with adapters off."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
 
 
 class TrainConfig(_Strict):
-    method: Literal["kto"] = "kto"
-    beta: float = Field(default=0.1, gt=0)
+    """Training: method, loss settings, optimizer and step budget (shared by every method), reference
+    model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
+
+    method: str = "kto"  # a key of training.methods.METHODS: kto | dpo | sft
+    beta: float = Field(default=0.1, gt=0)  # KTO / DPO: strength of the implicit KL penalty
+    # KTO's lambda_D / lambda_U. `fixed`: as given (or undesirable = loss_aversion * desirable);
+    # `auto`: from datasets/stats.json so that lambda_D*n_D/(lambda_U*n_U) is in [1, 4/3].
+    weights: Literal["fixed", "auto"] = "fixed"
     desirable_weight: float = Field(default=1.0, gt=0)
     undesirable_weight: float = Field(default=1.0, gt=0)
+    loss_aversion: float | None = Field(default=None, gt=0)  # lambda_U / lambda_D
+    # Optimizer and budget: the same for every method, so baselines compare like for like.
     learning_rate: float = Field(default=5e-5, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
     epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs when set
     # KTO's KL reference point pairs each prompt with another completion of the same micro-batch.
     per_device_batch_size: int = Field(default=4, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     max_length: int = Field(default=256, ge=8)
+    gradient_checkpointing: bool = False  # memory: recompute activations in the backward pass
+    # Reference model: a frozen copy (default), log-probs computed once before training (no copy in
+    # memory), or with `lora` the base model with the adapters switched off.
+    precompute_ref_log_probs: bool = False
+    lora: LoraSettings | None = None
+    # Scale: one Ray Train worker per GPU (or CPU slot); DeepSpeed ZeRO by name or a JSON file.
     num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool = False  # bf16 on GPU, fp32 on CPU
+    gpus_per_worker: float = Field(default=1, gt=0)
     cpus_per_worker: float = Field(default=1, gt=0)
-    deepspeed: Literal["zero2", "zero3", "zero3_offload", "none"] = "zero2"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # SPREAD: over nodes
+    deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | none (DDP) | path/to/config.json
+    memory_per_worker_gib: float | None = Field(default=None, gt=0)  # memory: checked before training
+    # Checkpoints (Ray Train storage under the run directory) and recovery from failed workers.
+    checkpoint_every: int = Field(default=50, ge=0)  # steps; 0 = none
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=-1)  # worker-group restarts from the last checkpoint
+    resume: bool = Field(default=False, exclude=True)  # set by `lossaverse train --resume`
+    # Metrics: every `logging_steps` to the console, manifest.json and, if asked, TensorBoard.
+    logging_steps: int = Field(default=1, ge=1)
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
 
-    @field_validator("per_device_batch_size")
+    @field_validator("method")
     @classmethod
-    def _kto_needs_pairs(cls, value: int) -> int:
-        if value < 2:
+    def _method_known(cls, value: str) -> str:
+        from training.methods import get_method
+
+        get_method(value)
+        return value
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_known(cls, value: str) -> str:
+        from training.zero import deepspeed_config
+
+        deepspeed_config(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        from training.zero import deepspeed_config, deepspeed_conflicts
+
+        if self.method == "kto" and self.per_device_batch_size < 2:
             raise ValueError(
                 "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "
                 "prompt with another completion in the micro-batch); set train.per_device_batch_size >= 2"
             )
-        return value
+        explicit = self.model_fields_set & {"desirable_weight", "undesirable_weight"}
+        if self.weights == "auto" and explicit:
+            raise ValueError(f"weights: auto sets desirable_weight and undesirable_weight from the data; remove {sorted(explicit)} or use weights: fixed")
+        if self.weights == "fixed" and self.loss_aversion is not None and "undesirable_weight" in explicit:
+            raise ValueError("set loss_aversion (undesirable = loss_aversion x desirable_weight) or undesirable_weight, not both")
+        ds = deepspeed_config(self.deepspeed)
+        if ds is not None:
+            conflicts = deepspeed_conflicts(
+                ds, micro_batch=self.per_device_batch_size, grad_accum=self.gradient_accumulation_steps,
+                workers=self.num_workers, use_gpu=self.use_gpu, learning_rate=self.learning_rate,
+                max_grad_norm=self.max_grad_norm,
+            )
+            if conflicts:
+                raise ValueError(f"DeepSpeed config {self.deepspeed!r} contradicts the trainer: " + "; ".join(conflicts))
+        return self
 
 
 class EvaluateConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()  # greedy, one sample
+
+
+class ServeConfig(_Strict):
+    """`lossaverse serve`: the trained target behind an OpenAI-compatible API (ray.serve.llm),
+    optionally the untrained target beside it for A/B, and the marker at `POST /mark`.
+
+    The engine is the target's (`generate.engine` with `target.engine` on top) with `engine` on top
+    of that; `concurrency` and `batch_size` are Ray Data settings and do not apply to serving.
+    """
+
+    model_id: str = Field(default="target", pattern=r"^[A-Za-z0-9][\w.:-]*$")  # the `model` clients name
+    base_model_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.:-]*$")  # A/B: the untrained target
+    host: str = "127.0.0.1"  # 0.0.0.0 to take requests from other machines
+    port: int = Field(default=8000, ge=1, le=65535)
+    min_replicas: int = Field(default=1, ge=0)  # per model; 0 lets an idle model scale to zero
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: int = Field(default=8, ge=1)  # autoscaling: in-flight requests per replica
+    engine: dict[str, Any] = Field(default_factory=dict)  # engine settings over the target's
+    # The HTTP ingress and the marker are light; a fraction of a CPU keeps them schedulable when the
+    # engines hold every whole logical CPU.
+    ingress_num_cpus: float = Field(default=0.25, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)  # cap on a request's max_tokens; None: max_model_len // 2
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger request bodies get 413
+    marker: bool = True  # also serve POST /mark
+    max_mark_answers: int = Field(default=1000, ge=1)  # answers per /mark request
+
+    @model_validator(mode="after")
+    def _replicas_ordered(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.base_model_id is not None and self.base_model_id == self.model_id:
+            raise ValueError(f"base_model_id must differ from model_id ({self.model_id!r})")
+        return self
+
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
+
+
+class SubmitConfig(_Strict):
+    """`lossaverse submit`: the Ray Jobs runtime environment. The cluster's image (Dockerfile)
+    carries the pinned dependencies; the job uploads the current directory (this project) as its
+    working_dir, so the code and configs that run are the ones submitted."""
+
+    excludes: list[str] = Field(
+        default_factory=lambda: [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict)  # plain settings; secrets come from the cluster
+    entrypoint_num_cpus: float = Field(default=0, ge=0)  # CPUs reserved for the job's driver process
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        leaked = sorted(k for k in value if _SECRET_NAME.search(k))
+        if leaked:
+            raise ValueError(
+                f"{leaked} look like secrets; a job's env_vars are stored in the clear by the Jobs API: "
+                "give them to the cluster's pods as Kubernetes secrets instead"
+            )
+        return value
 
 
 class RunConfig(_Strict):
@@ -217,6 +367,8 @@ class RunConfig(_Strict):
     mark: MarkConfig = MarkConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
+    submit: SubmitConfig = SubmitConfig()
 
     @field_validator("competitors")
     @classmethod

@@ -3,65 +3,170 @@
 A stage writes its output to `<dir>.tmp-<pid>` and renames it into place, then records itself in
 `manifest.json`. The manifest entry is written last, so its presence (with a matching fingerprint)
 means the stage's outputs are complete; a crash leaves at most a `.tmp-*` folder that is ignored.
+
+Every helper takes a local path or a URI that pyarrow's filesystems know (`file:///shared/runs`,
+`s3://bucket/runs`, `gs://bucket/runs`, `hdfs://namenode:8020/runs`, and `mock:///` pyarrow's
+in-memory filesystem), so stages on different nodes can share one run directory. On local and
+HDFS paths the final rename is atomic; object stores have no directory rename, so there the
+folder is copied into place and the tmp folder deleted — safe all the same, because a stage counts
+as done only once its manifest entry is written, after its outputs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 
+# `Path("s3://bucket/x")` prints as `s3:/bucket/x`; such a collapsed URI is restored, so that code
+# that joins run-directory paths with `/` can pass URIs through. (Two or more letters: not `C:/`.)
+_COLLAPSED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+_NO_HOST = ("file", "mock")  # schemes whose URIs have an empty host: file:///path, mock:///path
 
-def write_table(table: pa.Table, directory: Path, name: str = "part-0.parquet") -> Path:
+
+def _uri(where: str | os.PathLike) -> str:
+    text = os.fspath(where)
+    m = _COLLAPSED.match(text)
+    if m:
+        slashes = ":///" if m.group(1).lower() in _NO_HOST else "://"
+        text = m.group(1) + slashes + text[m.end():]
+    return text
+
+
+@functools.lru_cache(maxsize=None)
+def _root(scheme_host: str) -> tuple[pafs.FileSystem, str]:
+    """One filesystem per `scheme://host` (credentials and region resolved once), and the path
+    prefix its paths start with (`bucket` on object stores, `/` on HDFS, `` on mock)."""
+    fs, prefix = pafs.FileSystem.from_uri(scheme_host + "/")
+    return fs, prefix.rstrip("/")
+
+
+_LOCAL = pafs.LocalFileSystem()
+
+
+def resolve(where: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI -> (pyarrow filesystem, path on it)."""
+    text = _uri(where)
+    if "://" not in text:
+        return _LOCAL, os.path.abspath(os.path.expanduser(text))
+    scheme, rest = text.split("://", 1)
+    host, _, sub = rest.partition("/")
+    if scheme.lower() == "file":  # file:///abs/path, or file://localhost/abs/path
+        return _LOCAL, os.path.abspath(rest if rest.startswith("/") else "/" + sub)
+    fs, prefix = _root(f"{scheme}://{host}")
+    return fs, "/".join(p for p in (prefix, sub.strip("/")) if p) or "/"
+
+
+def _is_uri(where) -> bool:
+    return "://" in _uri(where)
+
+
+def _sibling(where, name: str):
+    """`where`'s sibling called `name`, of the same kind (Path for paths, str for URIs)."""
+    if _is_uri(where):
+        return _uri(where).rstrip("/").rsplit("/", 1)[0] + "/" + name
+    return Path(where).with_name(name)
+
+
+def _join(where, name: str):
+    if _is_uri(where):
+        return _uri(where).rstrip("/") + "/" + name
+    return Path(where) / name
+
+
+def _basename(where) -> str:
+    return _uri(where).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def write_table(table: pa.Table, directory: Path | str, name: str = "part-0.parquet") -> Path | str:
     """Replace `directory` with one holding `table` as a single Parquet file."""
-    directory = Path(directory)
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pq.write_table(table, tmp / name)
+    tmp = _sibling(directory, f"{_basename(directory)}.tmp-{os.getpid()}")
+    fs, tmp_path = resolve(tmp)
+    _delete_dir(fs, tmp_path)
+    fs.create_dir(tmp_path, recursive=True)
+    pq.write_table(table, f"{tmp_path}/{name}", filesystem=fs)
     replace_dir(tmp, directory)
     return directory
 
 
-def replace_dir(tmp: Path, directory: Path) -> None:
+def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    try:
+        fs.move(src, dst)
+    except (OSError, NotImplementedError):  # object stores: no directory rename
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+
+
+def replace_dir(tmp: Path | str, directory: Path | str) -> None:
     """Move a finished `tmp` folder to `directory`, replacing what was there."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    if directory.exists():
-        old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-        directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+    fs, src = resolve(tmp)
+    dst_fs, dst = resolve(directory)
+    if fs is not dst_fs:
+        raise ValueError(f"{tmp} and {directory} are on different filesystems")
+    parent = dst.rstrip("/").rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if _exists(fs, dst):
+        old = f"{dst}.old-{os.getpid()}"
+        _delete_dir(fs, old)
+        _move_dir(fs, dst, old)
+        _move_dir(fs, src, dst)
+        _delete_dir(fs, old)
     else:
-        tmp.rename(directory)
+        _move_dir(fs, src, dst)
 
 
-def read_table(directory: Path, schema: pa.Schema | None = None) -> pa.Table:
-    """Read every Parquet file under `directory` (sorted by name) as one table."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.parquet"))
+def read_table(directory: Path | str, schema: pa.Schema | None = None) -> pa.Table:
+    """Read every Parquet file directly under `directory` (sorted by name) as one table."""
+    fs, path = resolve(directory)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
         if schema is not None:
             return schema.empty_table()
         raise FileNotFoundError(f"no Parquet files under {directory}")
-    tables = [pq.read_table(f, schema=schema) for f in files]
+    tables = [pq.read_table(f, schema=schema, filesystem=fs) for f in files]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def write_json(data: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+def write_json(data: Any, path: Path | str) -> None:
+    fs, target = resolve(path)
+    parent = target.rstrip("/").rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as out:
+        out.write((json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+    fs.move(tmp, target)  # a file move: a rename locally, copy + delete on object stores
+
+
+def read_json(path: Path | str, default: Any = None) -> Any:
+    """The JSON document at `path`, or `default` when there is none."""
+    fs, target = resolve(path)
+    if fs.get_file_info(target).type != pafs.FileType.File:
+        return default
+    with fs.open_input_stream(target) as f:
+        return json.loads(f.read())
 
 
 def fingerprint(*parts: Any) -> str:
@@ -72,9 +177,9 @@ def fingerprint(*parts: Any) -> str:
 class Manifest:
     """`manifest.json`: the resolved config, versions, and one entry per finished stage."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / MANIFEST
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+    def __init__(self, run_dir: Path | str):
+        self.path = _join(run_dir, MANIFEST)
+        self.data: dict[str, Any] = read_json(self.path, {})
         self.data.setdefault("stages", {})
 
     def done(self, stage: str, fp: str) -> bool:

@@ -1,0 +1,212 @@
+"""The aligned model behind an OpenAI-compatible API: a Ray Serve app built by ray.serve.llm.
+
+`plan_from_config` / `plan_from_model_dir` turn a run config or a model directory into a
+`ServePlan` (model ids -> sources, engine, limits), checked before anything starts;
+`model_app(plan)` builds the application with `build_openai_app` (one `LLMConfig` per model: the
+trained target, and for A/B the untrained target beside it); `build_app(args)` is the import path
+for `serve run` and a RayService's serveConfigV2 (`serving.model:build_app`).
+
+The requests pass through `serving.ingress.CappedIngress` (size, JSON, schema and max_tokens
+checks). ray.serve.llm (and vLLM behind it) is imported only when an app is built, so a plan that
+fails its checks fails in a second, before any engine code loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.config import ConfigError, EngineConfig, RayConfig, RunConfig, ServeConfig, apply_overrides, load_config
+
+
+class ServeError(ConfigError):
+    """A model that cannot be served as asked; the message says what to change (the CLI prints it
+    as one line, like any config error)."""
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What `lossaverse serve` runs: every model id with its source, one engine setting, limits."""
+
+    serve: ServeConfig
+    engine: EngineConfig
+    models: dict[str, str]  # model id -> directory or hub id, the trained target first
+    max_tokens: int  # the resolved cap on a request's max_tokens
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _fields(where: str, exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+    return f"{where}: " + "; ".join(parts)
+
+
+def _engine(base: dict, over: dict) -> EngineConfig:
+    try:
+        return EngineConfig.model_validate({**base, **over})
+    except ValidationError as exc:
+        raise ServeError(_fields("serve.engine", exc)) from None
+
+
+def _checked(serve: ServeConfig, engine: EngineConfig, models: dict[str, str], ray: RayConfig) -> ServePlan:
+    """The checks that must pass before any replica starts."""
+    for model_id, source in models.items():
+        local = source.startswith(("/", ".", "~")) or Path(source).exists()  # else a hub id
+        if local and not (Path(source).expanduser() / "config.json").is_file():
+            what = "trained model" if model_id == serve.model_id else "model"
+            raise ServeError(f"no {what} at {source} (no config.json): run `lossaverse train CONFIG` first, or give a model directory")
+    if engine.num_gpus == 0 and engine.kv_cache_gib is None:
+        raise ServeError(
+            "serving on CPU (engine num_gpus 0) needs an explicit KV cache size: "
+            "--set serve.engine.kv_cache_gib=0.25 (vLLM's utilization-based sizing fails on CPU)"
+        )
+    cap = serve.max_tokens or engine.max_model_len // 2
+    if cap >= engine.max_model_len:
+        raise ServeError(
+            f"serve.max_tokens ({cap}) must be below the engine's max_model_len ({engine.max_model_len}): "
+            "the prompt and the completion share the context"
+        )
+    return ServePlan(serve, engine, models, cap, ray)
+
+
+def plan_from_config(cfg: RunConfig) -> ServePlan:
+    """Serve `<run_dir>/model`, and with `serve.base_model_id` the untrained target beside it."""
+    from pipeline.tinymodels import resolve_model
+
+    serve = cfg.serve
+    models = {serve.model_id: str((cfg.run_dir / "model").expanduser().resolve())}
+    if serve.base_model_id:
+        if cfg.target.endpoint is not None:
+            raise ServeError("serve.base_model_id: the target is served elsewhere (target.endpoint); A/B needs its weights here")
+        models[serve.base_model_id] = resolve_model(cfg.target.path)
+    engine = _engine(cfg.engine_for(cfg.target).model_dump(), serve.engine)
+    return _checked(serve, engine, models, cfg.ray)
+
+
+class _DirSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+
+def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, overrides: list[str] | None = None) -> ServePlan:
+    """Serve a model directory; `overrides` set `serve.*` and `ray.*` (`serve.engine.kv_cache_gib=0.25`).
+    `base_model` (a directory, hub id or `tiny:<size>`) is served beside it for A/B, as
+    `serve.base_model_id` (default `base`)."""
+    from pipeline.tinymodels import resolve_model
+
+    data = apply_overrides({}, overrides or [])
+    try:
+        settings = _DirSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_fields("with a MODEL_DIR, --set takes serve.* and ray.* keys", exc)) from None
+    serve = settings.serve
+    if base_model and not serve.base_model_id:
+        serve = serve.model_copy(update={"base_model_id": "base" if serve.model_id != "base" else "base-model"})
+    if serve.base_model_id and not base_model:
+        raise ServeError("serve.base_model_id is set but no base model to serve: give --base MODEL")
+    models = {serve.model_id: str(Path(model_dir).expanduser().resolve())}
+    if serve.base_model_id:
+        try:
+            source = resolve_model(base_model)
+        except ValueError as exc:
+            raise ServeError(f"--base: {exc}") from None
+        # A local directory is loaded by the replicas, whose working directory is not this one.
+        models[serve.base_model_id] = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    return _checked(serve, _engine({}, serve.engine), models, settings.ray)
+
+
+def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeConfig):
+    """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
+    from ray.serve.llm import LLMConfig
+
+    bundle: dict[str, float] = {"CPU": engine.num_cpus}
+    if engine.num_gpus:
+        bundle["GPU"] = engine.num_gpus
+    engine_kwargs = {
+        "max_model_len": engine.max_model_len,
+        "dtype": engine.dtype,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "enforce_eager": engine.enforce_eager,
+        **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
+        **engine.engine_kwargs,
+    }
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": source},
+        engine_kwargs=engine_kwargs,
+        # One bundle per tensor/pipeline-parallel worker; ray.serve.llm replicates it tp*pp times.
+        placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
+        deployment_config={
+            "autoscaling_config": {
+                "min_replicas": serve.min_replicas,
+                "max_replicas": serve.max_replicas,
+                "target_ongoing_requests": serve.target_ongoing_requests,
+            }
+        },
+    )
+
+
+def model_app(plan: ServePlan):
+    """The OpenAI-compatible application for `plan` (not yet running)."""
+    from ray.serve.llm import build_openai_app
+
+    return build_openai_app(
+        {
+            "llm_configs": [llm_config(mid, src, plan.engine, plan.serve) for mid, src in plan.models.items()],
+            "ingress_cls_config": {
+                "ingress_cls": "serving.ingress:CappedIngress",
+                "ingress_extra_kwargs": {"max_tokens": plan.max_tokens, "max_body_bytes": plan.serve.max_body_bytes},
+            },
+            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": plan.serve.ingress_num_cpus}},
+        }
+    )
+
+
+class ModelAppArgs(BaseModel):
+    """Arguments of `build_app` (the `args` of a serveConfigV2 application): a run config (with
+    `set` overrides) whose `<run_dir>/model` is served, or a `model_dir` (with `set`: serve.* keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None
+    set: list[str] = Field(default_factory=list)
+    model_dir: str | None = None
+    base_model: str | None = None  # with model_dir: served beside it for A/B
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelAppArgs":
+        if (self.config is None) == (self.model_dir is None):
+            raise ValueError("give exactly one of `config` (a run config) or `model_dir`")
+        if self.config is not None and self.base_model is not None:
+            raise ValueError("with `config`, A/B serves the config's target: set serve.base_model_id in `set`")
+        return self
+
+
+def plan_from_args(args: dict | None) -> ServePlan:
+    try:
+        a = ModelAppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ServeError(_fields("serving.model:build_app args", exc)) from None
+    if a.config is not None:
+        return plan_from_config(load_config(a.config, a.set))
+    return plan_from_model_dir(a.model_dir, a.base_model, a.set)
+
+
+def build_app(args: dict):
+    """serveConfigV2 / `serve run` entry point: `serving.model:build_app`."""
+    return model_app(plan_from_args(args))
+
+
+def describe(plan: ServePlan) -> list[str]:
+    """One line per served model, for the command line."""
+    e = plan.engine
+    where = f"{e.num_gpus:g} GPU" if e.num_gpus else f"{e.num_cpus:g} CPU"
+    return [
+        f"model {mid!r}: {src} (engine bundles {e.bundles_per_replica} x {where} per replica, "
+        f"replicas {plan.serve.min_replicas}..{plan.serve.max_replicas}, max_tokens <= {plan.max_tokens})"
+        for mid, src in plan.models.items()
+    ]
