@@ -89,12 +89,21 @@ def normalize(raw: dict, cfg, split: str, index: int) -> dict:
     reference = raw.get(cols["reference"])
     if isinstance(reference, bool) or reference is None:
         raise ValueError(f"missing or empty {cols['reference']!r}")
-    choices = _choices(raw.get(cols["choices"]))
+    raw_choices = raw.get(cols["choices"])
+    choices = _choices(raw_choices)
     if isinstance(reference, int) and cfg.kind == "choice":  # MMLU: index of the right option
-        if not 0 <= reference < len(LETTERS):
-            raise ValueError(f"answer index {reference} out of range")
+        if not 0 <= reference < len(choices or LETTERS):
+            raise ValueError(f"answer index {reference} out of range for {len(choices or LETTERS)} options")
         reference = LETTERS[reference]
     reference = str(reference)
+    if cfg.kind == "choice" and isinstance(raw_choices, dict) and raw_choices.get("label") is not None:
+        # ARC: the key names a label ("A".."E", or "1".."4" in some rows); prompts show letters.
+        labels = [str(x) for x in raw_choices["label"]]
+        if len(labels) != len(choices):
+            raise ValueError(f"{len(labels)} choice labels for {len(choices)} choice texts")
+        if reference.strip() not in labels:
+            raise ValueError(f"answer key {reference!r} is not one of the labels {labels}")
+        reference = LETTERS[labels.index(reference.strip())]
     if cfg.reference_after:
         if cfg.reference_after not in reference:
             raise ValueError(f"reference has no {cfg.reference_after!r} marker")

@@ -2,11 +2,15 @@
 
 Pure functions over pyarrow tables:
 - kto: (prompt, completion, label) per answer with a non-empty completion and no inference error,
-  label = the marker's verdict (TRL's unpaired-preference format).
+  label = the marker's verdict (TRL's unpaired-preference format). Optionally (`reference_rows`),
+  for items no competitor answered right, the reference answer stated in the prompt's
+  final-answer form as an extra desirable row, tagged competitor `reference`.
 - negatives: every wrong marked row, all columns (errors, empty and truncated answers included).
 - pairs: (prompt, chosen, rejected) for items with at least one right and one wrong answer,
   matched in (competitor, sample) order, as many pairs as the smaller side has.
-- stats: accuracy per competitor, agreement table, label balance, recommended KTO weights.
+- stats: accuracy per competitor with 95% intervals (Wilson; bootstrap over items), counts per
+  reason, the agreement table with McNemar's exact test and the paired difference, label balance,
+  recommended KTO weights.
 """
 
 from __future__ import annotations
@@ -17,12 +21,37 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.schemas import KTO, MARKED, NEGATIVES, PAIRS, REASONS, check
+from pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 # KTO paper (Ethayarajh et al., 2024, Sec. 4.2): keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
 KTO_RATIO_RANGE = (1.0, 4 / 3)
 
 
-def kto_table(marked: pa.Table) -> pa.Table:
+REFERENCE = "reference"  # the competitor name of reference-answer rows in datasets/kto
+# The reference answer, stated in the form the prompt templates ask for (pipeline.prompts).
+REFERENCE_FORMS = {
+    "numeric": " The answer is {reference}.",
+    "math": " The answer is $\\boxed{{{reference}}}$.",
+    "choice": " The answer is ({reference}).",
+    "exact": " The answer is {reference}.",
+}
+
+
+def reference_rows(marked: pa.Table) -> pa.Table:
+    """One desirable kto row per distinct prompt of every item that no answer got right."""
+    solved = set(marked.filter(marked["correct"])["id"].to_pylist())
+    seen, rows = set(), []
+    for row in marked.select(["id", "prompt", "reference", "kind"]).to_pylist():
+        if row["id"] in solved or (row["id"], row["prompt"]) in seen:
+            continue
+        seen.add((row["id"], row["prompt"]))
+        completion = REFERENCE_FORMS.get(row["kind"], " {reference}").format(reference=row["reference"])
+        rows.append({"prompt": row["prompt"], "completion": completion, "label": True, "id": row["id"],
+                     "competitor": REFERENCE, "sample": 0})
+    return pa.Table.from_pylist(rows, schema=KTO)
+
+
+def kto_table(marked: pa.Table, with_reference: bool = False) -> pa.Table:
     usable = pc.and_(pc.is_null(marked["error"]), pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(marked["completion"])), 0))
     rows = marked.filter(usable)
     out = pa.table(
@@ -35,7 +64,8 @@ def kto_table(marked: pa.Table) -> pa.Table:
             "sample": rows["sample"],
         }
     )
-    return check(out, KTO, "datasets/kto")
+    out = check(out, KTO, "datasets/kto")
+    return pa.concat_tables([out, reference_rows(marked)]) if with_reference else out
 
 
 def negatives_table(marked: pa.Table) -> pa.Table:
@@ -70,52 +100,89 @@ def recommended_weights(n_desirable: int, n_undesirable: int) -> dict | None:
     the paper's range; None when one label is absent (the ratio is undefined)."""
     if n_desirable == 0 or n_undesirable == 0:
         return None
+    desirable = round(n_undesirable / n_desirable * KTO_RATIO_RANGE[0], 4)
     return {
-        "desirable_weight": round(n_undesirable / n_desirable * KTO_RATIO_RANGE[0], 4),
+        "desirable_weight": desirable,
         "undesirable_weight": 1.0,
+        "ratio": round(desirable * n_desirable / n_undesirable, 4),
         "ratio_range": list(KTO_RATIO_RANGE),
     }
 
 
-def competitor_accuracy(marked: pa.Table) -> dict[str, dict]:
-    """Per competitor (or evaluated model): model, answers, correct, accuracy, counts per reason."""
+def _item_accuracy(rows: pa.Table) -> dict[str, float]:
+    """Per item: the share of its answers marked right (the unit the bootstrap resamples)."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    for item, ok in zip(rows["id"].to_pylist(), rows["correct"].to_pylist()):
+        right[item].append(bool(ok))
+    return {item: sum(v) / len(v) for item, v in right.items()}
+
+
+def competitor_accuracy(marked: pa.Table, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per competitor (or evaluated model): model, answers, correct, accuracy with 95% intervals
+    (Wilson over answers; bootstrap over items), items, counts per reason."""
     per: dict[str, dict] = {}
     for name in sorted(set(marked["competitor"].to_pylist())):
         rows = marked.filter(pc.equal(marked["competitor"], name))
         n, right = rows.num_rows, int(pc.sum(rows["correct"]).as_py() or 0)
         reasons = Counter(rows["reason"].to_pylist())
+        items = _item_accuracy(rows)
+        lo, hi = wilson_interval(right, n)
+        blo, bhi = bootstrap_ci(list(items.values()), n_boot, seed) if items else (0.0, 1.0)
         per[name] = {
             "model": rows["model"][0].as_py(),
             "answers": n,
             "correct": right,
             "accuracy": right / n if n else 0.0,
+            "ci95_wilson": [lo, hi],
+            "items": len(items),
+            "ci95_bootstrap_items": [blo, bhi],
             "reasons": {r: reasons.get(r, 0) for r in REASONS},
         }
     return per
 
 
-def stats(marked: pa.Table, kto: pa.Table) -> dict:
-    per = competitor_accuracy(marked)
-    verdicts = {(r["id"], r["sample"], r["competitor"]): r["correct"] for r in marked.select(["id", "sample", "competitor", "correct"]).to_pylist()}
-    agreement = Counter()
+def agreement_table(marked: pa.Table, first: str = "large", second: str = "small", n_boot: int = 2000, seed: int = 0) -> dict:
+    """Both right / only `first` / only `second` / both wrong over (item, sample) pairs answered by
+    both, McNemar's exact p on the discordant pairs, and the paired accuracy difference
+    (first - second) with its bootstrap interval over items."""
+    verdicts = {(r["id"], r["sample"], r["competitor"]): bool(r["correct"]) for r in marked.select(["id", "sample", "competitor", "correct"]).to_pylist()}
+    names = {(True, True): "both_right", (True, False): f"{first}_only", (False, True): f"{second}_only", (False, False): "both_wrong"}
+    counts = Counter()
+    per_item: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for (item, sample, comp), ok in verdicts.items():
-        if comp != "large" or (item, sample, "small") not in verdicts:
+        if comp != first or (item, sample, second) not in verdicts:
             continue
-        other = verdicts[(item, sample, "small")]
-        agreement[{(True, True): "both_right", (True, False): "large_only", (False, True): "small_only", (False, False): "both_wrong"}[(ok, other)]] += 1
+        other = verdicts[(item, sample, second)]
+        counts[names[(ok, other)]] += 1
+        per_item[item].append((ok, other))
+    out = {k: counts.get(k, 0) for k in names.values()}
+    out["mcnemar_p"] = mcnemar_exact(out[f"{first}_only"], out[f"{second}_only"])
+    if per_item:
+        a = [sum(x for x, _ in v) / len(v) for v in per_item.values()]
+        b = [sum(y for _, y in v) / len(v) for v in per_item.values()]
+        out["accuracy_diff"] = paired_bootstrap_diff(a, b, n_boot, seed)
+    return out
+
+
+def stats(marked: pa.Table, kto: pa.Table, seed: int = 0) -> dict:
+    per = competitor_accuracy(marked, seed=seed)
     n_d = int(pc.sum(kto["label"]).as_py() or 0)
     n_u = kto.num_rows - n_d
+    reasons = Counter(marked["reason"].to_pylist())
+    n_reference = kto.filter(pc.equal(kto["competitor"], REFERENCE)).num_rows
     return {
         "competitors": per,
-        "agreement": {k: agreement.get(k, 0) for k in ("both_right", "large_only", "small_only", "both_wrong")},
-        "labels": {"desirable": n_d, "undesirable": n_u, "total": kto.num_rows},
-        "excluded_from_kto": marked.num_rows - kto.num_rows,
+        "agreement": agreement_table(marked, seed=seed),
+        "reasons": {r: reasons.get(r, 0) for r in REASONS},
+        "labels": {"desirable": n_d, "undesirable": n_u, "total": kto.num_rows,
+                   "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0, "reference_rows": n_reference},
+        "excluded_from_kto": marked.num_rows - (kto.num_rows - n_reference),
         "recommended_kto_weights": recommended_weights(n_d, n_u),
     }
 
 
-def build_datasets(marked: pa.Table) -> dict:
+def build_datasets(marked: pa.Table, with_reference: bool = False, seed: int = 0) -> dict:
     """marked rows -> {"kto", "negatives", "pairs": tables, "stats": dict}."""
     marked = check(marked, MARKED, "marked")
-    kto = kto_table(marked)
-    return {"kto": kto, "negatives": negatives_table(marked), "pairs": pairs_table(marked), "stats": stats(marked, kto)}
+    kto = kto_table(marked, with_reference)
+    return {"kto": kto, "negatives": negatives_table(marked), "pairs": pairs_table(marked), "stats": stats(marked, kto, seed)}

@@ -1,6 +1,7 @@
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -89,3 +90,84 @@ def test_math500_format(tmp_path):
     # The same file as both splits: the second copy of the id is quarantined, not silently dropped.
     assert items.to_pylist()[0]["reference"] == "\\frac{3}{4}" and items["kind"][0].as_py() == "math"
     assert quarantine.num_rows == 1 and "duplicate id" in quarantine["reason"][0].as_py()
+
+
+# --- the real datasets' formats, from small fixture files in tests/data (JSONL and Parquet) ---------
+DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
+FORMATS = {
+    # name: (kind, train file, eval file, column mapping, reference_after, expected eval references)
+    "gsm8k": ("numeric", "gsm8k_train", "gsm8k_test", {"reference": "answer"}, "####", ["18", "3"]),
+    "math500": ("math", "math_train", "math500_test", {"id": "unique_id", "question": "problem", "reference": "answer"}, None,
+                ["\\frac{3}{4}", "1, 2", "(-\\infty,3]"]),
+    "arc": ("choice", "arc_train", "arc_test", {"reference": "answerKey"}, None, ["A", "A", "A"]),
+    "mmlu": ("choice", "mmlu_train", "mmlu_test", {"reference": "answer"}, None, ["B", "C"]),
+}
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_real_dataset_formats_load_train_from_train_and_eval_from_test(name, ext):
+    kind, train, test, columns, after, refs = FORMATS[name]
+    cfg = BenchmarkConfig(source=ext, kind=kind, name=name, path=str(DATA), columns=columns, reference_after=after,
+                          splits={"train": str(DATA / f"{train}.{ext}"), "eval": str(DATA / f"{test}.{ext}")})
+    items, quarantine = load_items(cfg, seed=0)
+    assert quarantine.num_rows == 0, quarantine.to_pylist()
+    evaluation = items.filter(pc.equal(items["split"], "eval"))
+    assert evaluation["reference"].to_pylist() == refs
+    train_questions = set(items.filter(pc.equal(items["split"], "train"))["question"].to_pylist())
+    assert train_questions and not train_questions & set(evaluation["question"].to_pylist())
+    assert set(items["kind"].to_pylist()) == {kind}
+
+
+def test_gsm8k_reference_is_the_number_after_the_marker():
+    cfg = BenchmarkConfig(source="jsonl", name="gsm8k", path=str(DATA), columns={"reference": "answer"}, reference_after="####",
+                          splits={"train": str(DATA / "gsm8k_train.jsonl"), "eval": str(DATA / "gsm8k_test.jsonl")})
+    items, _ = load_items(cfg, seed=0)
+    assert items["reference"].to_pylist()[:3] == ["72", "10", "1,450"]
+
+
+def test_arc_digit_labels_and_five_options_map_to_letters():
+    cfg = BenchmarkConfig(source="parquet", kind="choice", name="arc", path=str(DATA), columns={"reference": "answerKey"},
+                          splits={"train": str(DATA / "arc_train.parquet"), "eval": str(DATA / "arc_test.parquet")})
+    items = {r["id"]: r for r in load_items(cfg, seed=0)[0].to_pylist()}
+    assert items["NYSEDREGENTS_2015_4_1"]["reference"] == "B"  # answerKey "2" of labels 1-4
+    assert items["MCAS_2000_4_6"]["choices"][0] == "cellular telephone" and items["MCAS_2000_4_6"]["reference"] == "A"
+    assert len(items["ACTAAP_2007_7_13"]["choices"]) == 5
+
+
+def test_arc_key_not_among_labels_is_quarantined(tmp_path):
+    path = tmp_path / "arc.jsonl"
+    path.write_text(json.dumps({"id": "x", "question": "q", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "C"}) + "\n")
+    cfg = BenchmarkConfig(source="jsonl", kind="choice", path=str(path), columns={"reference": "answerKey"},
+                          splits={"train": str(path), "eval": str(path)})
+    items, quarantine = load_items(cfg, seed=0)
+    assert items.num_rows == 0 and "answer key 'C' is not one of the labels ['1', '2']" in quarantine["reason"][0].as_py()
+
+
+def test_mmlu_answer_index_out_of_range_is_quarantined(tmp_path):
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 4}) + "\n")
+    cfg = BenchmarkConfig(source="jsonl", kind="choice", path=str(path), columns={"reference": "answer"},
+                          splits={"train": str(path), "eval": str(path)})
+    _, quarantine = load_items(cfg, seed=0)
+    assert "answer index 4 out of range for 4 options" in quarantine["reason"][0].as_py()
+
+
+def test_huggingface_loader_reads_the_hub_layout_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = BenchmarkConfig(source="huggingface", name="gsm8k", path=str(DATA / "hf_gsm8k"), subset="main",
+                          columns={"reference": "answer"}, reference_after="####")
+    items, quarantine = load_items(cfg, seed=0)
+    assert quarantine.num_rows == 0
+    assert items.filter(pc.equal(items["split"], "eval"))["reference"].to_pylist() == ["18", "3"]
+    assert items.filter(pc.equal(items["split"], "train")).num_rows == 3
+
+
+def test_parquet_fixtures_are_the_jsonl_fixtures():
+    import pyarrow.json as pj
+
+    for path in sorted(DATA.glob("*.jsonl")):
+        if path.name == "gsm8k_answers.jsonl":
+            continue
+        assert pq.read_table(path.with_suffix(".parquet")).equals(pj.read_json(path)), path.name

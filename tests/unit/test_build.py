@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.build import build_datasets, recommended_weights
 from pipeline.schemas import KTO, MARKED, PAIRS
@@ -32,13 +33,41 @@ def test_datasets_from_marked_rows():
     ]
     assert stats["competitors"]["large"]["accuracy"] == 2 / 3
     assert stats["competitors"]["small"]["reasons"]["mismatch"] == 2
-    assert stats["agreement"] == {"both_right": 1, "large_only": 1, "small_only": 0, "both_wrong": 1}
-    assert stats["labels"] == {"desirable": 3, "undesirable": 2, "total": 5}
+    agreement = stats["agreement"]
+    assert {k: agreement[k] for k in ("both_right", "large_only", "small_only", "both_wrong")} == {
+        "both_right": 1, "large_only": 1, "small_only": 0, "both_wrong": 1}
+    assert agreement["mcnemar_p"] == 1.0  # one discordant pair: p = 2 * 1/2
+    assert agreement["accuracy_diff"]["diff"] == 1 / 3
+    assert stats["labels"] == {"desirable": 3, "undesirable": 2, "total": 5, "desirable_fraction": 0.6, "reference_rows": 0}
     assert stats["excluded_from_kto"] == 1
+    assert stats["reasons"]["error"] == 0 and stats["reasons"]["match"] == 3 and stats["reasons"]["mismatch"] == 3
+    lo, hi = stats["competitors"]["large"]["ci95_wilson"]
+    assert lo < 2 / 3 < hi
+    assert stats["competitors"]["large"]["items"] == 3
 
 
 def test_recommended_weights_put_ratio_in_paper_range():
     w = recommended_weights(n_desirable=100, n_undesirable=300)
     ratio = w["desirable_weight"] * 100 / (w["undesirable_weight"] * 300)
-    assert 1.0 <= ratio <= 4 / 3
+    assert 1.0 <= ratio <= 4 / 3 and w["ratio"] == round(ratio, 4)
     assert recommended_weights(0, 10) is None
+
+
+def test_reference_rows_only_for_items_nobody_got_right_and_only_when_asked():
+    rows = [
+        _row("a", "large", 0, True, "right a"),
+        _row("a", "small", 0, False, "wrong a"),
+        _row("c", "large", 0, False, "wrong c"),
+        _row("c", "small", 0, False, "wrong c2"),
+        _row("c", "small", 1, False, "", error="engine died"),
+    ]
+    marked = pa.Table.from_pylist(rows, schema=MARKED)
+    assert "reference" not in build_datasets(marked)["kto"]["competitor"].to_pylist()
+    out = build_datasets(marked, with_reference=True)
+    ref = out["kto"].filter(pc.equal(out["kto"]["competitor"], "reference")).to_pylist()
+    # One row for item c (one distinct prompt), none for a; the reference stated in the prompt's form.
+    assert ref == [{"prompt": "Pc", "completion": " The answer is 1.", "label": True, "id": "c", "competitor": "reference", "sample": 0}]
+    assert out["stats"]["labels"]["reference_rows"] == 1 and out["stats"]["labels"]["desirable"] == 2
+    # The reference row is not an answer: it is not counted as one more answer excluded or included.
+    assert out["stats"]["excluded_from_kto"] == 1
+    assert "reference" not in out["stats"]["competitors"]

@@ -1,0 +1,319 @@
+"""The marker's speed and memory benchmark (`lossaverse bench mark`): rows/s per kind on one core.
+
+`bench_mark` generates realistic `answers` rows per kind (`generate_answers_table`: the forms models
+really use, right and wrong, empty, cut and failed rows, in fixed proportions, deterministic by
+seed), marks them with `pipeline.mark.mark_table` in streamed batches, and measures in the same run
+math-verify's `parse` + `verify` on a subset of the same `numeric` rows as the baseline, with the
+agreement of the two verdicts on the rows both decide. Peak RSS is taken in a fresh process per row
+count, so a flat figure shows memory does not grow with the number of rows.
+
+    python -m pipeline.markbench --rows 100000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import pyarrow as pa
+
+from pipeline.schemas import ANSWERS
+
+NAMES = ["Janet", "Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina"]
+THINGS = ["clips", "eggs", "pages", "letters", "pizzas", "cookies", "marbles", "dollars", "apples", "miles"]
+MATH_ANSWERS = [
+    ("\\frac{3}{4}", ["\\frac{3}{4}", "\\dfrac{3}{4}", "0.75", "\\frac{6}{8}"], ["\\frac{4}{3}", "\\frac{1}{4}"]),
+    ("2\\sqrt{5}", ["2\\sqrt{5}", "2 \\sqrt{5}"], ["\\sqrt{5}", "5\\sqrt{2}"]),
+    ("16\\pi", ["16\\pi", "16 \\pi"], ["8\\pi", "32\\pi"]),
+    ("x^2+2x+1", ["x^2+2x+1", "x^2 + 2x + 1"], ["x^2+1", "x^2-2x+1"]),
+    ("(-\\infty,3]", ["(-\\infty, 3]", "(-\\infty,3]"], ["(-\\infty,3)", "[3,\\infty)"]),
+    ("\\text{Tuesday}", ["\\text{Tuesday}", "\\text{ Tuesday}"], ["\\text{Monday}"]),
+]
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima")]
+
+
+def _numeric(rng: random.Random) -> tuple[str, str, str, str | None]:
+    """(completion, reference, finish_reason, error) in GSM8K's style."""
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    ref = a * b + rng.randint(0, 9) * 1000 * (rng.random() < 0.1)
+    value = ref if rng.random() < 0.6 else ref + rng.choice([-10, -1, 1, 2, 10])
+    work = f"{name} has {a} boxes with {b} {thing} each. So {name} has {a} * {b} = {a * b} {thing}."
+    shown = f"{value:,}" if value >= 1000 and rng.random() < 0.5 else str(value)
+    style = rng.random()
+    if style < 0.40:
+        text = f"{work} The answer is {shown}."
+    elif style < 0.55:
+        text = f"{work}\n#### {shown}"
+    elif style < 0.72:
+        text = f"{name} has {a} boxes with {b} {thing} each.\n{a} * {b} = {shown}"
+    elif style < 0.77:
+        text = f"{work} In total {name} has {shown} {thing} left."
+    elif style < 0.81:
+        text = f"{work} So the answer is $\\boxed{{{shown}}}$."
+    elif style < 0.84:
+        text = f"{work} The answer is ${shown}.00."
+    elif style < 0.88:
+        return f"{name} has {a} boxes with {b} {thing}", str(ref), "length", None
+    elif style < 0.91:
+        return "", str(ref), "stop", None
+    elif style < 0.93:
+        return "", str(ref), "error", "engine error: out of KV cache"
+    elif style < 0.96:
+        text = f"Question: {name} has {a} boxes with {b} {thing} each. How many?\nAnswer: {a} * {b} = {shown}. The answer is {shown}."
+    else:
+        text = f"{work} The answer is {shown}.\n\nQuestion: {rng.choice(NAMES)} has {b} {thing}. How many?\nAnswer: The answer is {b}."
+    return text, str(ref), "stop", None
+
+
+def _math_hard(rng: random.Random) -> tuple[str, str]:
+    """(reference, answer) equal only symbolically: these rows need math-verify. Drawn at random so
+    math-verify's parse caches do not make repeats cheaper than a real run."""
+    k, m = rng.randint(2, 60), rng.choice([2, 3, 5, 6, 7, 10, 11])
+    if rng.random() < 0.5:
+        return f"{k}\\sqrt{{{m}}}", f"\\sqrt{{{k * k * m}}}"
+    return f"x^2+{2 * k}x+{k * k}", f"(x+{k})^2"
+
+
+def _math(rng: random.Random) -> tuple[str, str, str, str | None]:
+    if rng.random() < 0.02:
+        ref, said = _math_hard(rng)
+        return f"Simplifying, we get $\\boxed{{{said}}}$.", ref, "stop", None
+    ref, right, wrong = rng.choice(MATH_ANSWERS)
+    said = rng.choice(right if rng.random() < 0.6 else wrong)
+    style = rng.random()
+    if style < 0.6:
+        return f"Working through the algebra carefully, the result is $\\boxed{{{said}}}$.", ref, "stop", None
+    if style < 0.85:
+        return f"So the final answer is ${said}$.", ref, "stop", None
+    if style < 0.92:
+        return "Let us expand the expression and collect", ref, "length", None
+    return "", ref, "stop", None
+
+
+def _choice(rng: random.Random) -> tuple[str, str, str, str | None, list]:
+    options = ["0", "4", "2", "6"]
+    key = rng.choice("ABCD")
+    said = key if rng.random() < 0.5 else rng.choice("ABCD")
+    style = rng.random()
+    if style < 0.4:
+        text = f"The answer is ({said})."
+    elif style < 0.6:
+        text = said
+    elif style < 0.75:
+        text = f"I think {said}"
+    elif style < 0.85:
+        text = f"Answer: {said}. The others do not fit."
+    elif style < 0.9:
+        text = "A or C"
+    elif style < 0.95:
+        return "", key, "stop", None, options
+    else:
+        text = "Let us consider each option in"
+        return text, key, "length", None, options
+    return text, key, "stop", None, options
+
+
+def _exact(rng: random.Random) -> tuple[str, str, str, str | None]:
+    country, city = rng.choice(CAPITALS)
+    said = city if rng.random() < 0.6 else rng.choice(CAPITALS)[1]
+    style = rng.random()
+    if style < 0.5:
+        return f"The capital of {country} is well known. The answer is {said}.", city, "stop", None
+    if style < 0.8:
+        return said, city, "stop", None
+    if style < 0.9:
+        return f"Answer: {said.lower()}", city, "stop", None
+    return "", city, "stop", None
+
+
+def generate_answers_table(kind: str, rows: int, seed: int = 0) -> pa.Table:
+    """`rows` generated answers rows of one kind, following the answers contract."""
+    rng = random.Random(f"markbench-{kind}-{seed}")
+    cols: dict[str, list] = {name: [] for name in ANSWERS.names}
+    for i in range(rows):
+        choices = None
+        if kind == "numeric":
+            comp, ref, finish, error = _numeric(rng)
+        elif kind == "math":
+            comp, ref, finish, error = _math(rng)
+        elif kind == "choice":
+            comp, ref, finish, error, choices = _choice(rng)
+        elif kind == "exact":
+            comp, ref, finish, error = _exact(rng)
+        else:
+            raise ValueError(f"unknown kind {kind!r}; valid: ['choice', 'exact', 'math', 'numeric']")
+        row = {"id": f"{kind}-{i}", "question": "q", "reference": ref, "kind": kind, "choices": choices, "split": "train",
+               "source": "markbench", "competitor": "large" if i % 2 else "small", "model": "generated", "sample": 0,
+               "prompt": "p", "completion": comp, "finish_reason": finish, "completion_tokens": len(comp) // 4, "error": error}
+        for name in ANSWERS.names:
+            cols[name].append(row[name])
+    return pa.table(cols, schema=ANSWERS)
+
+
+@contextmanager
+def one_core():
+    """Pin this process (and Arrow's thread pool) to one CPU while measuring."""
+    before_cpus = pa.cpu_count()
+    before_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    pa.set_cpu_count(1)
+    if before_affinity:
+        os.sched_setaffinity(0, {min(before_affinity)})
+    try:
+        yield
+    finally:
+        pa.set_cpu_count(before_cpus)
+        if before_affinity:
+            os.sched_setaffinity(0, before_affinity)
+
+
+def _batches(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    for start in range(0, table.num_rows, batch_size):
+        yield table.slice(start, batch_size)
+
+
+def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) -> dict:
+    from pipeline.mark import mark_table
+
+    mark_table(table.slice(0, min(batch_size, table.num_rows)), timeout_s)  # warm-up (imports, regex caches)
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        for batch in _batches(table, batch_size):
+            mark_table(batch, timeout_s)
+        rates.append(table.num_rows / (time.perf_counter() - start))
+        cpu_rates.append(table.num_rows / (time.process_time() - cpu))
+    return {"rows": table.num_rows, "rows_per_s": _spread(rates), "rows_per_cpu_s": _spread(cpu_rates)}
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
+    """The same rules as a plain per-row Python loop (`grade_row`), without the vectorised path."""
+    from pipeline.mark import grade_row
+
+    names = ["completion", "reference", "kind", "choices", "finish_reason", "error", "question"]
+    cols = table.select(names).to_pydict()
+    start, cpu = time.perf_counter(), time.process_time()
+    for c, r, k, ch, f, e, q in zip(*(cols[n] for n in names)):
+        grade_row(c, r, k, ch, f, e, timeout_s, q)
+    return {"rows": table.num_rows, "rows_per_s": {"median": table.num_rows / (time.perf_counter() - start)},
+            "rows_per_cpu_s": {"median": table.num_rows / (time.process_time() - cpu)}}
+
+
+def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
+    """math-verify `parse(completion)` + `verify(parse(reference), ...)` on the rows of `table`,
+    and the agreement with our verdicts (`ours`, the marked rows) on rows both decide: rows with a
+    completion and no error that math-verify parsed and we marked `match` / `mismatch`."""
+    from math_verify import parse, verify
+
+    from pipeline.mark import cut_new_turn
+
+    comps, refs = table["completion"].to_pylist(), table["reference"].to_pylist()
+    errors = table["error"].to_pylist()
+    for comp, ref in list(zip(comps, refs))[:20]:  # warm-up: math-verify's first calls load its grammars
+        verify(parse(f"${ref}$"), parse(comp or "0"))
+    verdicts = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for comp, ref, err in zip(comps, refs, errors):
+        if err or not comp:
+            verdicts.append(None)
+            continue
+        answer = parse(comp)
+        verdicts.append(bool(verify(parse(f"${ref}$"), answer)) if answer else None)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    both = agree = new_turn = 0
+    examples = []
+    for mv, correct, reason, comp, ref in zip(verdicts, ours["correct"].to_pylist(), ours["reason"].to_pylist(), comps, refs):
+        if mv is None or reason not in ("match", "mismatch"):
+            continue
+        both += 1
+        if mv == correct:
+            agree += 1
+            continue
+        # By design: math-verify reads the answer to a question the model went on to write itself.
+        new_turn += cut_new_turn(comp) != comp.lstrip()
+        if len(examples) < 5:
+            examples.append({"completion": comp[-200:], "reference": ref, "math_verify": mv, "rules": correct})
+    return {"name": "math-verify parse + verify", "rows": table.num_rows, "rows_per_s": {"median": table.num_rows / seconds},
+            "rows_per_cpu_s": {"median": table.num_rows / cpu_seconds}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
+
+
+def _rss_child(kind: str, rows: int, seed: int, batch_size: int, queue) -> None:
+    from pipeline.mark import mark_table
+
+    done = 0
+    while done < rows:  # generate and mark batch by batch: nothing is kept between batches
+        n = min(batch_size, rows - done)
+        mark_table(generate_answers_table(kind, n, seed + done))
+        done += n
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_rss(kind: str, rows: int, seed: int = 0, batch_size: int = 8192) -> int:
+    """Peak RSS in bytes of a fresh process that generates and marks `rows` rows in batches."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_rss_child, args=(kind, rows, seed, batch_size, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join()
+    return result
+
+
+def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("numeric", "math", "choice", "exact"),
+               baseline_rows: int = 2_000, batch_size: int = 8192, timeout_s: int = 5, math_rows: int = 10_000,
+               rss: bool = True) -> dict:
+    """The marker's figures on one core, all measured in this one run.
+
+    kinds.<kind>.rows_per_s: median / min / max over `repeats` timed passes (a warm-up batch first,
+    not timed), and the same per CPU-second (`rows_per_cpu_s`, robust to other load on the machine);
+    `math` rows are capped at `math_rows` (2% of them need math-verify's symbolic check).
+    baseline: math-verify's parse + verify on the first `baseline_rows` numeric rows, and on those
+    rows the agreement of its verdicts with ours where both decide; `ratio` = numeric median /
+    baseline median. row_rules: the same rules as a plain per-row loop. peak_rss_bytes: a fresh
+    process marking rows/10 and rows numeric rows in streamed batches (flat = memory does not grow).
+    """
+    from pipeline.mark import mark_table
+
+    out: dict = {"rows": rows, "repeats": repeats, "seed": seed, "batch_size": batch_size, "kinds": {}}
+    with one_core():
+        for kind in kinds:
+            n = min(rows, math_rows) if kind == "math" else rows
+            out["kinds"][kind] = _rows_per_s(generate_answers_table(kind, n, seed), batch_size, repeats, timeout_s)
+        subset = generate_answers_table("numeric", min(baseline_rows, rows), seed)
+        out["baseline"] = math_verify_baseline(subset, mark_table(subset, timeout_s))
+        out["row_rules"] = row_rules_rate(generate_answers_table("numeric", min(rows, 20_000), seed), timeout_s)
+    if "numeric" in out["kinds"]:
+        numeric = out["kinds"]["numeric"]
+        out["ratio"] = numeric["rows_per_s"]["median"] / out["baseline"]["rows_per_s"]["median"]
+        out["ratio_cpu"] = numeric["rows_per_cpu_s"]["median"] / out["baseline"]["rows_per_cpu_s"]["median"]
+        out["ratio_vs_row_rules"] = numeric["rows_per_s"]["median"] / out["row_rules"]["rows_per_s"]["median"]
+    if rss:
+        small = max(1, rows // 10)
+        out["peak_rss_bytes"] = {small: peak_rss("numeric", small, seed, batch_size), rows: peak_rss("numeric", rows, seed, batch_size)}
+        out["peak_rss_growth_mib"] = (out["peak_rss_bytes"][rows] - out["peak_rss_bytes"][small]) / 2**20
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Benchmark the exam marker")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline-rows", type=int, default=2_000)
+    parser.add_argument("--kinds", default="numeric,math,choice,exact")
+    args = parser.parse_args()
+    result = bench_mark(args.rows, args.repeats, args.seed, tuple(args.kinds.split(",")), baseline_rows=args.baseline_rows)
+    print(json.dumps(result, indent=2, default=str))
