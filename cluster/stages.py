@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from cluster.config import RunConfig
+from cluster.config import ConfigError, RunConfig
 from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
-from pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, check_schema
+from pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
 
 
 # Where stages print progress lines (the CLI's console; `print` by default).
@@ -145,8 +145,9 @@ def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
     }
 
 
-def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
-    """The mark stage as a Ray Data job: Parquet answers -> Parquet marked rows."""
+def mark_parquet(src: Path, dst: Path, batch_size: int, mark=None) -> int:
+    """The mark stage as a Ray Data job: Parquet answers -> Parquet marked rows. `mark` (a
+    MarkConfig) adds math-verify's timeout and the optional supervisory LLM."""
     import ray.data
 
     from pipeline.mark import mark_dataset
@@ -154,36 +155,37 @@ def mark_parquet(src: Path, dst: Path, batch_size: int) -> int:
     tmp = dst.with_name(f"{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds = ray.data.read_parquet(str(src.resolve()))
-    mark_dataset(ds, batch_size).write_parquet(str(tmp.resolve()))
+    timeout_s, judge = (mark.math_timeout_s, mark.judge) if mark is not None else (5, None)
+    mark_dataset(ds, batch_size, timeout_s, judge).write_parquet(str(tmp.resolve()))
     replace_dir(tmp, dst)
     return pads.dataset(dst, format="parquet").count_rows()
 
 
 def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
     src = _need(run_dir, "answers", "generate")
-    return mark_answers(src, run_dir / "marked", cfg.mark.batch_size)
+    return mark_answers(src, run_dir / "marked", cfg.mark.batch_size, cfg.mark)
 
 
-def mark_answers(src: Path, dst: Path, batch_size: int) -> dict:
+def mark_answers(src: Path, dst: Path, batch_size: int, mark=None) -> dict:
     """Mark any Parquet file or folder that follows the answers contract; rows in == rows out."""
     answers = pads.dataset(src, format="parquet")  # metadata only: the rows stream through Ray
     check_schema(answers.schema, ANSWERS, f"answers at {src}")
     rows_in = answers.count_rows()
-    rows = mark_parquet(src, dst, batch_size)
+    rows = mark_parquet(src, dst, batch_size, mark)
     if rows != rows_in:
         raise StageError(f"mark lost rows: {rows_in} answers in, {rows} marked rows out")
     return {"rows": rows}
 
 
 def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
-    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets")
+    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows, cfg.seed)
 
 
-def build_dataset_dir(marked_dir: Path, out: Path) -> dict:
+def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False, seed: int = 0) -> dict:
     """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole."""
     from pipeline.build import build_datasets
 
-    built = build_datasets(read_table(marked_dir, MARKED))
+    built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed)
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ("kto", "negatives", "pairs"):
@@ -194,34 +196,42 @@ def build_dataset_dir(marked_dir: Path, out: Path) -> dict:
 
 
 def run_train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Train the target with `train.method` (kto, dpo or sft) on datasets/; checks run before Ray Train starts."""
     from pipeline.tinymodels import resolve_model
-    from training.kto import train_kto
+    from training.train import console_line, train_model
+    from training.validate import target_parameters
 
-    kto = read_table(_need(run_dir, "datasets/kto", "mark"), KTO)
-    n_d = int(pc.sum(kto["label"]).as_py() or 0)
-    if n_d == 0 or n_d == kto.num_rows:
-        raise StageError(
-            f"datasets/kto has only {'undesirable' if n_d == 0 else 'desirable'} rows ({kto.num_rows}); "
-            "KTO here needs both labels: generate more samples or use stronger/weaker competitors"
+    datasets = _need(run_dir, "datasets", "mark")
+    model = resolve_model(cfg.target.path)
+    report = REPORT.get()  # taken here: on_log runs on the thread that follows the metrics file
+
+    def on_log(entry: dict) -> None:
+        if line := console_line(entry):
+            report(line)
+
+    try:
+        result = train_model(
+            cfg.train, model, datasets, run_dir / "model", run_dir / "checkpoints", cfg.seed,
+            params=target_parameters(model, cfg.train, cfg.target.params),
+            fingerprint=stage_fingerprints(cfg)["train"], resume=cfg.train.resume, on_log=on_log,
         )
-    world = cfg.train.num_workers * cfg.train.per_device_batch_size
-    if kto.num_rows < world:
-        raise StageError(f"datasets/kto has {kto.num_rows} rows, fewer than one global batch ({world})")
-    result = train_kto(
-        run_dir / "datasets" / "kto",
-        resolve_model(cfg.target.path),
-        run_dir / "model",
-        cfg.train,
-        cfg.seed,
-        run_dir / "checkpoints",
-    )
+    except ConfigError:
+        raise
+    except BaseException:  # Ctrl-C, failed workers: the checkpoints stay for --resume
+        if any((run_dir / "checkpoints" / "ray_train").glob("checkpoint_*/")):
+            report("training stopped; continue it from its last checkpoint with `lossaverse train CONFIG --resume`")
+        raise
     write_json(result["history"], run_dir / "checkpoints" / "metrics.json")
-    return {"steps": result["steps"], "train_loss": result["train_loss"], "desirable": n_d, "undesirable": kto.num_rows - n_d}
+    return result
 
 
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
-    from pipeline.build import competitor_accuracy
+    """The target before and after training on the eval split; eval/results.json holds accuracy,
+    items and a 95% CI per model and each pair's paired difference and McNemar p (pipeline.evalstats);
+    report.md and its plots are rendered from the stored files."""
+    from pipeline.evalstats import evaluation_results, models_of
     from pipeline.generate import Competitor
+    from pipeline.report import render_report
     from pipeline.tinymodels import resolve_model
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "eval")
@@ -232,10 +242,14 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     # The trained model's files are part of what the answers depend on.
     fp = fingerprint(stage_fingerprints(cfg)["evaluate"], (model_dir / "config.json").stat().st_mtime_ns)
     generate_into(cfg, items, models, cfg.evaluate.sampling, run_dir / "eval" / "answers", fp)
-    mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size)
-    results = competitor_accuracy(read_table(run_dir / "eval" / "marked", MARKED))
+    mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size, cfg.mark)
+    marked = read_table(run_dir / "eval" / "marked", MARKED)
+    results = evaluation_results(marked, [m.name for m in models], seed=cfg.seed)
     write_json(results, run_dir / "eval" / "results.json")
-    return {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in results.items()}, "models": results}
+    report = render_report(run_dir)
+    models_out = models_of(results)
+    return {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in models_out.items()},
+            "models": models_out, "pairs": results["pairs"], "report": report["report"]}
 
 
 STAGES: list[Stage] = [

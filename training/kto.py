@@ -1,127 +1,77 @@
-"""KTO on Ray Train: one `train_func` per worker running TRL's `KTOTrainer` with DeepSpeed ZeRO.
+"""KTO's loss weights: lambda_D, lambda_U and the loss-aversion knob.
 
 KTO (Ethayarajh et al., ICML 2024, Eq. 8): with r(x, y) = log pi(y|x) / pi_ref(y|x) and the
-reference point z0 = KL(pi(y'|x) || pi_ref(y'|x)) estimated from mismatched prompt/completion
+reference point z0 = KL(pi(y'|x) || pi_ref(y'|x)), estimated from mismatched prompt/completion
 pairs of the same micro-batch,
 
     v(x, y) = lambda_D * sigmoid(beta * (r(x, y) - z0))   if y is desirable
               lambda_U * sigmoid(beta * (z0 - r(x, y)))   if y is undesirable
     L_KTO   = E[lambda_y - v(x, y)]
 
-TRL's trainer implements exactly this; we configure it (beta, desirable_weight = lambda_D,
-undesirable_weight = lambda_U) rather than re-implement it. Sharding is the trainer's distributed
-sampler only (no Ray dataset shards), so every rank runs the same number of steps.
+TRL 1.16's `KTOTrainer` implements exactly this (beta, desirable_weight = lambda_D,
+undesirable_weight = lambda_U; the mismatched pairs rotate completions by one inside each
+per-device batch), so the trainer is configured, not re-implemented. Its loss also works with one
+label only: a batch without desirable rows contributes only the undesirable term, so a
+negatives-only dataset trains the model away from the wrong answers.
+
+Prospect theory's loss aversion is lambda_U / lambda_D. The paper recommends
+lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] (Sec. 4.2), which `weights: auto` enforces from the
+label counts in datasets/stats.json.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
+from dataclasses import dataclass
 
-DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
+from pipeline.build import KTO_RATIO_RANGE
 
 
-def deepspeed_config(name: str) -> dict | None:
-    """A shipped DeepSpeed config by name (zero2, zero3, zero3_offload), or None for `none`."""
-    if name == "none":
+@dataclass(frozen=True)
+class KTOWeights:
+    desirable: float  # lambda_D
+    undesirable: float  # lambda_U
+    ratio: float | None  # lambda_D * n_D / (lambda_U * n_U); None with one label only
+
+    @property
+    def loss_aversion(self) -> float:
+        return self.undesirable / self.desirable
+
+
+def weight_ratio(desirable: float, undesirable: float, n_desirable: int, n_undesirable: int) -> float | None:
+    if n_desirable == 0 or n_undesirable == 0:
         return None
-    path = DEEPSPEED_DIR / f"{name}.json"
-    if not path.is_file():
-        valid = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")) + ["none"]
-        raise ValueError(f"unknown DeepSpeed config {name!r}; valid: {valid}")
-    return json.loads(path.read_text())
+    return desirable * n_desirable / (undesirable * n_undesirable)
 
 
-def train_func(config: dict) -> None:
-    """Runs on every Ray Train worker; everything it needs comes in `config`."""
-    import ray.train
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import KTOConfig, KTOTrainer
+def kto_weights(train, n_desirable: int, n_undesirable: int) -> KTOWeights:
+    """lambda_D and lambda_U from the config (`train`) and the label counts.
 
-    rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(1)
-    history: list[dict] = []
+    - `weights: fixed`: desirable_weight and undesirable_weight as given, or with `loss_aversion` set,
+      lambda_U = loss_aversion * lambda_D.
+    - `weights: auto`: lambda_U = 1 and lambda_D = n_U / n_D (ratio 1, the low end of the range), or
+      with `loss_aversion` set, lambda_D = 1 / loss_aversion, refused when that puts the ratio outside
+      [1, 4/3]. With one label only the ratio is undefined; the weights are 1 (or 1 / loss_aversion).
 
-    class History(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                history.append({"step": state.global_step, **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}})
-
-    train = Dataset.from_parquet(config["data"]).select_columns(["prompt", "completion", "label"])
-    tokenizer = AutoTokenizer.from_pretrained(config["model"])
-    model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.bfloat16 if config["use_gpu"] else torch.float32)
-    t = config["train"]
-    args = KTOConfig(
-        output_dir=config["work_dir"],
-        per_device_train_batch_size=t["per_device_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"],
-        num_train_epochs=t["epochs"],
-        learning_rate=t["learning_rate"],
-        beta=t["beta"],
-        desirable_weight=t["desirable_weight"],
-        undesirable_weight=t["undesirable_weight"],
-        max_length=t["max_length"],
-        deepspeed=deepspeed_config(t["deepspeed"]),
-        use_cpu=not config["use_gpu"],
-        bf16=config["use_gpu"],
-        seed=config["seed"],
-        data_seed=config["seed"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    trainer = KTOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=[History()])
-    result = trainer.train()
-    trainer.save_model(config["model_out"])  # every rank: ZeRO-3 gathers shards; rank 0 writes
-    if rank == 0:
-        tokenizer.save_pretrained(config["model_out"])
-        Path(config["history"]).write_text(json.dumps(history))
-    ray.train.report({"train_loss": float(result.training_loss), "steps": int(result.global_step)})
-
-
-def train_kto(data: Path, model: str, out_dir: Path, train_cfg, seed: int, storage: Path) -> dict:
-    """Train `model` on the KTO dataset at `data`; write the final model to `out_dir`.
-
-    Returns {"steps", "train_loss", "history": [per-step logs]}. `out_dir` appears only once the
-    model is complete (written to a temporary folder and renamed).
+    Raises ValueError naming the range of loss_aversion that this data allows.
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    storage = Path(storage).resolve()
-    history = storage / "history.json"
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={
-            "data": str(Path(data).resolve() / "*.parquet"),
-            "model": model,
-            "model_out": str(tmp.resolve()),
-            "work_dir": str(storage / "work"),
-            "history": str(history),
-            "train": train_cfg.model_dump(),
-            "use_gpu": train_cfg.use_gpu,
-            "seed": seed,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=train_cfg.num_workers,
-            use_gpu=train_cfg.use_gpu,
-            resources_per_worker={"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if train_cfg.use_gpu else {})},
-        ),
-        run_config=RunConfig(storage_path=str(storage), name="ray_train"),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    logs = json.loads(history.read_text())
-    final = next((h for h in reversed(logs) if "train_loss" in h), {})
-    return {"train_loss": final.get("train_loss"), "steps": final.get("step", 0), "history": logs}
+    lo, hi = KTO_RATIO_RANGE
+    if train.weights == "fixed":
+        desirable = train.desirable_weight
+        undesirable = desirable * train.loss_aversion if train.loss_aversion else train.undesirable_weight
+        return KTOWeights(desirable, undesirable, weight_ratio(desirable, undesirable, n_desirable, n_undesirable))
+    if n_desirable == 0 or n_undesirable == 0:
+        desirable = 1 / train.loss_aversion if train.loss_aversion else 1.0
+        return KTOWeights(desirable, 1.0, None)
+    if train.loss_aversion is None:
+        desirable = n_undesirable / n_desirable * lo
+        return KTOWeights(desirable, 1.0, weight_ratio(desirable, 1.0, n_desirable, n_undesirable))
+    desirable = 1 / train.loss_aversion
+    ratio = weight_ratio(desirable, 1.0, n_desirable, n_undesirable)
+    if not lo - 1e-9 <= ratio <= hi + 1e-9:
+        allowed = (n_desirable / (hi * n_undesirable), n_desirable / (lo * n_undesirable))
+        raise ValueError(
+            f"train.loss_aversion={train.loss_aversion} puts lambda_D*n_D/(lambda_U*n_U) at {ratio:.3f}, outside "
+            f"[{lo}, {hi:.3f}] for this data ({n_desirable} desirable, {n_undesirable} undesirable rows); "
+            f"set loss_aversion in [{allowed[0]:.3f}, {allowed[1]:.3f}] or use weights: fixed"
+        )
+    return KTOWeights(desirable, 1.0, ratio)

@@ -1,0 +1,143 @@
+"""Training throughput: Ray Train against TRL called directly, and how it scales with workers.
+
+`bench_train` trains the same tiny model on the same rows with the same settings
+1. with TRL's trainer called directly in one process (no Ray, no DeepSpeed), and
+2. through Ray Train (`training.train.train_model`) with 1 and 2 workers, DDP over gloo
+   (`deepspeed: none`) and DeepSpeed ZeRO-2,
+and reports steady-state training samples/s for each. Steady state excludes start-up: the rate is
+taken from the trainer's own step timings (`training.worker.StepMetrics`: the time inside each
+optimizer step), leaving out the first `warmup` steps. The headline figure is Ray Train with one
+worker over the direct trainer (goal: at least 0.9). Needs a running Ray (the caller's `init_ray`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+GOAL = 0.9
+
+
+def synthetic_kto_table(rows: int, seed: int = 0) -> pa.Table:
+    """KTO rows for the benchmark: synthetic problems, the stated answer right on even rows."""
+    from pipeline import synthetic
+    from pipeline.prompts import TEMPLATES, render
+
+    out = {"prompt": [], "completion": [], "label": []}
+    for i, p in enumerate(synthetic.problems("train", rows, seed)):
+        right = i % 2 == 0
+        out["prompt"].append(render(p, TEMPLATES["numeric"]))
+        out["completion"].append(f" {p['solution'] if right else p['solution'].replace(p['reference'], str(int(p['reference']) + 1))}")
+        out["label"].append(right)
+    return pa.table(out)
+
+
+def steady_samples_per_second(step_seconds: list[tuple[int, float]], global_batch: int, warmup: int) -> float:
+    """Samples/s over the steps after the first `warmup` ones, from per-step timings."""
+    steady = [s for _, s in step_seconds[warmup:]]
+    if not steady:
+        raise ValueError(f"only {len(step_seconds)} steps timed; need more than warmup={warmup}")
+    return len(steady) * global_batch / sum(steady)
+
+
+def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, warmup: int, work: Path) -> float:
+    """TRL's trainer in this process, configured exactly like a Ray Train worker."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.methods import get_method, method_args
+    from training.train import shuffled
+    from training.worker import StepMetrics, training_args
+
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # what each worker gets
+    metrics = StepMetrics(train.per_device_batch_size * train.gradient_accumulation_steps, None)
+    trainer = get_method(train.method).trainer(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+        training_args(train.model_dump(mode="json"), seed, str(work)), method_args(train.method, train),
+        Dataset(shuffled(table, seed)), AutoTokenizer.from_pretrained(model), [metrics], None,
+    )
+    trainer.train()
+    return steady_samples_per_second(metrics.step_seconds, metrics.global_batch, warmup)
+
+
+def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, work: Path) -> float:
+    """`direct_samples_per_second` in a fresh Python process with the environment a Ray worker gets:
+    Ray sets OMP_NUM_THREADS to the worker's CPUs, and on CPU that alone changes the speed of
+    these tiny steps severalfold, so the baseline must have it too."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, pyarrow.parquet as pq; from pathlib import Path; "
+        "from cluster.config import TrainConfig; from training.bench import direct_samples_per_second as f; "
+        "a = json.loads(sys.argv[1]); "
+        "print(json.dumps(f(TrainConfig(**a['train']), a['model'], pq.read_table(a['data']), a['seed'], a['warmup'], Path(a['work']))))"
+    )
+    args = json.dumps({"train": train.model_dump(mode="json"), "model": model, "data": str(data), "seed": seed,
+                       "warmup": warmup, "work": str(work)})
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(train.cpus_per_worker))),
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"direct TRL run failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def ray_samples_per_second(train, model: str, datasets: Path, seed: int, warmup: int, work: Path) -> float:
+    import json
+
+    from training.train import train_model
+
+    train_model(train, model, datasets, work / "model", work / "checkpoints", seed, params=None)
+    result = json.loads((work / "checkpoints" / "result.json").read_text())
+    return steady_samples_per_second(result["step_seconds"], result["global_batch"], warmup)
+
+
+def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 40, warmup: int = 5,
+                per_device_batch_size: int = 4, workers: tuple[int, ...] = (1, 2),
+                deepspeed: tuple[str, ...] = ("none", "zero2"), repeats: int = 2, seed: int = 0) -> dict:
+    """Samples/s: TRL direct vs Ray Train (1 worker, no DeepSpeed), and per (workers, deepspeed).
+
+    Each figure is the median over `repeats` runs of `steps` optimizer steps (KTO, fp32 on CPU,
+    one CPU thread per worker). Returns {"direct", "ray": {"<n>x<deepspeed>": samples/s},
+    "ray_vs_direct", "goal", "meets_goal", and the settings}.
+    """
+    from cluster.config import TrainConfig
+    from pipeline.rundir import write_table
+    from pipeline.tinymodels import resolve_model
+
+    path = resolve_model(model)
+    table = synthetic_kto_table(rows, seed)
+    base = dict(per_device_batch_size=per_device_batch_size, max_steps=steps, checkpoint_every=0,
+                max_length=128, logging_steps=steps, max_failures=0, cpus_per_worker=1)
+    with tempfile.TemporaryDirectory(prefix="lv-train-bench-") as tmp:
+        tmp = Path(tmp)
+        write_table(table, tmp / "datasets" / "kto")
+
+        def median(fn) -> float:
+            return statistics.median(fn(i) for i in range(repeats))
+
+        direct = median(lambda i: direct_in_subprocess(
+            TrainConfig(num_workers=1, deepspeed="none", **base), path, tmp / "datasets" / "kto" / "part-0.parquet",
+            seed, warmup, tmp / f"direct{i}"))
+        ray = {}
+        for ds in deepspeed:
+            for n in workers:
+                cfg = TrainConfig(num_workers=n, deepspeed=ds, **base)
+                ray[f"{n}x{ds}"] = median(lambda i: ray_samples_per_second(
+                    cfg, path, tmp / "datasets", seed, warmup, tmp / f"ray-{n}-{ds}-{i}"))
+    ratio = ray.get("1xnone", 0.0) / direct
+    return {
+        "model": model, "rows": rows, "steps": steps, "warmup_steps": warmup,
+        "per_device_batch_size": per_device_batch_size, "repeats": repeats,
+        "direct_samples_per_second": round(direct, 2),
+        "ray_samples_per_second": {k: round(v, 2) for k, v in ray.items()},
+        "ray_vs_direct": round(ratio, 3), "goal": GOAL, "meets_goal": ratio >= GOAL,
+    }

@@ -1,0 +1,112 @@
+"""The training methods, one registry: KTO and the baselines the KTO paper compares with.
+
+Each method names the dataset it reads (under datasets/), the rows it learns from, and the TRL
+trainer and config that run it. Every method gets the same model, optimizer settings and step
+budget from `train:`; only `method_args` differ.
+
+- kto: TRL `KTOTrainer` on datasets/kto (prompt, completion, label), unpaired binary feedback.
+- dpo: TRL `DPOTrainer` on datasets/pairs (prompt, chosen, rejected), same prompt, one right and one
+  wrong answer (Rafailov et al., 2023).
+- sft: TRL `SFTTrainer` on the correct answers of datasets/kto (prompt, completion), loss on the
+  completion tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.schemas import KTO, PAIRS
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    dataset: str  # folder under datasets/
+    schema: pa.Schema  # its row contract
+    columns: tuple[str, ...]  # the columns the TRL trainer reads
+    trl: tuple[str, str]  # (config class, trainer class) in `trl`
+    uses_reference: bool  # a frozen reference policy (KTO, DPO) or none (SFT)
+    min_per_device_batch: int
+    rows: Callable[[pa.Table], pa.Table]  # the rows this method learns from
+    empty_hint: str  # what to do when there are none
+
+    def select(self, table: pa.Table) -> pa.Table:
+        return self.rows(table).select(list(self.columns))
+
+    def trainer(self, model, args: dict, method_args: dict, train_dataset, tokenizer, callbacks, peft_config):
+        """Build the TRL trainer: `args` are the shared TrainingArguments, `method_args` this method's."""
+        import trl
+
+        config_cls, trainer_cls = (getattr(trl, name) for name in self.trl)
+        return trainer_cls(
+            model=model,
+            args=config_cls(**args, **method_args),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
+
+
+def _all(table: pa.Table) -> pa.Table:
+    return table
+
+
+def _correct_only(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["label"], True))
+
+
+METHODS: dict[str, Method] = {
+    "kto": Method(
+        "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "KTOTrainer"), True, 2, _all,
+        "datasets/kto is empty: mark some answers first (`lossaverse mark`)",
+    ),
+    "dpo": Method(
+        "dpo", "pairs", PAIRS, ("prompt", "chosen", "rejected"), ("DPOConfig", "DPOTrainer"), True, 1, _all,
+        "DPO needs pairs (an item with one right and one wrong answer) and datasets/pairs has none: "
+        "use method: kto, which learns from unpaired labels, or generate more samples per prompt",
+    ),
+    "sft": Method(
+        "sft", "kto", KTO, ("prompt", "completion"), ("SFTConfig", "SFTTrainer"), False, 1, _correct_only,
+        "SFT learns from correct answers and datasets/kto has none: use method: kto, which also "
+        "learns from wrong answers alone",
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown training method {name!r}; valid: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def peft_config(lora: dict | None):
+    """`train.lora` (r, alpha, dropout, target_modules) as a peft.LoraConfig; None without LoRA.
+
+    With LoRA the trainers keep no separate reference model: the reference is the base model with
+    the adapters switched off.
+    """
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def method_args(name: str, train, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict:
+    """The method's own TRL config fields; everything else is shared by all methods."""
+    if name == "kto":
+        return {
+            "beta": train.beta,
+            "desirable_weight": desirable_weight,
+            "undesirable_weight": undesirable_weight,
+            "precompute_ref_log_probs": train.precompute_ref_log_probs,
+        }
+    if name == "dpo":
+        return {"beta": train.beta, "precompute_ref_log_probs": train.precompute_ref_log_probs}
+    return {}

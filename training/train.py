@@ -1,0 +1,199 @@
+"""The driver side of training: Ray Train's TorchTrainer around `training.worker.train_func`.
+
+`train_model` plans (training.validate: data, weights, memory; before any worker starts), lays out
+the storage folder, runs the TorchTrainer with the ScalingConfig, FailureConfig and checkpoint
+settings from the config, prints each logged step as it happens, and moves the final model into
+place. Storage layout (`storage`, normally runs/<name>/checkpoints/):
+
+  ray_train/        Ray Train's run: checkpoints (merged over ranks) and its snapshot
+  data/             the rows trained on, shuffled once by the seed (every worker reads all of it)
+  fingerprint       the train config the checkpoints belong to (checked by --resume)
+  metrics.jsonl     per-step metrics, streamed by rank 0; result.json: the final history
+  status/           one file per rank (pid, attempt, last checkpoint)
+  tensorboard/      when train.report_to has tensorboard
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.config import ConfigError
+from training.validate import TrainPlan, plan_training
+
+RAY_RUN = "ray_train"
+
+
+def shuffled(table: pa.Table, seed: int) -> pa.Table:
+    """A seeded permutation of the rows. KTO's KL estimate pairs neighbouring rows of a micro-batch,
+    and the datasets are grouped by item, so unshuffled neighbours would share a prompt."""
+    import numpy as np
+
+    return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+def prepare_storage(storage: Path, fingerprint: str, resume: bool) -> bool:
+    """Start fresh (clear earlier checkpoints) or check that --resume continues the same config.
+
+    Returns True when there is a run to resume.
+    """
+    fp_file = storage / "fingerprint"
+    existing = (storage / RAY_RUN).is_dir() and fp_file.is_file()
+    if resume and existing:
+        if fp_file.read_text().strip() != fingerprint:
+            raise ConfigError(
+                f"the checkpoints in {storage} were made with a different train config; run without --resume "
+                "to start over, or restore the config they were made with"
+            )
+        return True
+    shutil.rmtree(storage, ignore_errors=True)
+    storage.mkdir(parents=True)
+    fp_file.write_text(fingerprint + "\n")
+    return False
+
+
+def launch_config(plan: TrainPlan, train, model: str, storage: Path, out_tmp: Path, seed: int) -> dict:
+    """The worker's whole input (training.worker.train_func reads nothing else)."""
+    return {
+        "method": plan.method,
+        "method_args": plan.method_args,
+        "train": train.model_dump(mode="json"),
+        "model": model,
+        "seed": seed,
+        "data": str(storage / "data" / "train.parquet"),
+        "cache_dir": str(storage / "data" / "cache"),
+        "work_dir": str(storage / "work"),
+        "status_dir": str(storage / "status"),
+        "metrics_log": str(storage / "metrics.jsonl"),
+        "result_path": str(storage / "result.json"),
+        "tensorboard_dir": str(storage / "tensorboard"),
+        "model_out": str(out_tmp),
+    }
+
+
+def torch_trainer(train, loop_config: dict, storage: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.worker import train_func
+
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=train.placement_strategy),
+        run_config=RunConfig(
+            name=RAY_RUN,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+    )
+
+
+class _Tail(threading.Thread):
+    """Follows metrics.jsonl while training runs and hands each new entry to `on_log`."""
+
+    def __init__(self, path: Path, on_log: Callable[[dict], None]):
+        super().__init__(daemon=True)
+        self.path, self.on_log, self.offset = path, on_log, 0
+        self.stop = threading.Event()
+
+    def drain(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            while (line := f.readline()).endswith("\n"):
+                self.offset = f.tell()
+                self.on_log(json.loads(line))
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.drain()
+
+
+def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: Path, seed: int, *,
+                params: tuple[int, int] | None, fingerprint: str = "", resume: bool = False,
+                on_log: Callable[[dict], None] | None = None) -> dict:
+    """Train `model` with `train.method` on the datasets under `datasets_dir`; the final model goes
+    to `out_dir` (renamed into place only once complete).
+
+    Returns the plan's info (method, rows, weights, memory) plus steps, train_loss, resumed,
+    attempts, the last logged metrics and `history` (one dict per logged step).
+    """
+    plan = plan_training(train, datasets_dir, params)
+    storage = Path(storage).resolve()
+    resumed = prepare_storage(storage, fingerprint, resume)
+    data = storage / "data" / "train.parquet"
+    if not data.is_file():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(shuffled(plan.table, seed), data.with_suffix(".tmp"))
+        data.with_suffix(".tmp").replace(data)
+    out_tmp = Path(out_dir).resolve().with_name(f"{Path(out_dir).name}.tmp")
+    shutil.rmtree(out_tmp, ignore_errors=True)
+
+    tail = _Tail(storage / "metrics.jsonl", on_log or (lambda entry: None))
+    tail.offset = (storage / "metrics.jsonl").stat().st_size if (storage / "metrics.jsonl").is_file() else 0
+    tail.start()
+    try:
+        result = torch_trainer(train, launch_config(plan, train, model, storage, out_tmp, seed), storage).fit()
+    finally:
+        tail.stop.set()
+        tail.join()
+        tail.drain()
+    if result.error:
+        raise result.error
+    if Path(out_dir).exists():
+        shutil.rmtree(out_dir)
+    out_tmp.rename(out_dir)
+    return summarize(plan, storage, resumed)
+
+
+def summarize(plan: TrainPlan, storage: Path, resumed: bool) -> dict:
+    final = json.loads((storage / "result.json").read_text())
+    history = [h for h in final["history"] if "loss" in h]
+    attempts = [json.loads(p.read_text())["attempt"] for p in sorted((storage / "status").glob("rank*.json"))]
+    last = history[-1] if history else {}
+    keep = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "learning_rate", "tokens_per_second")
+    return {
+        **plan.info,
+        "steps": final["steps"],
+        "train_loss": final["train_loss"],
+        "resumed": resumed,
+        "attempts": max(attempts, default=1),
+        **{f"last_{k.replace('/', '_')}": last[k] for k in keep if k in last},
+        "history": history,
+    }
+
+
+def format_step(entry: dict) -> str:
+    """One console line per logged step (under 80 characters): D and U are the mean rewards of
+    desirable and undesirable (DPO: chosen and rejected) completions; their margin is in the history."""
+    parts = [f"step {entry['step']}/{entry.get('max_steps', '?')}", f"loss {entry['loss']:.4f}"]
+    if "kl" in entry:
+        parts.append(f"kl {entry['kl']:.3f}")
+    for key, label in (("rewards/chosen", "D"), ("rewards/rejected", "U")):
+        if key in entry:
+            parts.append(f"{label} {entry[key]:+.3f}")
+    if "learning_rate" in entry:
+        parts.append(f"lr {entry['learning_rate']:.1e}")
+    if "tokens_per_second" in entry:
+        parts.append(f"{entry['tokens_per_second']:,.0f} tok/s")
+    return " ".join(parts)
+
+
+def console_line(entry: dict, every: int = 10) -> str | None:
+    """The console shows every `every`-th logged step and the last one."""
+    if entry["step"] % every == 0 or entry["step"] == entry.get("max_steps"):
+        return format_step(entry)
+    return None
