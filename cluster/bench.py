@@ -106,10 +106,21 @@ def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[
 
 
 def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: Callable[[str], None]) -> dict:
+    """Ray Train (1 worker, DDP) against TRL's trainer called directly, then each worker count with
+    DDP over gloo and with ZeRO-2, on the config's target model (training.bench)."""
     from training.bench import bench_train
 
-    report(f"bench train: workers {workers}")
-    return bench_train(cfg, workers=tuple(workers), repeats=repeats)
+    report(f"bench train: TRL direct vs Ray Train, workers {workers}, DDP and ZeRO-2")
+    raw = bench_train(cfg.target.path, workers=tuple(workers), repeats=max(1, repeats), seed=cfg.seed)
+    point = lambda v: {"median": v, "min": v, "max": v, "n": raw["repeats"]}  # noqa: E731  medians from bench_train
+    return {
+        **raw,
+        "baseline": {"samples_per_s": point(raw["direct_samples_per_second"])},
+        "workers": {n: {"samples_per_s": point(raw["ray_samples_per_second"][f"{n}xnone"]),
+                        "zero2_samples_per_s": point(raw["ray_samples_per_second"].get(f"{n}xzero2", 0.0))}
+                    for n in workers},
+        "ratio": raw["ray_vs_direct"],
+    }
 
 
 def cost_model(result: dict, cfg: RunConfig, prompts: int, samples: int, replicas: int) -> dict | None:

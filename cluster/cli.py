@@ -223,7 +223,8 @@ def bench_table(result: dict) -> Table:
     if "train" in result:
         t = result["train"]
         for w, v in (t.get("workers") or {}).items():
-            table.add_row("train", f"samples/s, {w} worker(s)", f"{v['samples_per_s']['median']:.1f}", "", "")
+            table.add_row("train", f"samples/s, {w} worker(s), DDP / ZeRO-2",
+                          f"{v['samples_per_s']['median']:.1f} / {v['zero2_samples_per_s']['median']:.1f}", "", "")
         if "ratio" in t:
             table.add_row("train", "Ray Train (1 worker) vs TRL direct", "", f"{t.get('baseline', {}).get('samples_per_s', {}).get('median', 0):.1f}",
                           f"{t['ratio']:.2f}")
