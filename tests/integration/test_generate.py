@@ -5,7 +5,6 @@ import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +17,7 @@ from pipeline.rundir import read_table
 from pipeline.schemas import ANSWERS
 from pipeline.shards import generate_sharded
 from pipeline.tinymodels import resolve_model
+from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_an_engine_replica_killed_mid_run_is_replaced_and_no_row_is_lost(local_r
     assert killed["pid"] not in _engine_actor_pids()
 
 
-class _Endpoint(BaseHTTPRequestHandler):
+class _Endpoint(JSONHandler):
     """A small OpenAI-compatible /v1/completions server: checks the key, fails the first call with
     503 (to be retried), rejects prompts marked TOO LONG with 400, answers the rest."""
 
@@ -114,38 +114,23 @@ class _Endpoint(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         if self.headers.get("Authorization") != "Bearer sekrit":
-            return self._send(401, {"error": {"message": "bad key"}})
+            return self.send_json(401, {"error": {"message": "bad key"}})
         if len(type(self).calls) == 1:
-            return self._send(503, {"error": {"message": "warming up"}})
+            return self.send_json(503, {"error": {"message": "warming up"}})
         if "TOO LONG" in body["prompt"]:
-            return self._send(400, {"error": {"message": "This model's maximum context length is 32 tokens"}})
+            return self.send_json(400, {"error": {"message": "This model's maximum context length is 32 tokens"}})
         words = body["prompt"].split()
         text = f" The answer is {len(words)}."
-        self._send(200, {"choices": [{"text": text, "finish_reason": "stop", "index": 0}],
+        self.send_json(200, {"choices": [{"text": text, "finish_reason": "stop", "index": 0}],
                          "usage": {"completion_tokens": 5, "prompt_tokens": len(words)}})
-
-    def _send(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def endpoint(monkeypatch):
     _Endpoint.calls = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     monkeypatch.setenv("LV_TEST_KEY", "sekrit")
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with http_server(_Endpoint) as url:
+        yield f"{url}/v1"
 
 
 def test_an_openai_compatible_endpoint_competes_with_retries_and_error_rows(local_ray, tmp_path, endpoint):

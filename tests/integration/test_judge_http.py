@@ -6,8 +6,6 @@ candidate answer and the reference, and a prompt injection never reaches it nor 
 """
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from cluster.config import JudgeConfig
 from pipeline.mark import mark_dataset, mark_table
 from pipeline.schemas import ANSWERS, MARKED, check
+from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +34,7 @@ ROWS = [
 ]
 
 
-class _Judge(BaseHTTPRequestHandler):
+class _Judge(JSONHandler):
     requests: list = []
 
     def do_POST(self):  # noqa: N802 - http.server's naming
@@ -46,26 +45,14 @@ class _Judge(BaseHTTPRequestHandler):
         reply = {"id": "x", "object": "chat.completion", "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": json.dumps({"same": said})}}],
                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(200, reply)
 
 
 @pytest.fixture
 def judge_server():
     _Judge.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", _Judge.requests
-    server.shutdown()
-    server.server_close()
+    with http_server(_Judge) as url:
+        yield f"{url}/v1", _Judge.requests
 
 
 def _answers() -> pa.Table:
