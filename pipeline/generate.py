@@ -201,10 +201,6 @@ def vllm_config(model_path: str, engine):
     )
 
 
-# The processor config name kept for callers of the first version.
-processor_config = vllm_config
-
-
 def http_payload(row: dict) -> dict:
     """An OpenAI-compatible request body for one request row (runs in Ray Data workers)."""
     params = dict(row["sampling_params"])
