@@ -24,13 +24,16 @@ ForceOpt = typer.Option(False, "--force", help="Re-run stages even if their outp
 def _execute(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]):
     from cluster.config import load_config
     from cluster.ray_env import init_ray, shutdown_ray
-    from cluster.stages import execute
+    from cluster.stages import execute, execute_rounds
 
     cfg = load_config(config, overrides)  # fails before any work starts
     start = time.perf_counter()
     console.print(init_ray(cfg.ray, address))
     try:
-        execute(cfg, stages, force=force, report=console.print)
+        if cfg.rounds.count > 1 and cfg.round == 1 and set(stages) >= {"train", "evaluate"}:
+            execute_rounds(cfg, stages, force=force, report=console.print)
+        else:
+            execute(cfg, stages, force=force, report=console.print)
     finally:
         shutdown_ray()
     return cfg, time.perf_counter() - start
@@ -52,10 +55,16 @@ def _guard(fn):
 
 
 def summary_table(run_dir: Path) -> Table:
-    """The headline numbers of a run, read back from its run directory."""
+    """The headline numbers of a run, read back from its run directory (a multi-round run: its
+    last round's, then one row per round)."""
+    from pipeline.rundir import read_json
+
     table = Table(title=f"lossaverse run: {run_dir}")
     table.add_column("what")
     table.add_column("value", justify="right")
+    rounds = read_json(run_dir / "rounds.json") or []
+    last = max((r["round"] for r in rounds), default=1)
+    top, run_dir = run_dir, (run_dir if last == 1 else run_dir / "rounds" / str(last))
     stats_path = run_dir / "datasets" / "stats.json"
     if stats_path.is_file():
         stats = json.loads(stats_path.read_text())
@@ -71,14 +80,26 @@ def summary_table(run_dir: Path) -> Table:
     from pipeline.report import eval_results
 
     results = eval_results(run_dir, manifest.get("config", {}).get("seed", 0))
-    for what, value in eval_rows(results or {}):
+    split = (results or {}).get("split") or "eval"
+    for what, value in eval_rows(results or {}, split):
         table.add_row(what, value)
+    transfer = read_json(run_dir / "eval" / "transfer" / "results.json")
+    if transfer:
+        bench = (manifest.get("config", {}).get("evaluate", {}).get("transfer") or {}).get("name", "transfer")
+        for what, value in eval_rows(transfer, f"transfer: {bench}"):
+            table.add_row(what, value)
+    for r in rounds:
+        g = r["gain"]
+        table.add_row(f"round {r['round']}: gain vs {g['vs']}",
+                      f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] McNemar p={g['mcnemar_p']:.3g}")
+    if rounds:
+        table.add_row("rounds summary", str(top / "rounds.json"))
     return table
 
 
-def eval_rows(results: dict) -> list[tuple[str, str]]:
+def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
     """eval/results.json as summary rows: accuracy [95% CI] per model, then each paired difference
-    [95% CI] with McNemar's p."""
+    [95% CI] with McNemar's p; `split` names where the items came from."""
     from pipeline.evalstats import model_label, models_of
 
     rows = []
@@ -86,10 +107,10 @@ def eval_rows(results: dict) -> list[tuple[str, str]]:
         ci = f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r.get("ci95") else ""
         answers = r.get("answers", r.get("n"))
         items = f", {r['items']} items" if r.get("items", answers) != answers else ""
-        rows.append((f"{model_label(name)} accuracy (eval)", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
+        rows.append((f"{model_label(name)} accuracy ({split})", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
     for p in results.get("pairs") or []:
         lo, hi = p["ci95"]
-        rows.append((f"{p['model']} − {p['baseline']} (eval, paired)",
+        rows.append((f"{p['model']} − {p['baseline']} ({split}, paired)",
                      f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
     return rows
 
@@ -103,12 +124,24 @@ def _command(config: Path, overrides: list[str], stages: list[str], force: bool,
     _guard(go)
 
 
+CompareOpt = typer.Option(None, "--compare", help="Train these methods side by side on the same data and budget, e.g. kto,dpo,sft")
+
+
 @app.command()
-def run(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt):
-    """Every stage: items, generate, mark, datasets, train, evaluate."""
+def run(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt,
+        compare: Optional[str] = CompareOpt):
+    """Every stage: items, generate, mark, datasets, train, evaluate (`rounds.count` times)."""
     from cluster.stages import STAGE_NAMES
 
-    _command(config, set, STAGE_NAMES, force, address)
+    _command(config, set + _compare_set(compare), STAGE_NAMES, force, address)
+
+
+def _compare_set(compare: Optional[str]) -> list[str]:
+    """--compare kto,dpo,sft -> the override train.compare=[kto, dpo, sft]."""
+    if compare is None:
+        return []
+    methods = [m.strip() for m in compare.split(",") if m.strip()]
+    return [f"train.compare=[{', '.join(methods)}]"]
 
 
 @app.command()

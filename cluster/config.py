@@ -99,8 +99,11 @@ class BenchmarkConfig(_Strict):
     # Column mapping: contract column -> column in the source.
     columns: dict[Literal["id", "question", "reference", "choices"], str] = Field(default_factory=dict)
     reference_after: str | None = None  # GSM8K keeps the final answer after "####"
-    n_train: int = Field(default=256, ge=1)  # synthetic size, or a cap on a real split
+    n_train: int = Field(default=256, ge=1)  # train items per round (synthetic size, or a cap on a real split)
     n_eval: int = Field(default=128, ge=1)
+    # Carved from the start of the train split for tuning (`evaluate.split: validation`); these items
+    # never generate training data, and the eval split is never used to choose settings.
+    n_validation: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _source_known(self) -> "BenchmarkConfig":
@@ -108,6 +111,11 @@ class BenchmarkConfig(_Strict):
 
         if self.source not in LOADERS:
             raise ValueError(f"unknown benchmark source {self.source!r}; valid: {sorted(LOADERS)}")
+        if self.source == "synthetic":
+            from pipeline.synthetic import FAMILIES
+
+            if self.name not in FAMILIES:
+                raise ValueError(f"unknown synthetic benchmark name {self.name!r}; valid: {list(FAMILIES)}")
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"benchmark source {self.source!r} needs `path`")
         if self.source in ("jsonl", "parquet"):
@@ -212,6 +220,9 @@ class TrainConfig(_Strict):
     model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
 
     method: str = "kto"  # a key of training.methods.METHODS: kto | dpo | sft
+    # Baselines trained beside `method` on the same round's data with the same step budget, each
+    # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`).
+    compare: list[str] = Field(default_factory=list)
     beta: float = Field(default=0.1, gt=0)  # KTO / DPO: strength of the implicit KL penalty
     # KTO's lambda_D / lambda_U. `fixed`: as given (or undesirable = loss_aversion * desirable);
     # `auto`: from datasets/stats.json so that lambda_D*n_D/(lambda_U*n_U) is in [1, 4/3].
@@ -258,6 +269,26 @@ class TrainConfig(_Strict):
         get_method(value)
         return value
 
+    @field_validator("compare")
+    @classmethod
+    def _compare_known(cls, value: list[str]) -> list[str]:
+        from training.methods import get_method
+
+        for method in value:
+            get_method(method)
+        if len(set(value)) != len(value):
+            raise ValueError(f"compare lists a method twice: {value}")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        """`method` first (its model is the run's `model/`), then the other compared methods."""
+        return [self.method] + [m for m in self.compare if m != self.method]
+
+    def for_method(self, method: str) -> "TrainConfig":
+        """These settings with `method` trained (optimizer, budget and scale shared)."""
+        return self.model_copy(update={"method": method, "compare": []})
+
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_known(cls, value: str) -> str:
@@ -270,7 +301,7 @@ class TrainConfig(_Strict):
     def _consistent(self) -> "TrainConfig":
         from training.zero import deepspeed_config, deepspeed_conflicts
 
-        if self.method == "kto" and self.per_device_batch_size < 2:
+        if "kto" in self.methods and self.per_device_batch_size < 2:
             raise ValueError(
                 "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "
                 "prompt with another completion in the micro-batch); set train.per_device_batch_size >= 2"
@@ -294,6 +325,23 @@ class TrainConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()  # greedy, one sample
+    # `validation` (benchmark.n_validation items carved from train) while tuning; `eval` for the result.
+    split: Literal["eval", "validation"] = "eval"
+    # A second benchmark the target is never trained on (its eval split): transfer, or damage.
+    transfer: BenchmarkConfig | None = None
+
+
+class RoundsConfig(_Strict):
+    """Repeated play: generate, mark, train and evaluate `count` times. From round 2 on, the target
+    trained in the round before replaces the `small` competitor (`replace_small`) or answers beside
+    both competitors as a third player (`join`); each round answers fresh train items and trains
+    the target afresh from its base on the datasets of every round so far (rows tagged by round)."""
+
+    count: int = Field(default=1, ge=1)
+    policy: Literal["replace_small", "join"] = "replace_small"
+    # Stop after a round whose trained target is not better than the round before's (the 95% CI of
+    # the paired difference on the eval items includes zero or lies below it).
+    stop_when_no_gain: bool = False
 
 
 class ServeConfig(_Strict):
@@ -367,8 +415,16 @@ class RunConfig(_Strict):
     mark: MarkConfig = MarkConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    rounds: RoundsConfig = RoundsConfig()
+    # The round this config describes: set by the rounds loop (cluster.stages.execute_rounds).
+    round: int = Field(default=1, ge=1)
     serve: ServeConfig = ServeConfig()
     submit: SubmitConfig = SubmitConfig()
+
+    @field_validator("rounds", mode="before")
+    @classmethod
+    def _rounds_count(cls, value: Any) -> Any:
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("competitors")
     @classmethod
@@ -395,9 +451,30 @@ class RunConfig(_Strict):
             return self.generate.engine
         return EngineConfig.model_validate({**self.generate.engine.model_dump(), **ref.engine})
 
+    @model_validator(mode="after")
+    def _round_in_range(self) -> "RunConfig":
+        if self.round > self.rounds.count:
+            raise ValueError(f"round {self.round} is past rounds.count {self.rounds.count}")
+        if self.evaluate.split == "validation" and self.benchmark.n_validation == 0:
+            raise ValueError("evaluate.split: validation needs validation items: set benchmark.n_validation")
+        return self
+
+    @property
+    def top_dir(self) -> Path:
+        """The run's directory (round 1's outputs, the rounds summary, the report)."""
+        return Path(self.output_dir).expanduser() / self.name
+
+    def round_dir(self, k: int) -> Path:
+        """Round k's outputs: round 1 at the top of the run directory, round k >= 2 under rounds/k/."""
+        return self.top_dir if k == 1 else self.top_dir / "rounds" / str(k)
+
+    def at_round(self, k: int) -> "RunConfig":
+        return self.model_copy(update={"round": k})
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser() / self.name
+        """This round's directory (the top of the run directory for round 1)."""
+        return self.round_dir(self.round)
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:

@@ -53,7 +53,7 @@ def _need(run_dir: Path, sub: str, stage: str) -> Path:
 def run_items(cfg: RunConfig, run_dir: Path) -> dict:
     from pipeline.benchmarks import load_items
 
-    items, quarantine = load_items(cfg.benchmark, cfg.seed)
+    items, quarantine = load_items(cfg.benchmark, cfg.seed, cfg.round)
     if items.num_rows == 0:
         raise StageError(f"benchmark {cfg.benchmark.name!r} has no usable rows ({quarantine.num_rows} quarantined)")
     tmp = run_dir / "items.tmp"
@@ -64,6 +64,7 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
     return {
         "rows": items.num_rows,
         "train": _split(items, "train").num_rows,
+        "validation": _split(items, "validation").num_rows,
         "eval": _split(items, "eval").num_rows,
         "quarantined": quarantine.num_rows,
     }
@@ -129,13 +130,31 @@ def check_competitor_sizes(sizes: dict[str, int]) -> None:
         raise StageError(f"competitor `large` ({large:,} parameters) is smaller than `small` ({small:,}); swap them")
 
 
+def round_players(cfg: RunConfig) -> dict:
+    """The competitors of cfg's round: the configured pair in round 1; from round 2 on, the target
+    trained in the round before replaces `small` (rounds.policy replace_small; the rows keep the
+    competitor name `small`, their `model` column names the trained target) or joins as `target`."""
+    from cluster.config import ModelRef
+
+    if cfg.round == 1:
+        return dict(cfg.competitors)
+    before = cfg.round_dir(cfg.round - 1) / "model"
+    if not (before / "config.json").is_file():
+        raise StageError(f"round {cfg.round} plays the target trained in round {cfg.round - 1}, but {before} is missing: run round {cfg.round - 1} first")
+    trained = ModelRef(path=str(before.resolve()), chat=cfg.target.chat, engine=cfg.target.engine)
+    if cfg.rounds.policy == "replace_small":
+        return {**cfg.competitors, "small": trained}
+    return {**cfg.competitors, "target": trained}
+
+
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
     from pipeline.tinymodels import parameter_count
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
-    competitors = competitors_of(cfg, cfg.competitors)
+    competitors = competitors_of(cfg, round_players(cfg))
     sizes = {c.name: c.params or parameter_count(c.model) for c in competitors}
-    check_competitor_sizes(sizes)
+    if cfg.round == 1:
+        check_competitor_sizes(sizes)
     totals = generate_into(cfg, items, competitors, cfg.generate.sampling, run_dir / "answers", stage_fingerprints(cfg)["generate"])
     return {
         "rows": sum(t["rows"] for t in totals.values()),
@@ -178,14 +197,24 @@ def mark_answers(src: Path, dst: Path, batch_size: int, mark=None) -> dict:
 
 
 def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
-    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows, cfg.seed)
+    before = None
+    if cfg.round > 1:
+        before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
+    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
+                             cfg.seed, cfg.round, before)
 
 
-def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False, seed: int = 0) -> dict:
-    """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole."""
-    from pipeline.build import build_datasets
+def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False, seed: int = 0,
+                      round: int = 1, before: Path | None = None) -> dict:
+    """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole.
+
+    Every row is tagged with its `round`; `before` (the previous round's datasets/) is carried
+    over, so round k's datasets hold the rows of rounds 1..k. stats.json describes this round's
+    answers, with `labels` and the recommended KTO weights counted over everything accumulated."""
+    from pipeline.build import accumulate, build_datasets
 
     built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed)
+    built = accumulate(built, round, {name: read_table(before / name) for name in ("kto", "negatives", "pairs")} if before else None)
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ("kto", "negatives", "pairs"):
@@ -195,8 +224,18 @@ def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False,
     return {name: built[name].num_rows for name in ("kto", "negatives", "pairs")}
 
 
+def trained_dirs(cfg: RunConfig, run_dir: Path, method: str) -> tuple[Path, Path]:
+    """(model, checkpoints) of `method` in a round: `train.method` at model/ and checkpoints/,
+    each compared baseline under compare/<method>/."""
+    if method == cfg.train.method:
+        return run_dir / "model", run_dir / "checkpoints"
+    return run_dir / "compare" / method / "model", run_dir / "compare" / method / "checkpoints"
+
+
 def run_train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Train the target with `train.method` (kto, dpo or sft) on datasets/; checks run before Ray Train starts."""
+    """Train the target with `train.method` (kto, dpo or sft) on datasets/, then each method of
+    `train.compare` on the same data with the same step budget (when `max_steps` is unset, the
+    budget is the steps the first method took); checks run before Ray Train starts."""
     from pipeline.tinymodels import resolve_model
     from training.train import console_line, train_model
     from training.validate import target_parameters
@@ -204,57 +243,111 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     datasets = _need(run_dir, "datasets", "mark")
     model = resolve_model(cfg.target.path)
     report = REPORT.get()  # taken here: on_log runs on the thread that follows the metrics file
+    fp = stage_fingerprints(cfg)["train"]
+    results: dict[str, dict] = {}
+    budget = cfg.train.max_steps
+    for method in cfg.train.methods:
+        train = cfg.train.for_method(method)
+        if budget is not None and train.max_steps is None:
+            train = train.model_copy(update={"max_steps": budget})
+        out, storage = trained_dirs(cfg, run_dir, method)
+        prefix = f"{method} " if len(cfg.train.methods) > 1 else ""
+        if prefix:
+            report(f"train {method}" + (f" ({budget} steps, the shared budget)" if budget else ""))
 
-    def on_log(entry: dict) -> None:
-        if line := console_line(entry):
-            report(line)
+        def on_log(entry: dict, prefix=prefix) -> None:
+            if line := console_line(entry):
+                report(prefix + line)
 
-    try:
-        result = train_model(
-            cfg.train, model, datasets, run_dir / "model", run_dir / "checkpoints", cfg.seed,
-            params=target_parameters(model, cfg.train, cfg.target.params),
-            fingerprint=stage_fingerprints(cfg)["train"], resume=cfg.train.resume, on_log=on_log,
-        )
-    except ConfigError:
-        raise
-    except BaseException:  # Ctrl-C, failed workers: the checkpoints stay for --resume
-        if any((run_dir / "checkpoints" / "ray_train").glob("checkpoint_*/")):
-            report("training stopped; continue it from its last checkpoint with `lossaverse train CONFIG --resume`")
-        raise
-    write_json(result["history"], run_dir / "checkpoints" / "metrics.json")
-    return result
+        try:
+            result = train_model(
+                train, model, datasets, out, storage, cfg.seed,
+                params=target_parameters(model, train, cfg.target.params),
+                fingerprint=fingerprint(fp, method), resume=cfg.train.resume, on_log=on_log,
+            )
+        except ConfigError:
+            raise
+        except BaseException:  # Ctrl-C, failed workers: the checkpoints stay for --resume
+            if any((storage / "ray_train").glob("checkpoint_*/")):
+                report("training stopped; continue it from its last checkpoint with `lossaverse train CONFIG --resume`")
+            raise
+        write_json(result["history"], storage / "metrics.json")
+        budget = budget or result["steps"]
+        results[method] = result
+    first = results.pop(cfg.train.method)
+    if results:
+        first["compare"] = {m: {k: v for k, v in r.items() if k != "history"} for m, r in results.items()}
+        first["budget_steps"] = budget
+    return first
+
+
+def eval_models(cfg: RunConfig, run_dir: Path) -> list:
+    """The evaluated models: the untrained target (`target-base`), then each trained method
+    (`target-kto`, `target-dpo`, ...)."""
+    from pipeline.generate import Competitor
+    from pipeline.tinymodels import resolve_model
+
+    engine = cfg.engine_for(cfg.target)
+    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine)]
+    for method in cfg.train.methods:
+        model_dir = trained_dirs(cfg, run_dir, method)[0]
+        if not (model_dir / "config.json").is_file():
+            raise StageError(f"{model_dir} is missing: run `lossaverse train` (or `lossaverse run`) first")
+        models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine))
+    return models
+
+
+TRANSFER = "transfer"  # the `split` of the transfer benchmark's items in eval/answers and eval/marked
 
 
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
-    """The target before and after training on the eval split; eval/results.json holds accuracy,
-    items and a 95% CI per model and each pair's paired difference and McNemar p (pipeline.evalstats);
-    report.md and its plots are rendered from the stored files."""
+    """The target before training and after each method on the eval split (`evaluate.split:
+    validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
+    each pair's paired difference and McNemar p (pipeline.evalstats). With `evaluate.transfer`, a
+    second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
+    per model) and scored apart into eval/transfer/results.json. report.md and its plots are
+    rendered from the stored files."""
+    from pipeline.benchmarks import load_items
     from pipeline.evalstats import evaluation_results, models_of
-    from pipeline.generate import Competitor
     from pipeline.report import render_report
-    from pipeline.tinymodels import resolve_model
 
-    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "eval")
-    model_dir = _need(run_dir, "model", "train").resolve()
-    engine = cfg.engine_for(cfg.target)
-    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine),
-              Competitor("target-kto", str(model_dir), cfg.target.chat, engine=engine)]
-    # The trained model's files are part of what the answers depend on.
-    fp = fingerprint(stage_fingerprints(cfg)["evaluate"], (model_dir / "config.json").stat().st_mtime_ns)
-    generate_into(cfg, items, models, cfg.evaluate.sampling, run_dir / "eval" / "answers", fp)
-    mark_answers(run_dir / "eval" / "answers", run_dir / "eval" / "marked", cfg.mark.batch_size, cfg.mark)
-    marked = read_table(run_dir / "eval" / "marked", MARKED)
-    results = evaluation_results(marked, [m.name for m in models], seed=cfg.seed)
-    write_json(results, run_dir / "eval" / "results.json")
-    report = render_report(run_dir)
-    models_out = models_of(results)
-    return {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in models_out.items()},
-            "models": models_out, "pairs": results["pairs"], "report": report["report"]}
+    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
+    if items.num_rows == 0:
+        raise StageError(f"no {cfg.evaluate.split} items in {run_dir / 'items'}: check benchmark.n_{cfg.evaluate.split}")
+    parts = [items]
+    if cfg.evaluate.transfer is not None:
+        transfer = _split(load_items(cfg.evaluate.transfer, cfg.seed)[0], "eval")
+        if transfer.num_rows == 0:
+            raise StageError(f"transfer benchmark {cfg.evaluate.transfer.name!r} has no usable eval items")
+        parts.append(transfer.set_column(transfer.schema.get_field_index("split"), "split",
+                                         pa.array([TRANSFER] * transfer.num_rows, pa.string())))
+    models = eval_models(cfg, run_dir)
+    # The trained models' files are part of what the answers depend on.
+    stamps = [(Path(m.model) / "config.json").stat().st_mtime_ns for m in models[1:]]
+    fp = fingerprint(stage_fingerprints(cfg)["evaluate"], stamps)
+    out_dir = run_dir / "eval"
+    generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)
+    mark_answers(out_dir / "answers", out_dir / "marked", cfg.mark.batch_size, cfg.mark)
+    marked = read_table(out_dir / "marked", MARKED)
+    names = [m.name for m in models]
+    results = evaluation_results(marked.filter(pc.not_equal(marked["split"], TRANSFER)), names, seed=cfg.seed)
+    results["split"] = cfg.evaluate.split
+    write_json(results, out_dir / "results.json")
+    out = {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in models_of(results).items()},
+           "split": cfg.evaluate.split, "models": models_of(results), "pairs": results["pairs"]}
+    if cfg.evaluate.transfer is not None:
+        tr = evaluation_results(marked.filter(pc.equal(marked["split"], TRANSFER)), names, seed=cfg.seed)
+        tr["benchmark"] = cfg.evaluate.transfer.name
+        write_json(tr, out_dir / TRANSFER / "results.json")
+        out["transfer"] = {"benchmark": cfg.evaluate.transfer.name, "models": models_of(tr), "pairs": tr["pairs"]}
+    if cfg.round == 1 or cfg.rounds.count == 1:
+        out["report"] = render_report(cfg.top_dir)["report"]
+    return out
 
 
 STAGES: list[Stage] = [
-    Stage("items", ("seed", "benchmark"), None, run_items),
-    Stage("generate", ("competitors", "generate"), "items", run_generate),
+    Stage("items", ("seed", "benchmark", "round"), None, run_items),
+    Stage("generate", ("competitors", "generate", "rounds.policy"), "items", run_generate),
     Stage("mark", ("mark",), "generate", run_mark),
     Stage("datasets", (), "mark", run_datasets),
     Stage("train", ("target", "train"), "datasets", run_train),
@@ -263,12 +356,22 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
+def _section(dumped: dict, key: str):
+    for part in key.split("."):
+        dumped = dumped[part]
+    return dumped
+
+
 def stage_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """From round 2 on, generate also depends on the round before's trained target (a player) and
+    datasets on its datasets (carried over)."""
     dumped = cfg.model_dump(mode="json")
+    before = stage_fingerprints(cfg.at_round(cfg.round - 1)) if cfg.round > 1 else {}
     fps: dict[str, str] = {}
     for stage in STAGES:
         upstream = fps.get(stage.after, "") if stage.after else ""
-        fps[stage.name] = fingerprint(stage.name, upstream, {k: dumped[k] for k in stage.sections})
+        carried = {"generate": before.get("train", ""), "datasets": before.get("datasets", "")}.get(stage.name, "")
+        fps[stage.name] = fingerprint(stage.name, upstream, carried, {k: _section(dumped, k) for k in stage.sections})
     return fps
 
 
@@ -297,6 +400,72 @@ def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Calla
         info = stage.run(cfg, run_dir)
         manifest.record(stage.name, fps[stage.name], time.perf_counter() - start, **info)
         report(f"[green]done[/] {stage.name} in {time.perf_counter() - start:.1f}s: {_short(info)}")
+    return manifest
+
+
+def round_summary(cfg: RunConfig) -> dict:
+    """One entry of rounds.json for cfg's round: every evaluated model's accuracy and CI, each
+    competitor's accuracy on the round's train items, and the round's `gain`: the trained target
+    (`train.method`) against the untrained one in round 1, against the round before's trained
+    target from round 2 on (paired on the same eval items)."""
+    from pipeline.evalstats import compare, item_scores, models_of
+    from pipeline.rundir import read_json
+
+    run_dir = cfg.run_dir
+    results = read_json(run_dir / "eval" / "results.json")
+    if results is None:
+        raise StageError(f"{run_dir / 'eval' / 'results.json'} is missing: round {cfg.round} was not evaluated")
+    entry: dict = {"round": cfg.round, **{name: {"accuracy": r["accuracy"], "ci95": r["ci95"], "items": r["items"]}
+                                          for name, r in models_of(results).items()}}
+    stats = read_json(run_dir / "datasets" / "stats.json") or {}
+    for name, c in stats.get("competitors", {}).items():
+        entry[f"competitor {name}"] = {"accuracy": c["accuracy"], "ci95": c.get("ci95_bootstrap_items") or c.get("ci95"),
+                                       "answers": c["answers"], "split": "train"}
+    trained = f"target-{cfg.train.method}"
+    if cfg.round == 1:
+        pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
+        entry["gain"] = {"vs": "target-base", **{k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}}
+    else:
+        def scores(d: Path) -> dict[str, float]:
+            marked = read_table(d / "eval" / "marked", MARKED)
+            return item_scores(marked.filter(pc.not_equal(marked["split"], TRANSFER)))[trained]
+
+        now, then = scores(run_dir), scores(cfg.round_dir(cfg.round - 1))
+        pair = compare(now, then, seed=cfg.seed)
+        entry["gain"] = {"vs": f"round {cfg.round - 1}", **{k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}}
+    entry["gain"]["significant"] = entry["gain"]["ci95"][0] > 0
+    return entry
+
+
+def execute_rounds(cfg: RunConfig, names: list[str], force: bool = False, report: Callable[[str], None] = print) -> Manifest:
+    """`rounds.count` rounds of the named stages (one round: `execute`). After each evaluated round,
+    rounds.json at the top of the run directory gets the round's entry (`round_summary`) and the
+    report is re-rendered; with `rounds.stop_when_no_gain`, a round without a significant gain ends
+    the loop. Completed rounds are skipped stage by stage, so an interrupted run continues where it
+    stopped."""
+    from pipeline.report import render_report
+
+    if cfg.rounds.count == 1:
+        return execute(cfg, names, force, report)
+    if not {"train", "evaluate"} <= set(names):
+        raise StageError("rounds need every stage (each round plays the target the round before trained): "
+                         "use `lossaverse run`, or pick one round's stage with --set round=K")
+    summary: list[dict] = []
+    manifest = None
+    for k in range(1, cfg.rounds.count + 1):
+        report(f"[bold]round {k}/{cfg.rounds.count}[/]")
+        rcfg = cfg.at_round(k)
+        manifest = execute(rcfg, names, force, report)
+        entry = round_summary(rcfg)
+        summary.append(entry)
+        write_json(summary, cfg.top_dir / "rounds.json")
+        g = entry["gain"]
+        report(f"round {k}: target-{cfg.train.method} {entry[f'target-{cfg.train.method}']['accuracy']:.3f}, "
+               f"gain vs {g['vs']} {g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
+        if cfg.rounds.stop_when_no_gain and not g["significant"] and k < cfg.rounds.count:
+            report(f"stop after round {k}: no gain beyond the 95% CI (stop_when_no_gain)")
+            break
+    render_report(cfg.top_dir)
     return manifest
 
 

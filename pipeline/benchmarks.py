@@ -23,8 +23,8 @@ class BenchmarkError(ValueError):
 
 
 def _synthetic(cfg, split: str, seed: int) -> Iterable[dict]:
-    n = cfg.n_train if split == "train" else cfg.n_eval
-    for row in synthetic.problems(split, n, seed):
+    # Endless: load_items takes as many rows as the splits (validation, rounds) need.
+    for row in synthetic.stream(split, seed, cfg.name):
         yield {"question": row["question"], "reference": row["reference"]}
 
 
@@ -125,17 +125,22 @@ def normalize(raw: dict, cfg, split: str, index: int) -> dict:
     }
 
 
-def load_items(cfg, seed: int) -> tuple[pa.Table, pa.Table]:
-    """Both splits of the benchmark as (items, quarantine) tables.
+def load_items(cfg, seed: int, round: int = 1) -> tuple[pa.Table, pa.Table]:
+    """The benchmark's items for round `round` as (items, quarantine) tables.
 
-    Real splits are capped at n_train / n_eval rows (the first ones, so the cap is deterministic).
+    The source's train split is read in order and carved into consecutive blocks of usable rows:
+    the first `n_validation` rows are split `validation` (for tuning; never used to generate
+    training data), then `n_train` rows per round, so every round answers fresh items; the eval
+    split gives the first `n_eval` rows (deterministic caps). Rows of other rounds' blocks are
+    neither items nor quarantined here (they belong to those rounds).
     """
     items, rejected, seen = [], [], set()
+    wanted = {"train": cfg.n_validation + round * cfg.n_train, "eval": cfg.n_eval}
+    first_train = cfg.n_validation + (round - 1) * cfg.n_train
     for split in ("train", "eval"):
-        cap = cfg.n_train if split == "train" else cfg.n_eval
         kept = 0
         for index, raw in enumerate(LOADERS[cfg.source](cfg, split, seed)):
-            if kept >= cap:
+            if kept >= wanted[split]:
                 break
             if isinstance(raw, str):
                 rejected.append({"source": f"{split}", "row": "", "reason": raw})
@@ -150,8 +155,18 @@ def load_items(cfg, seed: int) -> tuple[pa.Table, pa.Table]:
                 )
                 continue
             seen.add(row["id"])
-            items.append(row)
             kept += 1
+            if split == "train":
+                if kept <= cfg.n_validation:
+                    row["split"] = "validation"
+                elif kept <= first_train:
+                    continue  # an earlier round's item
+            items.append(row)
+    if round > 1 and not any(r["split"] == "train" for r in items):
+        raise BenchmarkError(
+            f"benchmark {cfg.name!r}: no train items left for round {round} after {cfg.n_validation} validation "
+            f"items and {round - 1} earlier round(s) of {cfg.n_train}; use a larger train split or fewer rounds"
+        )
     return (
         check(pa.Table.from_pylist(items, schema=ITEMS), ITEMS, "items"),
         pa.Table.from_pylist(rejected, schema=QUARANTINE),

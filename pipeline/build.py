@@ -186,3 +186,30 @@ def build_datasets(marked: pa.Table, with_reference: bool = False, seed: int = 0
     marked = check(marked, MARKED, "marked")
     kto = kto_table(marked, with_reference)
     return {"kto": kto, "negatives": negatives_table(marked), "pairs": pairs_table(marked), "stats": stats(marked, kto, seed)}
+
+
+def accumulate(built: dict, round: int, before: dict[str, pa.Table] | None = None) -> dict:
+    """Tag this round's kto/negatives/pairs rows with `round` and put the rows of earlier rounds
+    (`before`: the previous round's accumulated tables) in front of them. stats.json keeps this
+    round's answers; its `labels` and recommended weights count every accumulated kto row, because
+    those are what the trainer reads."""
+    out = dict(built)
+    for name in ("kto", "negatives", "pairs"):
+        table = built[name].append_column("round", pa.array([round] * built[name].num_rows, pa.int32()))
+        if before is not None:
+            missing = set(table.column_names) - set(before[name].column_names)
+            if missing:
+                raise ValueError(f"earlier round's datasets/{name} lacks column(s) {sorted(missing)}")
+            table = pa.concat_tables([before[name].select(table.column_names).cast(table.schema), table])
+        out[name] = table
+    kto = out["kto"]
+    n_d = int(pc.sum(kto["label"]).as_py() or 0)
+    n_u = kto.num_rows - n_d
+    stats = dict(built["stats"])
+    stats["round"] = round
+    stats["labels"] = {**stats["labels"], "desirable": n_d, "undesirable": n_u, "total": kto.num_rows,
+                       "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0,
+                       "rounds": sorted(set(kto["round"].to_pylist()))}
+    stats["recommended_kto_weights"] = recommended_weights(n_d, n_u)
+    out["stats"] = stats
+    return out

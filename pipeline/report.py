@@ -5,6 +5,9 @@ at any time, anywhere the directory is readable:
 
     manifest.json               config (seed, target, train method)
     eval/results.json           per-model accuracy, CI, pairs; an optional `rounds` list
+    eval/transfer/results.json  the same on a second benchmark (evaluate.transfer), if any
+    rounds.json                 per-round entries of a multi-round run; the other sources are then
+                                read from the last round's directory (rounds/<k>/)
     eval/marked/                (only when results.json predates the CI/pairs: recomputed from it)
     datasets/stats.json         competitors' accuracy, label balance, recommended KTO weights
     datasets/kto/, marked/      label balance and reasons for wrong answers per competitor
@@ -23,6 +26,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.evalstats import evaluation_results, model_label, models_of
@@ -53,6 +57,8 @@ class RunFiles:
     stats: dict | None = None
     results: dict | None = None
     metrics: list[dict] = field(default_factory=list)
+    source: Path | None = None  # where the round-level files are read (the last round's directory)
+    transfer: dict | None = None  # eval/transfer/results.json
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # competitor -> desirable/undesirable
     wrong_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # competitor -> reason -> count
 
@@ -81,7 +87,9 @@ def eval_results(run_dir: Path, seed: int = 0) -> dict | None:
     if results is not None and "pairs" in results:
         return results
     # Written before results carried CIs and pairs: recompute them from the stored marked rows.
-    marked = _columns(run_dir / "eval" / "marked", ["id", "competitor", "model", "sample", "correct", "reason"])
+    marked = _columns(run_dir / "eval" / "marked", ["id", "competitor", "model", "sample", "correct", "reason", "split"])
+    if marked is not None and "split" in marked.column_names:  # the transfer benchmark's rows are scored apart
+        marked = marked.filter(pc.not_equal(marked["split"], "transfer"))
     if marked is None or marked.num_rows == 0:
         return results
     recomputed = evaluation_results(marked, seed=seed)
@@ -92,8 +100,8 @@ def eval_results(run_dir: Path, seed: int = 0) -> dict | None:
 
 def _competitor_counts(files: RunFiles) -> None:
     """Label balance from datasets/kto (else marked/, else stats.json); wrong reasons from marked/ (else stats.json)."""
-    kto = _columns(files.run_dir / "datasets" / "kto", ["competitor", "label"])
-    marked = _columns(files.run_dir / "marked", ["competitor", "correct", "reason"])
+    kto = _columns(files.source / "datasets" / "kto", ["competitor", "label"])
+    marked = _columns(files.source / "marked", ["competitor", "correct", "reason"])
     comps = (files.stats or {}).get("competitors", {})
     if kto is not None:
         for name, label in zip(kto["competitor"].to_pylist(), kto["label"].to_pylist()):
@@ -123,8 +131,14 @@ def load_run(run_dir: Path) -> RunFiles:
         raise ReportError(f"run directory not found: {run_dir}")
     manifest = read_json(run_dir / "manifest.json", {})
     seed = int(manifest.get("config", {}).get("seed", 0) or 0)
-    files = RunFiles(run_dir, manifest, read_json(run_dir / "datasets" / "stats.json"), eval_results(run_dir, seed),
-                     _metrics(read_json(run_dir / "checkpoints" / "metrics.json")))
+    rounds = read_json(run_dir / "rounds.json") or []
+    last = max((int(r.get("round", 1)) for r in rounds if isinstance(r, dict)), default=1)
+    source = run_dir if last == 1 else run_dir / "rounds" / str(last)
+    files = RunFiles(run_dir, manifest, read_json(source / "datasets" / "stats.json"), eval_results(source, seed),
+                     _metrics(read_json(source / "checkpoints" / "metrics.json")), source,
+                     read_json(source / "eval" / "transfer" / "results.json"))
+    if rounds and files.results is not None:
+        files.results = {**files.results, "rounds": rounds}
     _competitor_counts(files)
     if not (files.stats or files.results or files.metrics or files.labels):
         raise ReportError(f"{run_dir} holds no datasets/stats.json, eval/results.json, marked/ or checkpoints/metrics.json: "
@@ -217,13 +231,29 @@ def _headline(results: dict) -> list[str]:
     return lines
 
 
+def _transfer(results: dict) -> list[str]:
+    """The headline tables again, on the second benchmark (never trained on)."""
+    lines = _headline({k: v for k, v in results.items() if k != "statistics"})
+    lines[0] = "## Transfer: a benchmark the target was not trained on"
+    return lines
+
+
 def _rounds(rounds: list[dict]) -> list[str]:
     rows = round_entries(rounds)
     names = sorted({n for _, entries in rows for n in entries})
-    lines = ["## Rounds", "", "| round | " + " | ".join(model_label(n) for n in names) + " |", "|---:|" + "---:|" * len(names)]
+    gains = {int(r.get("round", i + 1)): r["gain"] for i, r in enumerate(rounds) if isinstance(r, dict) and isinstance(r.get("gain"), dict)}
+    lines = ["## Rounds", "",
+             "Target accuracy on the eval items and each competitor's on the round's fresh train items. From round 2 "
+             "on the previous round's trained target plays as a competitor; the gain compares the round's trained "
+             "target with the untrained one (round 1) or with the round before's (paired, same items).", "",
+             "| round | " + " | ".join(model_label(n) for n in names) + (" | gain (95% CI), McNemar p |" if gains else " |"),
+             "|---:|" + "---:|" * (len(names) + bool(gains))]
     for k, entries in rows:
         cells = [f"{_pct(entries[n]['accuracy'])} {_ci(entries[n]['ci95']) if entries[n].get('ci95') else ''}".strip()
                  if n in entries else "" for n in names]
+        if gains:
+            g = gains.get(k)
+            cells.append(f"{_pts(g['diff'])} [{_pts(g['ci95'][0])}, {_pts(g['ci95'][1])}] vs {g.get('vs', '')}, p {_p(g['mcnemar_p'])}" if g else "")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
@@ -264,6 +294,13 @@ def _training(files: RunFiles) -> list[str]:
         first, last = steps[0], steps[-1]
         lines.append(f"{len(steps)} logged steps; loss {first['loss']:.4f} → {last['loss']:.4f}"
                      + (f"; KL {last['kl']:.4f} at the end" if isinstance(last.get("kl"), (int, float)) else "") + ".")
+    stage = (read_json((files.source or files.run_dir) / "manifest.json", {}) or {}).get("stages", {}).get("train", {})
+    if stage.get("compare"):
+        lines += ["", f"Methods compared on the same data with the same budget ({stage.get('budget_steps')} steps):", "",
+                  "| method | training rows | steps | final train loss |", "|---|---:|---:|---:|"]
+        for method, r in {train.get("method", "kto"): stage, **stage["compare"]}.items():
+            loss = r.get("train_loss")
+            lines.append(f"| {method} | {r.get('rows', 'n/a')} | {r.get('steps', 'n/a')} | {f'{loss:.4f}' if isinstance(loss, (int, float)) else 'n/a'} |")
     return lines
 
 
@@ -281,6 +318,8 @@ def markdown(files: RunFiles, plots: dict[str, str]) -> str:
             lines += [f"![eval accuracy per model]({plots['accuracy']})", ""]
     else:
         lines += ["No evaluation yet: run `lossaverse evaluate CONFIG`.", ""]
+    if files.transfer and models_of(files.transfer):
+        lines += _transfer(files.transfer) + [""]
     if files.results and files.results.get("rounds"):
         lines += _rounds(files.results["rounds"]) + [""]
         if "rounds" in plots:
