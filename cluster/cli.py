@@ -207,6 +207,42 @@ def evaluate(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, addr
 
 
 @app.command()
+def tune(
+    config: Path,
+    grid: list[str] = typer.Option(..., "--grid", help="Values to try: --grid train.learning_rate=1e-4,1e-3 (repeat for a product)"),
+    set: list[str] = SetOpt,
+    address: Optional[str] = AddressOpt,
+):
+    """Choose training settings on the validation items (benchmark.n_validation), never on eval."""
+
+    def go():
+        from cluster.ray_env import init_ray, shutdown_ray
+        from cluster.tune import parse_grid, tune as run_tune
+        from cluster.config import load_config
+
+        parsed = parse_grid(grid)
+        cfg = load_config(config, set)
+        console.print(init_ray(cfg.ray, address))
+        try:
+            out = run_tune(config, set, parsed, report=console.print)
+        finally:
+            shutdown_ray()
+        table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)")
+        for col in ("trial", "validation accuracy [95% CI]", "gain vs untrained [95% CI]", "McNemar p"):
+            table.add_column(col, justify="left" if col == "trial" else "right")
+        for t in out["trials"]:
+            lo, hi = t["ci95"]
+            glo, ghi = t["gain_ci95"]
+            table.add_row(t["trial"], f"{t['validation_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]",
+                          f"{t['gain']:+.3f} [{glo:+.3f}, {ghi:+.3f}]", f"{t['mcnemar_p']:.3g}")
+        console.print(table)
+        console.print("best: " + " ".join(f"--set {s}" for s in out["best"]))
+        console.print(f"trials: {cfg.top_dir / 'tune.json'}")
+
+    _guard(go)
+
+
+@app.command()
 def check(config: Path, set: list[str] = SetOpt):
     """Validate a config without running anything."""
 
@@ -229,45 +265,6 @@ def _numbers(text: str, what: str) -> list[int]:
     return sorted(set(values))
 
 
-def bench_table(result: dict) -> Table:
-    """The headline figures of `bench.json`: each stage against its baseline."""
-    table = Table(title="lossaverse bench")
-    for column in ("stage", "measure", "value", "baseline", "ratio"):
-        table.add_column(column, justify="left" if column in ("stage", "measure") else "right")
-    if "generate" in result:
-        g = result["generate"]
-        one = g["replicas"][min(g["replicas"])]
-        table.add_row("generate", "tokens/s steady (1 replica)", f"{one['steady_tokens_per_s']['median']:,.0f}",
-                      f"{g['baseline']['steady_tokens_per_s']['median']:,.0f}", f"{g['ratio_steady']:.2f}")
-        table.add_row("generate", "tokens/s end to end", f"{one['tokens_per_s']['median']:,.0f}",
-                      f"{g['baseline']['tokens_per_s']['median']:,.0f}", f"{g['ratio_end_to_end']:.2f}")
-        for r, v in g["replicas"].items():
-            table.add_row("generate", f"{r} replica(s): tokens/s, start-up s", f"{v['steady_tokens_per_s']['median']:,.0f}",
-                          f"{v['startup_s']['median']:.1f}s", "")
-        table.add_row("generate", "scaling efficiency at max replicas", f"{g['scaling_efficiency']:.2f}", "", "")
-        table.add_row("generate", "driver peak RSS growth (MiB, 4x prompts)", f"{g['memory']['driver_growth_mib']:+.1f}", "", "")
-    if "mark" in result:
-        for n, m in result["mark"]["rows"].items():
-            for kind, k in m["kinds"].items():
-                table.add_row("mark", f"{kind} rows/s ({int(n):,} rows)", f"{k['rows_per_s']['median']:,.0f}", "", "")
-            if "baseline" in m:
-                table.add_row("mark", f"math-verify rows/s ({int(n):,} rows)", "", f"{m['baseline']['rows_per_s']['median']:,.0f}",
-                              f"{m.get('ratio', 0):.0f}")
-    if "train" in result:
-        t = result["train"]
-        for w, v in (t.get("workers") or {}).items():
-            table.add_row("train", f"samples/s, {w} worker(s), DDP / ZeRO-2",
-                          f"{v['samples_per_s']['median']:.1f} / {v['zero2_samples_per_s']['median']:.1f}", "", "")
-        if "ratio" in t:
-            table.add_row("train", "Ray Train (1 worker) vs TRL direct", "", f"{t.get('baseline', {}).get('samples_per_s', {}).get('median', 0):.1f}",
-                          f"{t['ratio']:.2f}")
-    cost = result.get("cost")
-    if cost:
-        table.add_row("cost", f"generate {cost['inputs']['prompts']:,} x {cost['inputs']['samples']} on {cost['inputs']['replicas']} replicas",
-                      f"{cost['generate_hours']:.2f} h", "", "")
-    return table
-
-
 @app.command()
 def bench(
     stage: str = typer.Argument(..., help="generate, mark, train or all"),
@@ -277,7 +274,8 @@ def bench(
     replicas: str = typer.Option("1,2,4", "--replicas", help="generate: engine replica counts to sweep"),
     workers: str = typer.Option("1,2", "--workers", help="train: Ray Train worker counts to sweep"),
     rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
-    prompts: int = typer.Option(512, "--prompts", help="generate: prompts per measurement"),
+    prompts: Optional[int] = typer.Option(None, "--prompts", min=1,
+                                          help="generate: prompts per measurement (default: 5 engine batches per replica at the most replicas)"),
     repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
     out: Optional[Path] = typer.Option(None, "--out", help="where bench.json and the plot go (default runs/<name>/bench)"),
     cost_prompts: int = typer.Option(10_000, "--cost-prompts", help="cost model: prompts of the job to size"),
@@ -294,7 +292,7 @@ def bench(
     sweep_r, sweep_w, sweep_rows = _numbers(replicas, "--replicas"), _numbers(workers, "--workers"), _numbers(rows, "--rows")
 
     def go():
-        from cluster.bench import run_bench
+        from cluster.bench import bench_table, run_bench
         from cluster.config import load_config
         from cluster.ray_env import init_ray, shutdown_ray
 

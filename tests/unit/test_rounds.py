@@ -168,3 +168,17 @@ def test_transfer_results_get_their_own_report_section(tmp_path):
     text = (run_dir / "report.md").read_text()
     assert "## Transfer: a benchmark the target was not trained on" in text
     assert text.count("| target after KTO (`target-kto`) | 30.0% |") == 2
+
+
+def test_tune_grid_parsing_and_trial_names():
+    from cluster.tune import parse_grid, trial_name
+
+    grid = parse_grid(["train.learning_rate=1e-4,2e-3", "train.method=kto,sft"])
+    # Values stay as YAML reads them ("1e-4" is a string to YAML 1.1); the config validates them.
+    assert grid == {"train.learning_rate": ["1e-4", "2e-3"], "train.method": ["kto", "sft"]}
+    assert load_config(LOCAL, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    assert trial_name({"train.learning_rate": 0.002, "train.beta": 0.1}) == "learning_rate-0.002_beta-0.1"
+    for bad, message in ((["train.beta"], "expected KEY=V1,V2"), ([], "at least one --grid"),
+                         (["train.beta=0.1", "train.beta=0.2"], "given twice")):
+        with pytest.raises(ConfigError, match=message):
+            parse_grid(bad)
