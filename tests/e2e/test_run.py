@@ -19,7 +19,7 @@ from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
 
-N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS = 40, 24, 2, 3
+N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS, N_TRANSFER = 40, 24, 2, 3, 12
 
 
 def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:
@@ -44,12 +44,14 @@ def run(tmp_path_factory):
         "benchmark.columns={reference: answer}",
         "benchmark.reference_after='####'",
         f"generate.sampling.samples={SAMPLES}",
+        "benchmark.n_validation=0",
+        f"evaluate.transfer.n_eval={N_TRANSFER}",
     ]
     args = ["run", str(ROOT / "configs" / "local.yaml")] + [a for o in overrides for a in ("--set", o)]
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = run_cli(*args)
-    return {"dir": tmp / "runs" / "e2e", "first": first, "second": second}
+    return {"dir": tmp / "runs" / "e2e", "first": first, "second": second, "args": args}
 
 
 def test_every_row_is_accounted_for(run):
@@ -89,13 +91,26 @@ def test_trained_model_loads_and_changed(run):
 def test_evaluation_reports_before_and_after(run):
     results = json.loads((run["dir"] / "eval" / "results.json").read_text())
     models = models_of(results)
-    assert set(models) == {"target-base", "target-kto"}
+    # The default job compares KTO with the DPO and SFT baselines, all against the untrained target.
+    assert list(models) == ["target-base", "target-kto", "target-dpo", "target-sft"]
     assert all(r["answers"] == N_EVAL and r["items"] == N_EVAL for r in models.values())
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
-    (pair,) = results["pairs"]
-    assert 0.0 <= pair["mcnemar_p"] <= 1.0
-    assert (run["dir"] / "report.md").is_file()
-    assert "target after KTO" in run["first"].stdout
+    assert len(results["pairs"]) == 6 and all(0.0 <= p["mcnemar_p"] <= 1.0 for p in results["pairs"])
+    transfer = json.loads((run["dir"] / "eval" / "transfer" / "results.json").read_text())
+    assert all(r["items"] == N_TRANSFER for r in models_of(transfer).values()) and len(models_of(transfer)) == 4
+    text = (run["dir"] / "report.md").read_text()
+    assert "## Transfer" in text and "Methods compared on the same data with the same budget" in text
+    for label in ("target after KTO", "target after DPO", "target after SFT", "transfer: arith-reworded"):
+        assert label in run["first"].stdout
+
+
+def test_baselines_share_the_step_budget(run):
+    manifest = json.loads((run["dir"] / "manifest.json").read_text())
+    train = manifest["stages"]["train"]
+    assert set(train["compare"]) == {"dpo", "sft"}
+    assert train["compare"]["dpo"]["steps"] == train["compare"]["sft"]["steps"] == train["steps"] == train["budget_steps"]
+    for method in ("dpo", "sft"):
+        assert (run["dir"] / "compare" / method / "model" / "config.json").is_file()
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"items", "generate", "mark", "datasets", "train", "evaluate"}
 
@@ -112,3 +127,14 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "train.betta: Extra inputs are not permitted" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_evaluation_is_deterministic_given_the_seed(run):
+    """Evaluated again from scratch: the same greedy answers, the same numbers."""
+    before = (run["dir"] / "eval" / "results.json").read_text()
+    answers = read_table(run["dir"] / "eval" / "answers", ANSWERS).sort_by([("id", "ascending"), ("competitor", "ascending")])
+    again = run_cli("evaluate", *run["args"][1:], "--force")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert (run["dir"] / "eval" / "results.json").read_text() == before
+    fresh = read_table(run["dir"] / "eval" / "answers", ANSWERS).sort_by([("id", "ascending"), ("competitor", "ascending")])
+    assert fresh["completion"].to_pylist() == answers["completion"].to_pylist()

@@ -122,7 +122,9 @@ def test_killed_workers_resume_and_train_resume_finishes_the_run(local_ray, tmp_
     weights as the uninterrupted run."""
     overrides = [f"output_dir={tmp_path}", "name=resume", "train.max_failures=1", "train.epochs=2",
                  f"train.num_workers={WORKERS}", f"train.per_device_batch_size={BATCH}", "train.checkpoint_every=3",
-                 "train.max_length=64", "train.learning_rate=1e-3", "train.deepspeed=zero2"]
+                 "train.max_length=64", "train.learning_rate=1e-3", "train.deepspeed=zero2",
+                 # the settings of `kto_run` (TrainConfig's defaults), whatever the default job tunes
+                 "train.compare=[]", "train.beta=0.1", "train.undesirable_weight=1.0", "train.desirable_weight=1.0"]
     cfg = load_config(ROOT / "configs" / "local.yaml", overrides)
     make_datasets(cfg.run_dir)
     storage = cfg.run_dir / "checkpoints"

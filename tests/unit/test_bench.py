@@ -1,22 +1,101 @@
-"""The bench command's arithmetic: spread of repeats, the cost model, the scaling plot."""
+"""The bench command's arithmetic: steady state from batch completions, the memory sampler, spread
+of repeats, the cost model, the table and the scaling plot."""
+
+import subprocess
+import sys
+import time
 
 import matplotlib.image as mpimg
+from rich.console import Console
 
-from cluster.bench import cost_model, plot_scaling, spread
+from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling, spread
 from cluster.config import load_config
+from pipeline.genbench import PeakRSS
+from pipeline.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
 
-def _generate_result(per_replica=1000.0):
+def _generate_result(per_replica=1000.0, steady=True):
     point = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
+    note = None if steady else "2 batches completed in 1 wave(s); a steady-state rate needs 4: give more prompts"
+    memory = {"driver_peak_rss_mib": 800.0, "workers_peak_rss_mib": 3000.0, "worker_max_rss_mib": 2500.0, "gpu_peak_mib": None}
+    replica = lambda r, v: {"steady_tokens_per_s": point(v) if steady else None, "steady_note": note,  # noqa: E731
+                            "startup_s": point(30.0 + 10 * (r - 1)), "tokens_per_s": point(v / 3), "batches": 20,
+                            "efficiency": (v / r) / per_replica if steady else None, "memory": memory}
     return {
+        "machine": {"cpus": 2, "gpus": []},
         "generate": {
             "tokens_per_answer": 20.0,
-            "replicas": {1: {"steady_tokens_per_s": point(per_replica), "startup_s": point(30.0)},
-                         2: {"steady_tokens_per_s": point(1.5 * per_replica), "startup_s": point(40.0)}},
+            "baseline": {"steady_tokens_per_s": point(1100.0), "tokens_per_s": point(400.0), "startup_s": point(20.0)},
+            "same_work": {"rows": [5120, 5120], "tokens": [96000, 96000]},
+            "replicas": {1: replica(1, per_replica), 2: replica(2, 1.5 * per_replica)},
+            "ratio_steady": round(per_replica / 1100.0, 3) if steady else None, "ratio_end_to_end": 0.83,
+            "scaling_efficiency": 0.75 if steady else None,
+            "memory": {**memory, "growth": {"process": "driver", "mib": 0.4, "rows": 3840}},
         },
-        "mark": {"rows": {100000: {"kinds": {"numeric": {"rows_per_s": point(200_000.0)}}}}},
+        "mark": {"rows": {100000: {"kinds": {"numeric": {"rows_per_s": point(200_000.0)}},
+                                   "baseline": {"rows_per_s": point(800.0)}, "ratio": 250.0}},
+                 "memory": {"driver_peak_rss_mib": 900.0, "workers_peak_rss_mib": 150.0, "worker_max_rss_mib": 150.0,
+                            "gpu_peak_mib": None, "growth": {"process": "marking worker", "mib": 1.0, "rows": 90000}}},
     }
+
+
+def test_steady_state_of_batches_completing_one_after_another():
+    """Start-up 30 s, then a batch of 500 tokens every 2 s: 5 batches at 30, 32, 34, 36, 38 s.
+    The waves after the first hold 4 x 500 = 2000 tokens over 38 - 30 = 8 s: 250 tokens/s."""
+    out = steady_state([(30.0 + 2 * i, 500) for i in range(5)])
+    assert out["steady_tokens_per_s"] == 250.0 and out["steady_waves"] == 4 and out["steady_note"] is None
+
+
+def test_two_batches_a_few_milliseconds_apart_give_no_steady_figure():
+    """2 batches of 5,000 tokens arriving 30 ms apart after 87 s: the tokens that arrived after the
+    first tenth of the rows over the time since would read ~300,000 tokens/s. Refused."""
+    out = steady_state([(87.41, 5000), (87.44, 5000)])
+    assert out["steady_tokens_per_s"] is None and "give more prompts" in out["steady_note"]
+    assert steady_state([(10.0, 5000)] * 6)["steady_tokens_per_s"] is None  # all at once: one wave
+    assert steady_state([])["steady_tokens_per_s"] is None
+
+
+def test_batches_completing_together_count_as_one_wave():
+    """Two batches in flight together finish in pairs, 4 s apart: (10, 10.05), (14, 14.05), (18, 18.05),
+    (22, 22.05), 400 tokens each. Pairs are waves; after the first: 6 x 400 = 2400 tokens over
+    22.05 - 10.05 = 12 s = 200 tokens/s, the engine's real rate (one pair of 800 tokens per 4 s),
+    where counting batches singly from the first completion would give 7 x 400 / 12.05 = 232."""
+    pairs = [(t + d, 400) for t in (10.0, 14.0, 18.0, 22.0) for d in (0.0, 0.05)]
+    out = steady_state(pairs)
+    assert out["steady_waves"] == MIN_WAVES and out["steady_tokens_per_s"] == 200.0
+
+
+def test_too_few_waves_are_refused_and_the_default_prompts_give_enough():
+    assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES)])["steady_tokens_per_s"] is None
+    assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES + 1)])["steady_tokens_per_s"] == round(300 / 9, 1)
+    # 5 batches of 256 prompts for each of 4 replicas
+    assert default_prompts(256, [1, 2, 4]) == 5 * 256 * 4
+
+
+def test_tally_groups_rows_by_engine_batch():
+    tally = Tally(total=6)
+    for i in range(6):
+        tally.add(tokens=10, error=i == 5, batch="a" if i < 4 else "b")
+    assert {k: v[1:] for k, v in tally.batches.items()} == {"a": [40, 4], "b": [20, 2]}
+    assert tally.batches["a"][0] <= tally.batches["b"][0]  # a batch's time is its last row's arrival
+    summary = tally.summary()
+    assert (summary["tokens"], summary["errors"], summary["batches"]) == (60, 1, 2)
+    assert summary["steady_tokens_per_s"] is None  # two batches: not a steady state
+
+
+def test_peak_rss_sees_a_worker_process_and_no_gpu_on_cpu():
+    """A child process holding 200 MiB is a worker; the driver's own RSS is counted apart."""
+    code = "import time; x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(2)"
+    with PeakRSS(interval=0.1) as rss:
+        subprocess.run([sys.executable, "-c", code], check=True)
+        middle = time.perf_counter()
+    mib = rss.mib()
+    assert mib["workers_peak_rss_mib"] >= 200 and mib["worker_max_rss_mib"] == mib["workers_peak_rss_mib"]
+    assert 0 < mib["driver_peak_rss_mib"] < mib["workers_peak_rss_mib"] + 2000
+    assert mib["gpu_peak_mib"] is None  # this machine has no GPU
+    before, after = rss.driver_at(middle)
+    assert before > 0 and after >= 0
 
 
 def test_spread_reports_median_and_range():
@@ -37,8 +116,29 @@ def test_cost_model_scales_the_measured_per_replica_rate():
     assert cost_model(_generate_result(), gpu, 10_000, 4, 8)["inputs"]["gpus"] == 16
 
 
-def test_scaling_plot_is_written(tmp_path):
-    result = _generate_result()
-    plot_scaling(result, tmp_path / "scaling.png")
-    image = mpimg.imread(tmp_path / "scaling.png")
-    assert image.shape[0] > 100 and image.shape[1] > 200
+def test_no_cost_estimate_without_a_steady_rate():
+    cfg = load_config(ROOT / "configs" / "local.yaml")
+    cost = cost_model(_generate_result(steady=False), cfg, prompts=10_000, samples=4, replicas=8)
+    assert set(cost) == {"note"} and "give more prompts" in cost["note"]
+
+
+def _render(result) -> str:
+    console = Console(width=200, record=True)
+    console.print(bench_table(result))
+    return console.export_text()
+
+
+def test_table_shows_ratios_memory_and_refuses_an_unmeasured_steady_rate():
+    text = _render(_generate_result())
+    assert "0.91" in text and "scaling efficiency at 2 replicas" in text and "0.75" in text
+    assert "800 / 3,000 (2,500) / n/a" in text and "driver RSS growth MiB over 3,840 more rows" in text
+    assert "marking worker RSS growth MiB over 90,000 more rows" in text
+    refused = _render(_generate_result(steady=False))
+    assert "n/a" in refused and "give more prompts" in refused and "1,000" not in refused
+
+
+def test_scaling_plot_is_written_also_without_a_steady_rate(tmp_path):
+    for steady in (True, False):
+        plot_scaling(_generate_result(steady=steady), tmp_path / f"scaling-{steady}.png")
+        image = mpimg.imread(tmp_path / f"scaling-{steady}.png")
+        assert image.shape[0] > 100 and image.shape[1] > 200

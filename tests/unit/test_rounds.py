@@ -73,7 +73,7 @@ def test_config_rounds_compare_and_validation_errors():
     with pytest.raises(ConfigError, match="round 2 is past rounds.count 1"):
         load_config(LOCAL, ["round=2"])
     with pytest.raises(ConfigError, match="set benchmark.n_validation"):
-        load_config(LOCAL, ["evaluate.split=validation"])
+        load_config(LOCAL, ["evaluate.split=validation", "benchmark.n_validation=0"])
 
 
 def test_fingerprints_chain_rounds_and_ignore_the_loop_settings():
