@@ -124,6 +124,7 @@ def evaluation_results(marked: pa.Table, order: list[str] | None = None, n_boot:
             "reasons": {r: reasons[name].get(r, 0) for r in (*REASONS, *sorted(set(reasons[name]) - set(REASONS)))},
             **model_accuracy(scores[name], n_boot, seed),
         }
+    out["order"] = names
     out["pairs"] = [
         {"model": later, "baseline": earlier, **compare(scores[later], scores[earlier], n_boot, seed)}
         for i, later in enumerate(names) for earlier in names[:i]
@@ -139,8 +140,11 @@ def evaluation_results(marked: pa.Table, order: list[str] | None = None, n_boot:
 
 
 def models_of(results: dict) -> dict[str, dict]:
-    """The per-model entries of a results document (not `pairs`, `rounds`, `statistics`)."""
-    return {k: v for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+    """The per-model entries of a results document (not `pairs`, `rounds`, `statistics`), in the
+    order they were evaluated (`order`; results.json is written with sorted keys)."""
+    models = {k: v for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+    order = [n for n in results.get("order") or [] if n in models]
+    return {**{n: models[n] for n in order}, **{k: v for k, v in models.items() if k not in order}}
 
 
 def model_label(name: str) -> str:

@@ -200,8 +200,12 @@ def _ci(ci) -> str:
     return f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "n/a"
 
 
-def _verdict(pair: dict) -> str:
+def _verdict(pair: dict, alpha: float = 0.05) -> str:
+    """Better or worse only when the bootstrap CI and McNemar's exact test agree: with a handful of
+    discordant items the percentile interval can exclude zero while the exact test cannot."""
     lo, hi = pair["ci95"]
+    if (lo > 0 or hi < 0) and pair["mcnemar_p"] >= alpha:
+        return f"not shown: CI excludes zero but McNemar p ≥ {alpha} (few discordant items)"
     if lo > 0:
         return "better (CI above zero)"
     if hi < 0:

@@ -182,3 +182,18 @@ def test_tune_grid_parsing_and_trial_names():
                          (["train.beta=0.1", "train.beta=0.2"], "given twice")):
         with pytest.raises(ConfigError, match=message):
             parse_grid(bad)
+
+
+def test_verdict_needs_the_ci_and_mcnemar_to_agree_and_models_keep_their_order():
+    from pipeline.evalstats import models_of
+    from pipeline.report import _verdict
+
+    # 4 discordant items, all one way: the percentile CI excludes zero, the exact test (p = 2/16) does not.
+    assert _verdict({"ci95": [0.002, 0.016], "mcnemar_p": 0.125}).startswith("not shown")
+    assert _verdict({"ci95": [0.035, 0.070], "mcnemar_p": 5e-9}) == "better (CI above zero)"
+    assert _verdict({"ci95": [-0.185, -0.143], "mcnemar_p": 1e-50}) == "worse (CI below zero)"
+    assert _verdict({"ci95": [-0.007, 0.026], "mcnemar_p": 0.3}).startswith("no difference shown")
+    marked = pa.Table.from_pylist(rows("target-base", "eval", [True, False]) + rows("target-sft", "eval", [True, True])
+                                  + rows("target-kto", "eval", [False, True]), schema=MARKED)
+    results = json.loads(json.dumps(evaluation_results(marked, ["target-base", "target-sft", "target-kto"]), sort_keys=True))
+    assert list(models_of(results)) == ["target-base", "target-sft", "target-kto"]
