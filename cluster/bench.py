@@ -4,6 +4,9 @@ generate: the full generate stage vs vLLM's offline `LLM.generate` (pipeline.gen
 mark: the marker's rule path vs math-verify and a plain-Python loop (pipeline.markbench);
 train: Ray Train vs TRL's trainer called directly (training.bench).
 
+Every stage also reports its memory: peak RSS of the driver and of the workers, GPU memory where
+there is a GPU (None on CPU), and a check that the driver does not grow with the number of rows.
+
 Output: a console table, `bench.json` (machine, versions, config, per-stage figures and ratios),
 `bench_scaling.png` (throughput against scale with the ideal linear line) and a cost model that
 turns the measured per-replica throughput into time and accelerator-hours for a given job.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,79 +34,145 @@ def spread(values: list[float]) -> dict:
 
 
 def machine() -> dict:
+    """This machine: platform, CPUs, memory, GPUs (by NVML, so the driver does not import torch
+    and its memory figures stay its own) and the load average when the bench starts."""
     import psutil
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpus": []}
+    gpus = []
     try:
-        import torch
+        import pynvml
 
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
+        pynvml.nvmlInit()
+        gpus = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no NVML library or no driver: no GPU
         pass
-    return info
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpus": [str(g) for g in gpus],
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
-def bench_generate(cfg: RunConfig, prompts: int, replicas: list[int], repeats: int, report: Callable[[str], None]) -> dict:
-    """The stage against vLLM offline, and the stage at each replica count. Steady-state tokens/s
-    counts from the moment a tenth of the answers are in (past engine start and the first wave);
-    start-up is the time to the first answer. The driver's peak RSS at prompts/4 and at prompts
-    shows whether it grows with the number of prompts."""
-    from pipeline.genbench import bench_items, run_baseline, run_stage
+def default_prompts(batch_size: int) -> int:
+    """Prompts per engine replica: 2 x (MIN_WAVES + 1) engine batches. `pipeline.shards.
+    steady_state` needs MIN_WAVES + 1 waves of completions, and batches that complete together
+    make fewer waves than batches (measured on 2 cores: 4 batches made 3 waves, 5 made exactly 4),
+    so twice that leaves a margin and a window of several seconds to time."""
+    from pipeline.shards import MIN_WAVES
+
+    return 2 * (MIN_WAVES + 1) * batch_size
+
+
+def _replica_figures(runs: list[dict], hint: str) -> dict:
+    """The repeats of the stage at one replica count: spreads, and the steady-state tokens/s only
+    when every repeat measured it (otherwise None and the reason, plus `hint`)."""
+    notes = [r["steady_note"] for r in runs if r["steady_tokens_per_s"] is None]
+    return {
+        "steady_tokens_per_s": None if notes else spread([r["steady_tokens_per_s"] for r in runs]),
+        "steady_note": notes[0] + hint if notes else None, "batches": runs[0]["batches"],
+        "steady_waves": min(r["steady_waves"] for r in runs), "wave_ends_s": runs[0]["wave_ends_s"],
+        "tokens_per_s": spread([r["tokens_per_s"] for r in runs]), "startup_s": spread([r["startup_s"] for r in runs]),
+        "seconds": spread([r["seconds"] for r in runs]), "tokens": runs[0]["tokens"],
+        "engines_running": min(r["engines"] for r in runs), "driver_cpu_s": spread([r["driver_cpu_s"] for r in runs]),
+        "memory": peak_memory([r["memory"] for r in runs]),
+    }
+
+
+def peak_memory(measures: list[dict]) -> dict:
+    """The largest of each `PeakRSS.mib` figure over several runs (None where none measured it)."""
+    keys = ("driver_peak_rss_mib", "workers_peak_rss_mib", "worker_max_rss_mib", "gpu_peak_mib")
+    return {k: max((m[k] for m in measures if m.get(k) is not None), default=None) for k in keys}
+
+
+def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], repeats: int, report: Callable[[str], None]) -> dict:
+    """The stage against vLLM offline, and the stage at each replica count.
+
+    `prompts` is per replica (default `default_prompts`): the stage with r replicas answers
+    r x prompts, so every replica has the same number of batches at every scale; the baseline, one
+    engine, answers the prompts of the smallest replica count, the same requests as that run.
+    Steady-state tokens/s comes from the engine batches' completion times (pipeline.shards.
+    steady_state: the waves after the first); a figure measured on too few waves is None with a
+    note. Start-up is the time to the first answer. Memory: `PeakRSS` per run, and the driver's
+    growth over the last three quarters of the rows."""
+    from pipeline.genbench import bench_items, run_baseline, run_stage, unsplit_prefill
     from pipeline.tinymodels import resolve_model
 
     ref = cfg.competitors["large"]
-    model, engine = resolve_model(ref.path), cfg.engine_for(ref)
+    model, engine = resolve_model(ref.path), unsplit_prefill(cfg.engine_for(ref))
     sampling = cfg.generate.sampling.model_copy(update={"samples": 1})
-    items = bench_items(prompts, cfg.seed)
+    needed = default_prompts(engine.batch_size)
+    prompts = prompts or needed
+    if prompts < needed:
+        report(f"bench generate: {prompts} prompts per replica are fewer than {needed} ({needed // engine.batch_size} "
+               f"batches of {engine.batch_size}); steady-state figures measured on too few batches are left out")
+    low, top = min(replicas), max(replicas)
+    items = {r: bench_items(prompts * r, cfg.seed) for r in replicas}
     baseline, stage = [], {r: [] for r in replicas}
     for i in range(repeats):
-        report(f"bench generate: vLLM LLM.generate, {prompts} prompts (repeat {i + 1}/{repeats})")
-        baseline.append(run_baseline(model, engine, items, sampling, cfg.seed))
+        report(f"bench generate: vLLM LLM.generate, {prompts * low} prompts (repeat {i + 1}/{repeats})")
+        baseline.append(run_baseline(model, engine, items[low], sampling, cfg.seed))
         for r in replicas:
-            report(f"bench generate: the stage with {r} replica(s), {prompts} prompts (repeat {i + 1}/{repeats})")
-            stage[r].append(run_stage(model, engine, items, sampling, cfg.seed, r))
-    report(f"bench generate: driver memory with {prompts // 4} prompts")
-    quarter = run_stage(model, engine, items.slice(0, max(1, prompts // 4)), sampling, cfg.seed, min(replicas))
-    scaling = {
-        r: {
-            "steady_tokens_per_s": spread([s["steady_tokens_per_s"] for s in runs]),
-            "tokens_per_s": spread([s["tokens_per_s"] for s in runs]),
-            "startup_s": spread([s["startup_s"] for s in runs]),
-            "seconds": spread([s["seconds"] for s in runs]),
-            "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in runs),
-            "workers_peak_rss_mib": max(s["workers_peak_rss_mib"] for s in runs),
-        }
-        for r, runs in stage.items()
-    }
-    low, top = min(replicas), max(replicas)
+            report(f"bench generate: the stage with {r} replica(s), {prompts * r} prompts (repeat {i + 1}/{repeats})")
+            stage[r].append(run_stage(model, engine, items[r], sampling, cfg.seed, r, cfg.generate.shard_items))
+    hint = f" (the default, {needed} prompts per replica, gives {needed // engine.batch_size} batches each)" if prompts < needed else ""
+    scaling = {r: _replica_figures(runs, hint) for r, runs in stage.items()}
     one = scaling[low]
     base_steady = spread([b["steady_tokens_per_s"] for b in baseline])
     base_e2e = spread([b["tokens_per_s"] for b in baseline])
+
+    def per_replica(r):
+        s = scaling[r]["steady_tokens_per_s"]
+        return s["median"] / r if s else None
+
+    for r in replicas:
+        scaling[r]["efficiency"] = (round(per_replica(r) / per_replica(low), 3)
+                                    if per_replica(r) is not None and per_replica(low) is not None else None)
+    growth = max(s["driver_growth_mib"] for s in stage[low])  # the largest over repeats
     return {
-        "model": model, "prompts": prompts, "max_tokens": sampling.max_tokens, "engine": engine.model_dump(),
+        "model": model, "prompts_per_replica": prompts, "prompts_per_replica_needed": needed, "max_tokens": sampling.max_tokens,
+        "engine": engine.model_dump(), "scheduler_limits": baseline[0]["scheduler_limits"],
         "baseline": {"steady_tokens_per_s": base_steady, "tokens_per_s": base_e2e,
-                     "startup_s": spread([b["startup_s"] for b in baseline])},
+                     "startup_s": spread([b["startup_s"] for b in baseline]),
+                     "engine_s": spread([b["engine_s"] for b in baseline]),
+                     "generate_s": spread([b["generate_s"] for b in baseline]), "tokens": baseline[0]["tokens"],
+                     "rows": baseline[0]["rows"], "memory": peak_memory([b["memory"] for b in baseline])},
+        # Same prompts, seeds and token budget on both sides: the answers' total tokens should match
+        # (seeded sampling; within 1% allows for batch-dependent floating-point ties).
+        "same_work": {"rows": [baseline[0]["rows"], stage[low][0]["rows"]],
+                      "tokens": [baseline[0]["tokens"], stage[low][0]["tokens"]],
+                      "match": baseline[0]["rows"] == stage[low][0]["rows"]
+                      and abs(baseline[0]["tokens"] - stage[low][0]["tokens"]) <= 0.01 * baseline[0]["tokens"]},
         "replicas": scaling,
-        "ratio_steady": round(one["steady_tokens_per_s"]["median"] / base_steady["median"], 3),
+        # per replica: the baseline is one engine
+        "ratio_steady": round(per_replica(low) / base_steady["median"], 3) if per_replica(low) is not None else None,
         "ratio_end_to_end": round(one["tokens_per_s"]["median"] / base_e2e["median"], 3),
-        "scaling_efficiency": round(scaling[top]["steady_tokens_per_s"]["median"] * low / (top * one["steady_tokens_per_s"]["median"]), 3),
+        "scaling_efficiency": scaling[top]["efficiency"],
         "startup_share": round(one["startup_s"]["median"] / one["seconds"]["median"], 3),
         "tokens_per_answer": round(baseline[0]["tokens"] / max(1, baseline[0]["rows"]), 1),
-        "memory": {"driver_peak_rss_mib": {"prompts_quarter": quarter["driver_peak_rss_mib"], "prompts_full": one["driver_peak_rss_mib"]},
-                   "driver_growth_mib": round(one["driver_peak_rss_mib"] - quarter["driver_peak_rss_mib"], 1)},
+        "memory": {**peak_memory([v["memory"] for v in scaling.values()] + [peak_memory([b["memory"] for b in baseline])]),
+                   "growth": {"process": "driver", "mib": growth, "rows": prompts * low - prompts * low // 4}},
     }
 
 
 def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[[str], None]) -> dict:
+    """pipeline.markbench at each row count. Memory: the bench process (it marks whole in-memory
+    tables) as the driver; as the worker, a fresh process marking the rows in streamed batches
+    like a pipeline worker (its exact peak, `peak_rss_bytes`); no GPU is used. The growth check:
+    that worker's peak at rows and at rows/10 (the rows stream through it as through the driver
+    of a pipeline run)."""
+    from pipeline.genbench import PeakRSS
     from pipeline.markbench import bench_mark
 
-    sweep = {}
+    sweep, driver = {}, []
     for n in rows:
         report(f"bench mark: {n:,} rows")
-        sweep[n] = bench_mark(rows=n, repeats=repeats, seed=seed)
-    return {"rows": sweep}
+        with PeakRSS() as rss:
+            sweep[n] = bench_mark(rows=n, repeats=repeats, seed=seed)
+        driver.append(rss.mib()["driver_peak_rss_mib"])
+    top = sweep[max(rows)]
+    worker = round(max(top["peak_rss_bytes"].values()) / 2**20, 1)
+    return {"rows": sweep, "memory": {"driver_peak_rss_mib": max(driver), "workers_peak_rss_mib": worker,
+                                      "worker_max_rss_mib": worker, "gpu_peak_mib": None,
+                                      "growth": {"process": "marking worker", "mib": round(top["peak_rss_growth_mib"], 1),
+                                                 "rows": max(rows) - max(1, max(rows) // 10)}}}
 
 
 def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: Callable[[str], None]) -> dict:
@@ -115,25 +185,33 @@ def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: 
     point = lambda v: {"median": v, "min": v, "max": v, "n": raw["repeats"]}  # noqa: E731  medians from bench_train
     return {
         **raw,
-        "baseline": {"samples_per_s": point(raw["direct_samples_per_second"])},
+        "baseline": {"samples_per_s": point(raw["direct_samples_per_second"]), "memory": raw["memory"]["direct"]},
         "workers": {n: {"samples_per_s": point(raw["ray_samples_per_second"][f"{n}xnone"]),
-                        "zero2_samples_per_s": point(raw["ray_samples_per_second"].get(f"{n}xzero2", 0.0))}
+                        "zero2_samples_per_s": point(raw["ray_samples_per_second"].get(f"{n}xzero2", 0.0)),
+                        "memory": raw["memory"][f"{n}xnone"], "zero2_memory": raw["memory"].get(f"{n}xzero2")}
                     for n in workers},
         "ratio": raw["ray_vs_direct"],
+        "memory_by_run": raw["memory"],  # "direct" (TRL in one process) and "<workers>x<deepspeed>"
+        "memory": peak_memory(list(raw["memory"].values())),
     }
 
 
 def cost_model(result: dict, cfg: RunConfig, prompts: int, samples: int, replicas: int) -> dict | None:
     """Time and accelerator-hours to generate and mark `prompts` x `samples` answers on `replicas`
     engine replicas, from the measured per-replica steady throughput. An estimate: it assumes the
-    benchmark's model, answer length and engine settings, and linear scaling over replicas."""
+    benchmark's model, answer length and engine settings, and linear scaling over replicas. None
+    without a generate result; a note instead of figures when its steady rate could not be measured."""
     gen = result.get("generate")
     if not gen:
         return None
-    per_replica = gen["replicas"][min(gen["replicas"])]["steady_tokens_per_s"]["median"] / min(gen["replicas"])
+    low = min(gen["replicas"])
+    steady = gen["replicas"][low]["steady_tokens_per_s"]
+    if steady is None:
+        return {"note": "no cost estimate: the steady-state rate was not measured (" + gen["replicas"][low]["steady_note"] + ")"}
+    per_replica = steady["median"] / low
     answers = prompts * samples
     tokens = answers * gen["tokens_per_answer"]
-    startup = gen["replicas"][min(gen["replicas"])]["startup_s"]["median"]
+    startup = gen["replicas"][low]["startup_s"]["median"]
     gen_s = startup + tokens / (per_replica * replicas)
     engine = cfg.engine_for(cfg.competitors["large"])
     gpus = replicas * engine.bundles_per_replica * engine.num_gpus
@@ -153,8 +231,52 @@ def cost_model(result: dict, cfg: RunConfig, prompts: int, samples: int, replica
     return out
 
 
+def _panel(ax, title: str, xlabel: str, ylabel: str, points: list[tuple[int, float]], ideal: str,
+           extra: list[tuple[str, list[tuple[int, float]], str]] = (), label: str = "measured") -> None:
+    """One stage: measured throughput against scale, the ideal line through the smallest scale
+    (linear in replicas or workers; a constant rate over rows, on log axes as rates differ ~100x)."""
+    from matplotlib.ticker import FuncFormatter
+
+    points = sorted(points)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    ax.plot(xs, ys, "o-", color="C0", label=label, zorder=3)
+    if ideal == "linear":
+        ax.plot(xs, [ys[0] * x / xs[0] for x in xs], "--", color="grey", label="ideal (linear)")
+        ax.set_xticks(xs)
+    else:
+        ax.plot(xs, [ys[0]] * len(xs), "--", color="grey", label="ideal (constant rate)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    for x, y in points:
+        ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    every = list(points)
+    for i, (name, pts, style) in enumerate(extra):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i + 1}", markersize=8, label=name, zorder=2)
+        below = (-3 if ideal == "linear" else -14) - 10 * i
+        for x, y in pts:  # left of the point (measured values are right of theirs), one line per series
+            ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(-7, below), fontsize=8,
+                        color=f"C{i + 1}", ha="right")
+        every += pts
+    top = max(max(ys), *(y for _, y in every))
+    if ideal == "linear":
+        ax.set_ylim(0, max(top, ys[0] * xs[-1] / xs[0]) * 1.12)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    else:
+        ax.set_ylim(min(y for _, y in every) / 3, top * 3)
+    if ideal == "linear":  # room left of the smallest scale for the baselines' values
+        ax.set_xlim(xs[0] - 0.3 * max(1, xs[-1] - xs[0]) / 2, xs[-1] + 0.08 * max(1, xs[-1] - xs[0]))
+    else:
+        ax.set_xlim(xs[0] / 1.8, xs[-1] * 1.6)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="center" if ideal != "linear" else "upper left")
+    ax.grid(alpha=0.3)
+
+
 def plot_scaling(result: dict, path: Path) -> None:
-    """Throughput against scale per stage, with the ideal linear line through the smallest scale."""
+    """Throughput against scale per stage, with the ideal line through the smallest scale and the
+    stage's baseline where there is one. A generate point without a steady-state figure is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,53 +284,155 @@ def plot_scaling(result: dict, path: Path) -> None:
 
     panels = []
     if "generate" in result:
-        g = result["generate"]["replicas"]
-        panels.append(("generate: engine replicas", "tokens/s (steady)", [(int(k), v["steady_tokens_per_s"]["median"]) for k, v in g.items()]))
+        g = result["generate"]
+        pts = [(int(k), v["steady_tokens_per_s"]["median"]) for k, v in g["replicas"].items() if v["steady_tokens_per_s"]]
+        if pts:
+            base = [(1, g["baseline"]["steady_tokens_per_s"]["median"])]
+            ratio = f"; {g['ratio_steady']:.2f} x vLLM" if g.get("ratio_steady") else ""
+            panels.append((f"generate: steady tokens/s{ratio}", "engine replicas", "tokens/s (steady state)", pts, "linear",
+                           [("vLLM LLM.generate, 1 engine", base, "s")], "the generate stage"))
+        else:  # nothing measured: say so rather than leave the stage out
+            note = next(v["steady_note"] for v in g["replicas"].values() if v["steady_note"])
+            panels.append(("generate: steady tokens/s not measured", note))
     if "train" in result and result["train"].get("workers"):
-        w = result["train"]["workers"]
-        panels.append(("train: Ray Train workers", "samples/s", [(int(k), v["samples_per_s"]["median"]) for k, v in w.items()]))
+        t = result["train"]
+        w = t["workers"]
+        zero2 = [(int(k), v["zero2_samples_per_s"]["median"]) for k, v in w.items() if v["zero2_samples_per_s"]["median"]]
+        extra = [("TRL trainer direct, 1 process", [(1, t["baseline"]["samples_per_s"]["median"])], "s")]
+        if zero2:
+            extra.append(("Ray Train, ZeRO-2", sorted(zero2), "^:"))
+        panels.append((f"train: samples/s; 1 worker {t['ratio']:.2f} x TRL direct", "Ray Train workers", "samples/s",
+                       [(int(k), v["samples_per_s"]["median"]) for k, v in w.items()], "linear", extra, "Ray Train, DDP"))
     if "mark" in result:
         m = result["mark"]["rows"]
-        panels.append(("mark: rows (numeric)", "rows/s", [(int(k), v["kinds"]["numeric"]["rows_per_s"]["median"]) for k, v in m.items()]))
+        panels.append(("mark: numeric rows/s on one core", "rows marked", "rows/s (log)",
+                       [(int(k), v["kinds"]["numeric"]["rows_per_s"]["median"]) for k, v in m.items()], "constant",
+                       [("math-verify parse + verify",
+                         sorted((int(k), v["baseline"]["rows_per_s"]["median"]) for k, v in m.items()), "s:")],
+                       "the marker's rules"))
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, ylabel, points) in zip(axes[0], panels):
-        points.sort()
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, "o-", label="measured")
-        if title.startswith("mark"):
-            ax.plot(xs, [ys[0]] * len(xs), "--", label="ideal (constant rate)")
-            ax.set_xscale("log")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if len(panel) == 2:
+            ax.set_title(panel[0], fontsize=11)
+            ax.text(0.5, 0.5, textwrap.fill(panel[1], 40), ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
         else:
-            ax.plot(xs, [ys[0] * x / xs[0] for x in xs], "--", label="ideal (linear)")
-        ax.set_title(title)
-        ax.set_xlabel(title.split(": ")[1])
-        ax.set_ylabel(ylabel)
-        ax.legend()
-        ax.grid(alpha=0.3)
+            _panel(ax, *panel)
+    info = result.get("machine", {})
+    gpus = f"{len(info['gpus'])} GPU(s)" if info.get("gpus") else "no GPU"
+    load = f", load average {info['load_average'][0]:.1f} at start" if info.get("load_average") else ""
+    if result.get("load_average_end"):
+        load += f", {result['load_average_end'][0]:.1f} at end"
+    fig.suptitle(f"lossaverse bench: {info.get('cpus', '?')} CPUs, {gpus}{load}", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[int], workers: list[int], rows: list[int],
-              prompts: int, repeats: int, cost: tuple[int, int, int], report: Callable[[str], None]) -> dict:
-    from cluster.stages import _versions
+def _mib(v) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
 
-    start = time.perf_counter()
-    result: dict = {"machine": machine(), "versions": _versions(), "config": cfg.model_dump(mode="json")}
-    if "generate" in stages:
-        result["generate"] = bench_generate(cfg, prompts, replicas, repeats, report)
-    if "mark" in stages:
-        result["mark"] = bench_mark_stage(rows, repeats, cfg.seed, report)
-    if "train" in stages:
-        result["train"] = bench_train_stage(cfg, workers, repeats, report)
-    result["cost"] = cost_model(result, cfg, *cost)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _memory_rows(table, stage: str, memory: dict) -> None:
+    table.add_row(stage, "memory MiB: driver / workers (largest) / GPU",
+                  f"{_mib(memory['driver_peak_rss_mib'])} / {_mib(memory['workers_peak_rss_mib'])} "
+                  f"({_mib(memory['worker_max_rss_mib'])}) / {_mib(memory['gpu_peak_mib'])}", "", "")
+    growth = memory.get("growth")
+    if growth:
+        table.add_row(stage, f"{growth['process']} RSS growth MiB over {growth['rows']:,} more rows", f"{growth['mib']:+.1f}", "", "")
+
+
+def bench_table(result: dict):
+    """The headline figures of `bench.json` as a rich table: each stage against its baseline, its
+    scaling, its memory. A steady-state figure that could not be measured reads "n/a" and the
+    reason is in the caption."""
+    from rich.table import Table
+
+    notes = []
+    table = Table(title="lossaverse bench")
+    for column in ("stage", "measure", "value", "baseline", "ratio"):
+        table.add_column(column, justify="left" if column in ("stage", "measure") else "right")
+    if "generate" in result:
+        g = result["generate"]
+        low = min(g["replicas"], key=int)
+        one = g["replicas"][low]
+        ratio = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        steady = lambda v: "n/a" if v["steady_tokens_per_s"] is None else f"{v['steady_tokens_per_s']['median']:,.0f}"  # noqa: E731
+        table.add_row("generate", f"tokens/s steady ({low} replica)", steady(one),
+                      f"{g['baseline']['steady_tokens_per_s']['median']:,.0f}", ratio(g["ratio_steady"]))
+        table.add_row("generate", "tokens/s end to end (start-up included)", f"{one['tokens_per_s']['median']:,.0f}",
+                      f"{g['baseline']['tokens_per_s']['median']:,.0f}", ratio(g["ratio_end_to_end"]))
+        table.add_row("generate", "start-up s (stage: to the first answer)", f"{one['startup_s']['median']:.1f}",
+                      f"{g['baseline']['startup_s']['median']:.1f}", "")
+        table.add_row("generate", "answers / tokens (same prompts and budget)",
+                      f"{g['same_work']['rows'][1]:,} / {g['same_work']['tokens'][1]:,}",
+                      f"{g['same_work']['rows'][0]:,} / {g['same_work']['tokens'][0]:,}", "")
+        if not g["same_work"].get("match", True):
+            notes.append("generate: the stage and vLLM offline did not produce the same answers and tokens; "
+                         "the ratios compare different work")
+        for r, v in g["replicas"].items():
+            eff = "" if v.get("efficiency") is None else f"{v['efficiency']:.2f}"
+            ran = f", {v['engines_running']} ran" if v.get("engines_running") not in (None, int(r)) else ""
+            table.add_row("generate", f"{r} replica(s){ran}: steady tokens/s, {v['batches']} batches", steady(v), "", eff)
+            if v["steady_note"]:
+                notes.append(f"generate, {r} replica(s): {v['steady_note']}")
+        table.add_row("generate", f"scaling efficiency at {max(g['replicas'], key=int)} replicas", ratio(g["scaling_efficiency"]), "", "")
+        _memory_rows(table, "generate", g["memory"])
+    if "mark" in result:
+        for n, m in result["mark"]["rows"].items():
+            for kind, k in m["kinds"].items():
+                table.add_row("mark", f"{kind} rows/s ({int(n):,} rows)", f"{k['rows_per_s']['median']:,.0f}", "", "")
+            if "baseline" in m:
+                table.add_row("mark", f"numeric vs math-verify rows/s ({int(n):,} rows)", "",
+                              f"{m['baseline']['rows_per_s']['median']:,.0f}", f"{m.get('ratio', 0):.0f}")
+        _memory_rows(table, "mark", result["mark"]["memory"])
+    if "train" in result:
+        t = result["train"]
+        for w, v in (t.get("workers") or {}).items():
+            table.add_row("train", f"samples/s, {w} worker(s), DDP / ZeRO-2",
+                          f"{v['samples_per_s']['median']:.1f} / {v['zero2_samples_per_s']['median']:.1f}", "", "")
+        if "ratio" in t:
+            table.add_row("train", "Ray Train (1 worker) vs TRL direct", f"{t['ray_samples_per_second'].get('1xnone', 0):.1f}",
+                          f"{t['baseline']['samples_per_s']['median']:.1f}", f"{t['ratio']:.2f}")
+        _memory_rows(table, "train", t["memory"])
+    cost = result.get("cost")
+    if cost and "note" in cost:
+        notes.append(cost["note"])
+    elif cost:
+        i = cost["inputs"]
+        table.add_row("cost", f"estimate: generate {i['prompts']:,} x {i['samples']} on {i['replicas']} replicas",
+                      f"{cost['generate_hours']:.3f} h", "", "")
+        if "bottleneck" in cost:
+            table.add_row("cost", "bottleneck", cost["bottleneck"], "", "")
+    if notes:
+        table.caption = "\n".join(notes)
+    return table
+
+
+def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[int], workers: list[int], rows: list[int],
+              prompts: int | None, repeats: int, cost: tuple[int, int, int], report: Callable[[str], None]) -> dict:
+    """Each stage in `stages`, then the cost model; writes bench.json and bench_scaling.png into
+    `out_dir` and returns what bench.json holds. `stage_seconds` is each stage's wall time and
+    `load_average_end` the machine's load when done (other work on the machine slows every figure)."""
+    from cluster.stages import _versions
     from pipeline.rundir import write_json
 
+    start = time.perf_counter()
+    result: dict = {"machine": machine(), "versions": _versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
+    benches = {"generate": lambda: bench_generate(cfg, prompts, replicas, repeats, report),
+               "mark": lambda: bench_mark_stage(rows, repeats, cfg.seed, report),
+               "train": lambda: bench_train_stage(cfg, workers, repeats, report)}
+    for stage in STAGES:
+        if stage in stages:
+            began = time.perf_counter()
+            result[stage] = benches[stage]()
+            result["stage_seconds"][stage] = round(time.perf_counter() - began, 1)
+    result["cost"] = cost_model(result, cfg, *cost)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(result, out_dir / "bench.json")
     plot_scaling(result, out_dir / "bench_scaling.png")
     return result

@@ -275,7 +275,7 @@ def bench(
     workers: str = typer.Option("1,2", "--workers", help="train: Ray Train worker counts to sweep"),
     rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
     prompts: Optional[int] = typer.Option(None, "--prompts", min=1,
-                                          help="generate: prompts per measurement (default: 5 engine batches per replica at the most replicas)"),
+                                          help="generate: prompts per engine replica (default: 8 engine batches)"),
     repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
     out: Optional[Path] = typer.Option(None, "--out", help="where bench.json and the plot go (default runs/<name>/bench)"),
     cost_prompts: int = typer.Option(10_000, "--cost-prompts", help="cost model: prompts of the job to size"),

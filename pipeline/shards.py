@@ -63,7 +63,9 @@ class ShardStore:
 
 @dataclass
 class Tally:
-    """Per-competitor progress: prompts done of total, tokens, errors, wall time."""
+    """Per-competitor progress: prompts done of total, tokens, errors, wall time, and when each
+    engine batch completed (rows of one batch reach the driver together, tagged with its
+    `batch_uuid`), from which `summary` takes the steady-state throughput."""
 
     total: int
     done: int = 0
@@ -73,9 +75,23 @@ class Tally:
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None  # the first row's arrival: start-up (engines loading) ends here
     end: float | None = None
-    # Time and tokens when a tenth of the rows had arrived: steady-state throughput is measured
-    # from there on, past the engines' start and the first wave of answers.
-    tenth: tuple[float, int] | None = None
+    quarter: float | None = None  # when a quarter of the rows had arrived
+    # batch id -> [arrival of its last row, tokens, rows]: one entry per engine batch, so a few
+    # thousand entries for a million rows.
+    batches: dict[str, list] = field(default_factory=dict)
+
+    def add(self, tokens: int, error: bool, batch: str | None = None) -> None:
+        """One answer row arrived at the driver."""
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.done += 1
+        self.tokens += tokens
+        self.errors += error
+        if self.quarter is None and self.done * 4 >= self.total:
+            self.quarter = now
+        if batch is not None:
+            entry = self.batches.setdefault(batch, [now, 0, 0])
+            entry[0], entry[1], entry[2] = now, entry[1] + tokens, entry[2] + 1
 
     def line(self, name: str) -> str:
         elapsed = (self.end or time.perf_counter()) - self.start
@@ -87,14 +103,59 @@ class Tally:
                 f"{self.errors} errors, ETA {eta:.0f}s")
 
     def summary(self) -> dict:
+        """Totals, start-up (time to the first answer) and the steady-state figures of
+        `steady_state` over the batch completions (`steady_tokens_per_s` is None when too few
+        batches completed to measure it)."""
         wall = (self.end or time.perf_counter()) - self.start
         first = self.first or self.start
-        t10, tok10 = self.tenth or (first, 0)
-        steady = (self.end or time.perf_counter()) - t10
+        steady = steady_state([(t, tok) for t, tok, _ in self.batches.values()])
+        # When each wave of batches completed, in seconds from the start: a timeline for the bench
+        # report, capped so a long run's manifest stays small.
+        ends = steady.pop("wave_ends")
+        steady["wave_ends_s"] = [round(t - self.start, 2) for t in ends] if len(ends) <= 100 else None
         return {"rows": self.done + self.resumed, "generated": self.done, "resumed": self.resumed, "tokens": self.tokens,
                 "errors": self.errors, "seconds": round(wall, 2), "startup_s": round(first - self.start, 2),
+                "quarter_s": round((self.quarter or first) - self.start, 2),
                 "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0,
-                "steady_tokens_per_s": round((self.tokens - tok10) / steady, 1) if steady > 0 else 0.0}
+                "batches": len(self.batches), **steady}
+
+
+MIN_WAVES = 3  # completion waves after the first one that a steady-state figure needs
+
+
+def steady_state(completions: list[tuple[float, int]], min_waves: int = MIN_WAVES) -> dict:
+    """Steady-state tokens/s from engine batch completions `(time, tokens)`.
+
+    Batches that complete together (several in flight in one engine, or one per replica) form a
+    wave: a completion joins the previous wave when it follows it by less than a quarter of the
+    mean gap between completions. The rate is the tokens of every wave after the first over the
+    time from the first wave's last completion to the last completion, so start-up and the first
+    wave are left out and no interval is shorter than a wave apart. With fewer than `min_waves`
+    waves after the first the figure would rest on one or two gaps (e.g. two batches arriving a
+    few milliseconds apart), so it is refused: `steady_tokens_per_s` None, `steady_note` says why.
+    """
+    done = sorted(completions)
+    out = {"steady_tokens_per_s": None, "steady_waves": 0, "steady_note": None, "wave_ends": []}
+    if len(done) < 2:
+        out["steady_note"] = f"{len(done)} batch(es) completed; a steady-state rate needs {min_waves + 1} waves"
+        return out
+    tolerance = 0.25 * (done[-1][0] - done[0][0]) / (len(done) - 1)
+    waves = [[done[0]]]
+    for prev, cur in zip(done, done[1:]):
+        if cur[0] - prev[0] <= tolerance:
+            waves[-1].append(cur)
+        else:
+            waves.append([cur])
+    out["steady_waves"] = len(waves) - 1
+    out["wave_ends"] = [wave[-1][0] for wave in waves]
+    if len(waves) - 1 < min_waves:
+        out["steady_note"] = (f"{len(done)} batches completed in {len(waves)} wave(s); a steady-state rate needs "
+                              f"{min_waves + 1}: give more prompts")
+        return out
+    start = waves[0][-1][0]
+    tokens = sum(tok for wave in waves[1:] for _, tok in wave)
+    out["steady_tokens_per_s"] = round(tokens / (done[-1][0] - start), 1)  # > 0: waves are apart by definition
+    return out
 
 
 def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dict[int, pa.Table]], samples: int,
@@ -124,12 +185,8 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
             continue
         buf[key] = row
         tally = tallies[competitor]
-        tally.first = tally.first or time.perf_counter()
-        tally.done += 1
-        tally.tokens += int(row.get("num_generated_tokens") or 0)
-        if tally.tenth is None and tally.done * 10 >= tally.total:
-            tally.tenth = (time.perf_counter(), tally.tokens)
-        tally.errors += bool(row.get("__inference_error__") or row.get("api_error"))
+        tally.add(int(row.get("num_generated_tokens") or 0), bool(row.get("__inference_error__") or row.get("api_error")),
+                  row.get("batch_uuid"))
         if len(buf) == pending[competitor][index].num_rows * samples:
             table = answers_from_outputs([buf[k] for k in sorted(buf)])
             store.write(competitor, index, table)

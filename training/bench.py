@@ -7,7 +7,9 @@
 and reports steady-state training samples/s for each. Steady state excludes start-up: the rate is
 taken from the trainer's own step timings (`training.worker.StepMetrics`: the time inside each
 optimizer step), leaving out the first `warmup` steps. The headline figure is Ray Train with one
-worker over the direct trainer (goal: at least 0.9). Needs a running Ray (the caller's `init_ray`).
+worker over the direct trainer (goal: at least 0.9). Each run's memory is sampled from the driver
+(`pipeline.genbench.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
+GPU memory where there is a GPU). Needs a running Ray (the caller's `init_ray`).
 """
 
 from __future__ import annotations
@@ -108,9 +110,11 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     Each figure is the median over `repeats` runs of `steps` optimizer steps (KTO, fp32 on CPU,
     one CPU thread per worker). Returns {"direct_samples_per_second", "ray_samples_per_second":
     {"<workers>x<deepspeed>": samples/s}, "ray_vs_direct" (median of the per-repeat ratios of
-    "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings}.
+    "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings,
+    "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     """
     from cluster.config import TrainConfig
+    from pipeline.genbench import PeakRSS
     from pipeline.rundir import write_table
     from pipeline.tinymodels import resolve_model
 
@@ -125,15 +129,20 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
         # Repeats are interleaved (direct, then every Ray setting, then again), so a change in the
         # machine's load hits both sides; the ratio is the median of the per-repeat ratios.
         direct, ray = [], {f"{n}x{ds}": [] for ds in deepspeed for n in workers}
+        memory: dict[str, list[dict]] = {"direct": [], **{key: [] for key in ray}}
         for i in range(repeats):
-            direct.append(direct_in_subprocess(
-                TrainConfig(num_workers=1, deepspeed="none", **base), path, tmp / "datasets" / "kto" / "part-0.parquet",
-                seed, warmup, tmp / f"direct{i}"))
+            with PeakRSS() as rss:
+                direct.append(direct_in_subprocess(
+                    TrainConfig(num_workers=1, deepspeed="none", **base), path, tmp / "datasets" / "kto" / "part-0.parquet",
+                    seed, warmup, tmp / f"direct{i}"))
+            memory["direct"].append(rss.mib())
             for ds in deepspeed:
                 for n in workers:
-                    ray[f"{n}x{ds}"].append(ray_samples_per_second(
-                        TrainConfig(num_workers=n, deepspeed=ds, **base), path, tmp / "datasets", seed, warmup,
-                        tmp / f"ray-{n}-{ds}-{i}"))
+                    with PeakRSS() as rss:
+                        ray[f"{n}x{ds}"].append(ray_samples_per_second(
+                            TrainConfig(num_workers=n, deepspeed=ds, **base), path, tmp / "datasets", seed, warmup,
+                            tmp / f"ray-{n}-{ds}-{i}"))
+                    memory[f"{n}x{ds}"].append(rss.mib())
     ratios = [r / d for r, d in zip(ray.get("1xnone", []), direct)]
     ratio = statistics.median(ratios) if ratios else 0.0
     return {
@@ -143,4 +152,6 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
         "ray_samples_per_second": {k: round(statistics.median(v), 2) for k, v in ray.items()},
         "ray_vs_direct_per_repeat": [round(r, 3) for r in ratios],
         "ray_vs_direct": round(ratio, 3), "goal": GOAL, "meets_goal": ratio >= GOAL,
+        "memory": {key: {k: max((m[k] for m in runs if m[k] is not None), default=None) for k in runs[0]}
+                   for key, runs in memory.items()},
     }

@@ -9,8 +9,8 @@ import matplotlib.image as mpimg
 from rich.console import Console
 
 from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling, spread
-from cluster.config import load_config
-from pipeline.genbench import PeakRSS
+from cluster.config import EngineConfig, load_config
+from pipeline.genbench import PeakRSS, unsplit_prefill
 from pipeline.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
@@ -69,8 +69,7 @@ def test_batches_completing_together_count_as_one_wave():
 def test_too_few_waves_are_refused_and_the_default_prompts_give_enough():
     assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES)])["steady_tokens_per_s"] is None
     assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES + 1)])["steady_tokens_per_s"] == round(300 / 9, 1)
-    # 5 batches of 256 prompts for each of 4 replicas
-    assert default_prompts(256, [1, 2, 4]) == 5 * 256 * 4
+    assert default_prompts(256) == 8 * 256  # per replica: twice the 4 waves needed, as batches may complete together
 
 
 def test_tally_groups_rows_by_engine_batch():
@@ -87,10 +86,11 @@ def test_tally_groups_rows_by_engine_batch():
 def test_peak_rss_sees_a_worker_process_and_no_gpu_on_cpu():
     """A child process holding 200 MiB is a worker; the driver's own RSS is counted apart."""
     code = "import time; x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(2)"
-    with PeakRSS(interval=0.1) as rss:
+    with PeakRSS(interval=0.1, count_title=sys.executable) as rss:
         subprocess.run([sys.executable, "-c", code], check=True)
         middle = time.perf_counter()
     mib = rss.mib()
+    assert rss.count == 1  # the one worker whose title names this Python
     assert mib["workers_peak_rss_mib"] >= 200 and mib["worker_max_rss_mib"] == mib["workers_peak_rss_mib"]
     assert 0 < mib["driver_peak_rss_mib"] < mib["workers_peak_rss_mib"] + 2000
     assert mib["gpu_peak_mib"] is None  # this machine has no GPU
@@ -142,3 +142,13 @@ def test_scaling_plot_is_written_also_without_a_steady_rate(tmp_path):
         plot_scaling(_generate_result(steady=steady), tmp_path / f"scaling-{steady}.png")
         image = mpimg.imread(tmp_path / f"scaling-{steady}.png")
         assert image.shape[0] > 100 and image.shape[1] > 200
+
+
+def test_cpu_engines_never_split_a_prompt_and_gpu_engines_are_left_alone():
+    cpu = unsplit_prefill(EngineConfig(max_model_len=128))
+    assert cpu.engine_kwargs == {"enable_chunked_prefill": False}
+    long = unsplit_prefill(EngineConfig(max_model_len=4096))  # a step must hold the longest prompt
+    assert long.engine_kwargs == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+    assert unsplit_prefill(EngineConfig(num_gpus=1)).engine_kwargs == {}
+    chosen = EngineConfig(engine_kwargs={"enable_chunked_prefill": True})
+    assert unsplit_prefill(chosen).engine_kwargs == {"enable_chunked_prefill": True}
