@@ -50,7 +50,9 @@ class PeakRSS:
     worker_max: the largest one of them. gpu: GPU memory held by the driver and those workers
     (NVML), None on a machine without a GPU. RSS counts shared pages in every process that maps
     them, so the sum is an upper bound. Ray's own services (GCS, raylet, agents, idle workers) are
-    left out. The workers of a remote cluster are not visible from here: `workers` stays None.
+    left out, and so are workers already busy when the block starts (Ray Data's long-lived actors,
+    an engine of an earlier run still shutting down): they belong to what ran before. The workers
+    of a remote cluster are not visible from here: `workers` stays None.
     `driver_cpu_s`: the driver's CPU time (user + system) in the block.
     `driver_at(t)` gives the driver's peak RSS up to and after a moment, for the growth check; the
     last sample is taken as the block ends. `count`: the most workers whose process title contains
@@ -66,6 +68,7 @@ class PeakRSS:
         self.worker_max: int | None = None
         self.gpu: int | None = None
         self.samples: list[tuple[float, int]] = []  # (perf_counter, driver RSS)
+        self._before: set[int] = set()  # workers busy when the block started
         self._stop = threading.Event()
 
     @staticmethod
@@ -89,7 +92,7 @@ class PeakRSS:
                 continue
             title = cmd[0] if cmd else ""
             ours = child.ppid() == me.pid and not any("site-packages/ray/" in c or "resource_tracker" in c for c in cmd)
-            if (title.startswith("ray::") and not title.startswith(RAY_IDLE)) or ours:
+            if ((title.startswith("ray::") and not title.startswith(RAY_IDLE)) or ours) and child.pid not in self._before:
                 roots.append(child)
         return roots
 
@@ -136,6 +139,7 @@ class PeakRSS:
 
         self.start = time.perf_counter()
         self._cpu = sum(psutil.Process().cpu_times()[:2])
+        self._before = {p.pid for p in self._worker_roots(psutil.Process())}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self

@@ -98,6 +98,18 @@ def test_peak_rss_sees_a_worker_process_and_no_gpu_on_cpu():
     assert before > 0 and after >= 0
 
 
+def test_peak_rss_leaves_out_a_worker_busy_before_the_block():
+    """A process that was already running belongs to what ran before (e.g. an engine shutting down)."""
+    earlier = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(100 * 2**20); time.sleep(3)"])
+    try:
+        time.sleep(1)
+        with PeakRSS(interval=0.1) as rss:
+            time.sleep(0.5)
+        assert rss.mib()["workers_peak_rss_mib"] is None
+    finally:
+        earlier.wait()
+
+
 def test_spread_reports_median_and_range():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
 
