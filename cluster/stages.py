@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from cluster.config import ConfigError, RunConfig
+from pipeline.evalstats import TRANSFER  # the transfer benchmark's split and results folder
 from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
 from pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
 
@@ -295,9 +296,6 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
             raise StageError(f"{model_dir} is missing: run `lossaverse train` (or `lossaverse run`) first")
         models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine))
     return models
-
-
-TRANSFER = "transfer"  # the `split` of the transfer benchmark's items in eval/answers and eval/marked
 
 
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:

@@ -37,6 +37,9 @@ from pipeline.schemas import REASONS
 from pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff
 
 N_BOOT = 2000
+# The `split` of a transfer benchmark's items in eval/answers and eval/marked (scored apart), and
+# the folder of its results: eval/transfer/results.json.
+TRANSFER = "transfer"
 NEEDED = ("id", "competitor", "model", "correct", "reason")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.evalstats import evaluation_results, model_label, models_of
+from pipeline.evalstats import TRANSFER, evaluation_results, model_label, models_of
 from pipeline.rundir import read_json
 
 RIGHT_REASONS = ("match", "llm_equal")  # reasons a right answer carries; every other reason is a wrong one
@@ -89,7 +89,7 @@ def eval_results(run_dir: Path, seed: int = 0) -> dict | None:
     # Written before results carried CIs and pairs: recompute them from the stored marked rows.
     marked = _columns(run_dir / "eval" / "marked", ["id", "competitor", "model", "sample", "correct", "reason", "split"])
     if marked is not None and "split" in marked.column_names:  # the transfer benchmark's rows are scored apart
-        marked = marked.filter(pc.not_equal(marked["split"], "transfer"))
+        marked = marked.filter(pc.not_equal(marked["split"], TRANSFER))
     if marked is None or marked.num_rows == 0:
         return results
     recomputed = evaluation_results(marked, seed=seed)
@@ -136,7 +136,7 @@ def load_run(run_dir: Path) -> RunFiles:
     source = run_dir if last == 1 else run_dir / "rounds" / str(last)
     files = RunFiles(run_dir, manifest, read_json(source / "datasets" / "stats.json"), eval_results(source, seed),
                      _metrics(read_json(source / "checkpoints" / "metrics.json")), source,
-                     read_json(source / "eval" / "transfer" / "results.json"))
+                     read_json(source / "eval" / TRANSFER / "results.json"))
     if rounds and files.results is not None:
         files.results = {**files.results, "rounds": rounds}
     _competitor_counts(files)
