@@ -1,0 +1,252 @@
+"""The `math` kind: the final answer of a solution, compared with a LaTeX reference, as a set when
+the reference holds several values, through math-verify within the row's time budget.
+
+Which answer: the last final-answer statement in the text, a `\\boxed{}` or a "Final Answer: ..."
+line alike (Minerva's "The final answer is $X$. I hope it is correct.", or prose like "The largest
+$n$ is 34." whose value follows its last "is"); else the last inline math; else the last number.
+
+Sets, decided from the reference: a reference with several values at its top level ("1, 2, 3",
+"(2,1),(1,2)", "\\{1,2,3\\}"; a comma inside brackets, as in an interval or a point, does not count)
+is a set. The answer's values are then the contents of its final run of boxes (boxes close together,
+"\\boxed{1}, \\boxed{2} and \\boxed{3}"), each split at its own top-level commas, or of the final
+statement ("x = 1 and x = -2", split at commas, "and", "or"). Right when they are the reference's
+values, in any order, none missing and none extra. A single-valued reference keeps the hedging rule:
+three or more different boxes, or two joined by "or", is wrong.
+
+Time: math-verify's own timeout is signal.alarm, which works only in a process's main thread (and
+takes whole seconds). `budget` below enforces the row's budget in any thread instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+import time
+from contextlib import contextmanager
+from fractions import Fraction
+
+from pipeline.marktext import (
+    MAX_STATEMENTS, _MARKER, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number, sentence,
+    to_number,
+)
+
+_MATH_DROP = re.compile(r"\s++|\\left|\\right|\\[,!;:]|\\quad|\^\s*+\{?\\circ\}?|\\%|%|\$")
+_PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})++|\d++)(?:\.\d++)?(?:/\d++(?:\.\d++)?)?|-?\.\d++")
+_INLINE_MATH = re.compile(r"\$([^$]{1,300}+)\$|\\\(((?:[^\\]|\\(?!\)))++)\\\)")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*+\{")
+_SPACES = str.maketrans({"\u2212": "-", "\u00a0": " ", "\u2009": " ", "\u202f": " "})
+_FINAL = re.compile(r"####|final\s", re.I)
+_PROSE_START = re.compile(r"[A-Za-z]{2,}\b")
+_ASSIGNED = re.compile(r"\A\s*+[A-Za-z](?:_\{?\w+\}?)?\s*+=\s*+")
+_SET_BRACES = re.compile(r"\A(?:\\left)?\\\{(.*)(?:\\right)?\\\}\Z|\A\{(.*)\}\Z", re.S)
+_CONNECTOR = re.compile(r"\s*+(?:\band\b|\bor\b|\\text\{\s*+(?:and|or)\s*+\})\s*+")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})++(?:\.\d++)?")
+_SPLIT_AT = re.compile(r"[(){}\[\],]|\\[{}]")
+MAX_SET = 16  # values of a set answer read (a reference with more is compared as one value)
+BOX_GAP = 48  # characters between two boxes of one answer ("$, $", "\\) and \\(")
+
+
+class RowTimeout(BaseException):
+    """The row's time budget ran out. A BaseException, so that math-verify's and sympy's
+    `except Exception` blocks cannot swallow it."""
+
+
+@contextmanager
+def budget(seconds: float):
+    """Raise RowTimeout in the current thread once `seconds` have passed, in any thread (the
+    main one or not). The exception is delivered between two bytecodes, as a signal handler's is;
+    sympy is pure Python, so it stops there. Written here because math-verify leaves timeouts in
+    threads to its caller, and the libraries that do this (stopit, func-timeout) are unmaintained
+    and run the call in an extra thread; this is their mechanism, PyThreadState_SetAsyncExc."""
+    if seconds <= 0:
+        raise RowTimeout
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"running": True, "fired": False}
+
+    def fire():
+        with lock:
+            if state["running"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(RowTimeout))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["running"] = False
+        timer.cancel()
+        if state["fired"]:
+            # Fired just as the block ended: clear it if still pending; raised, it reached the caller.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+
+
+def _math_norm(s: str) -> str:
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*+\{([^{}]*+)\}", r"\1", s)
+    return _MATH_DROP.sub("", s).rstrip(".")
+
+
+def _math_number(s: str) -> Fraction | None:
+    s = re.sub(r"\\[dt]?frac\s*+\{\s*+(-?[\d.]++)\s*+\}\s*+\{\s*+(-?[\d.]++)\s*+\}", r"\1/\2", _math_norm(s))
+    return to_number(s) if _PLAIN_NUMBER.fullmatch(s) else None
+
+
+def split_top_level(s: str) -> list[str]:
+    """`s` split at the commas outside brackets: "(2,1),(1,2)" -> ["(2,1)", "(1,2)"]; "(-\\infty,3]" stays whole."""
+    parts, depth, last = [], 0, 0
+    for m in _SPLIT_AT.finditer(s):
+        c = m.group(0)
+        if c == ",":
+            if depth == 0:
+                parts.append(s[last : m.start()])
+                last = m.end()
+        elif c in "([{" or c == "\\{":
+            depth += 1
+        else:
+            depth = max(0, depth - 1)
+    parts.append(s[last:])
+    return [p.strip() for p in parts]
+
+
+def _unbrace(s: str) -> str:
+    m = _SET_BRACES.match(s.strip())
+    return (m.group(1) if m.group(1) is not None else m.group(2)).strip() if m else s.strip()
+
+
+def reference_set(reference: str) -> list[str] | None:
+    """The values of a reference that holds several (see the module docstring), else None."""
+    ref = _unbrace(reference.strip().strip("$").strip())
+    if len(ref) > 2000 or _THOUSANDS.fullmatch(ref):
+        return None
+    values = [v for v in split_top_level(ref) if v]
+    return values if 2 <= len(values) <= MAX_SET else None
+
+
+def _values(statement: str) -> list[str]:
+    """The values a statement lists: "$x=1$ and $x=-2$" -> ["1", "-2"]."""
+    out = []
+    for part in split_top_level(_unbrace(statement.replace("$", " "))):
+        out += [p for p in _CONNECTOR.split(part) if p.strip() and p.strip() not in ("and", "or")]
+    return [_ASSIGNED.sub("", v).strip().rstrip(".") for v in out]
+
+
+def _final(text: str) -> tuple[list[tuple[int, int, str]], str | None, bool]:
+    """(boxes, said, stated): the boxes (start, end, content) if the final statement is a box, or the
+    final statement's text `said` if it is a "Final Answer:"-style line."""
+    boxes = []
+    for m in list(_BOX.finditer(text))[-MAX_STATEMENTS:]:
+        content = braced(text, m.end())
+        if content is not None:
+            boxes.append((m.start(), m.end() + len(content) + 1, content.strip()))
+    said = None
+    for s in [m for m in _MARKER.finditer(text) if not m.group(0).startswith("\\boxed")][-MAX_STATEMENTS:]:
+        # After a box, only a "Final Answer:" line overrides it ("the answer is correct" does not).
+        if boxes and (s.start() < boxes[-1][0] or not _FINAL.match(s.group(0))):
+            continue
+        line = text[s.end() : s.end() + 400].split("\n", 1)[0]
+        if "\\boxed" in line or "\\fbox" in line:
+            continue
+        value = sentence(line).strip()
+        if _PROSE_START.match(value) and (after := prose_value(value + ". ")) is not None:
+            value = after
+        said = value.strip("$ ").strip()
+    if said:
+        return [], said, True
+    return boxes, None, bool(boxes)
+
+
+def _candidate(text: str, question: str | None, ref_values: list[str] | None) -> tuple[list[str] | None, str | None, bool, bool]:
+    """(values, candidate, stated, several) for a math completion: `values` when the reference is a
+    set, else one `candidate`."""
+    boxes, said, stated = _final(text)
+    if ref_values is not None and (boxes or said):
+        if said is not None:
+            return _values(said), said, True, False
+        group = [boxes[-1]]
+        for box in reversed(boxes[:-1]):
+            if group[0][0] - box[1] > BOX_GAP or len(group) >= MAX_SET:
+                break
+            group.insert(0, box)
+        values = [v for b in group for v in _values(b[2])]
+        return values, ", ".join(b[2] for b in group), True, False
+    if said is not None:
+        return None, said, True, False
+    if boxes:
+        different = distinct([b[2] for b in boxes], key=_math_norm)
+        between = text[boxes[-2][1] : boxes[-1][0]] if len(boxes) > 1 else ""
+        several = len(different) >= 3 or (len(different) > 1 and re.search(r"\bor\b", between) is not None)
+        return None, boxes[-1][2], True, several
+    inline = [a or b for a, b in _INLINE_MATH.findall(text[-READ_CHARS:])]
+    if inline:
+        return None, inline[-1].strip(), False, False
+    return None, read_number(text, "", question).extracted, False, False
+
+
+class _Undecided(Exception):
+    """math-verify could not parse or compare."""
+
+
+def _same(answer: str, reference: str, deadline: float) -> tuple[bool, bool]:
+    """(equal, by math-verify): the cheap string and number checks, then math-verify with what is left
+    of the row's budget. Raises RowTimeout or _Undecided."""
+    if _math_norm(answer) == _math_norm(reference):
+        return True, False
+    a, b = _math_number(answer), _math_number(reference)
+    if a is not None and b is not None:
+        return a == b, False
+    from math_verify import parse, verify
+
+    with budget(deadline - time.monotonic()):
+        try:
+            gold = parse(f"${reference}$", parsing_timeout=None, raise_on_error=True)
+            got = parse(f"\\boxed{{{answer}}}", parsing_timeout=None, raise_on_error=True)
+            if not gold or not got:
+                raise _Undecided
+            return bool(verify(gold, got, timeout_seconds=None, raise_on_error=True)), True
+        except _Undecided:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sympy raises many types; all mean "could not compare"
+            raise _Undecided from exc
+
+
+def _same_set(values: list[str], ref_values: list[str], deadline: float) -> tuple[bool, bool]:
+    """Every value matches a different reference value and none is left over (any order)."""
+    values = distinct([v for v in values if v], key=_math_norm)
+    if len(values) != len(ref_values):
+        return False, False
+    left, used_mv = list(ref_values), False
+    for v in values:
+        for i, r in enumerate(left):
+            equal, mv = _same(v, r, deadline)
+            used_mv |= mv
+            if equal:
+                del left[i]
+                break
+        else:
+            return False, used_mv
+    return True, used_mv
+
+
+def read_math(text: str, reference: str, timeout_s: float = 5, question: str | None = None) -> Reading:
+    """Equivalence through math-verify, after a cheap exact/numeric fast path that most rows take;
+    math-verify's calls for the row share `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    text = cut_new_turn(text).translate(_SPACES).replace("**", "").replace("\\$", "")
+    ref_values = reference_set(reference)
+    values, candidate, stated, several = _candidate(text, question, ref_values)
+    if candidate is None:
+        return Reading(None, False, False)
+    candidate = bound(candidate)
+    try:
+        if values is not None:
+            equal, mv = _same_set(values, ref_values, deadline)
+            return Reading(candidate, equal, stated, "math-verify" if mv else "rules")
+        if several or re.search(r"\bor\b", candidate):
+            return Reading(candidate, False, stated)
+        equal, mv = _same(candidate, reference, deadline)
+        return Reading(candidate, equal, stated, "math-verify" if mv else "rules")
+    except (RowTimeout, _Undecided):
+        return Reading(candidate, False, stated, "math-verify", undecided=True)

@@ -1,0 +1,416 @@
+"""Reading a stated final answer out of model text: the rules of pipeline.mark for the `numeric`,
+`choice` and `exact` kinds, and the text preparation every kind shares.
+
+Every pattern here runs over model text, so every one is linear-time: no quantifier inside a
+quantifier that can split the same characters two ways, and possessive quantifiers (`*+`, `++`,
+Python >= 3.11) where a failing match would otherwise backtrack. tests/unit/test_mark_hostile.py
+checks the time per row on generated hostile text. What a pattern cannot bound, the amount of
+text does: an answer is read on its first and last `READ_CHARS` characters, at most the last
+`MAX_STATEMENTS` statements, boxes of at most `MAX_BOX_CHARS` characters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from functools import lru_cache
+from typing import Callable, NamedTuple
+
+from pipeline.prompts import LETTERS
+
+
+class Reading(NamedTuple):
+    """What a grader read from one completion."""
+
+    extracted: str | None  # the final answer read; None: nothing parseable
+    correct: bool
+    stated: bool  # given in a final-answer form, not guessed from the text
+    marked_by: str = "rules"
+    undecided: bool = False  # the rules could not decide (math-verify timed out / could not parse)
+
+
+MAX_EXTRACTED = 200  # characters of `extracted` kept (an answer, not an essay)
+READ_CHARS = 32_768  # an answer longer than 2 x this is read on its head and tail
+MAX_STATEMENTS = 32  # the last this many stated answers are read (a shotgun is wrong either way)
+MAX_BOX_CHARS = 4_000  # a \boxed{} longer than this is not an answer
+
+# One number: sign (not a minus between operands), currency, 1,000 / 1000 / 3.14, a fraction
+# 3/4, a percent; or a bare decimal .5. Not a digit inside a word ("AZYUK5A", "x2").
+NUMBER = (
+    r"(?:(?<![\w)\]}])-)?\$?\s?(?<![A-Za-z0-9])(?:\d{1,3}(?:,\d{3}(?!\d))++|\d++)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?\s?%?"
+    r"|(?:(?<![\w)\]}])-)?\$?\.\d+%?"
+)
+# ASCII semantics throughout (digits, \b, \s, case folding), so that the vectorised path's RE2
+# patterns (pipeline.mark) mean exactly the same.
+_NUMBER = re.compile(NUMBER, re.ASCII)
+# A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$".
+_DELIMITED_NUMBER = re.compile(r"\$\s*+(" + NUMBER + r")\s*+\$", re.ASCII)
+_WS = r"[ \t\n\r\f\v]"
+# Where a stated final answer starts. "Final Answer: The final answer is" (Minerva) is one marker.
+MARKER = (
+    r"####|\\boxed\{|\b(?:final" + _WS + r"++)?answer" + _WS + r"*+(?:is|:|=)"
+    r"(?:" + _WS + r"*+(?:the" + _WS + r"++)?(?:final" + _WS + r"++)?answer" + _WS + r"++is\b)?"
+)
+_MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
+_FILLER = re.compile(
+    r"\s*+:?\s*+(?:(?:approximately|about|around|roughly|exactly|precisely|just|only|equal to|equals|"
+    r"a total of|therefore|thus|then|simply)\s++)*+",
+    re.IGNORECASE,
+)
+# A second value right after a stated one: "3 or 4", "3, 4", "3 to 4" (hedging).
+_HEDGE = re.compile(r"\s*+(?:,|;|/|\||–|\bor\b|\bto\b)\s*+(?:maybe\s++|perhaps\s++|possibly\s++)?(?:" + NUMBER + ")", re.I | re.ASCII)
+_NEGATED = re.compile(r"(?:\bnot|n't|\bnever|≠|!=)\s*+(?:equal\s++to\s++|be\s++)?$", re.IGNORECASE)
+_LIST_GAP = re.compile(r"(?:\s|[,;|…]|\.{2,}+|\bor\b)*+", re.IGNORECASE)
+# A new question the model writes itself. Its start is the last newline before it, so that a run
+# of blank lines is scanned once, not once per newline.
+_NEW_TURN = re.compile(r"\n[ \t\r\f\v]*+(?:Question|Q)" + _WS + r"*+:")
+# Chat-template control tokens: the model's turn ended at the first one (what follows is a turn it
+# wrote for someone else). A leading assistant header is the start of the answer, not its end.
+_CHAT_HEAD = re.compile(r"\A\s*+(?:<\|im_start\|>assistant|<\|start_header_id\|>assistant<\|end_header_id\|>|<\|assistant\|>|<start_of_turn>model)")
+_CHAT_END = re.compile(
+    r"<\|(?:im_end|im_start|eot_id|eom_id|start_header_id|end_header_id|endoftext|end_of_text|end|user|system|assistant)\|>"
+    r"|</s>|<(?:end|start)_of_turn>"
+)
+# The end of a reasoning trace (R1-style <think>, OpenThoughts' begin/end_of_thought).
+_TRACE_END = re.compile(r"</think>|<\|end_of_thought\|>")
+_TRACE_START = re.compile(r"<think>|<\|begin_of_thought\|>")
+_SENTENCE = re.compile(r"[^.?!\n]++[.?!\n]?|[.?!\n]")
+_QUESTION_SENTENCE = re.compile(r"(?<![^.?!\n])[^.?!\n]*+\?")
+_TEX = [
+    (re.compile(r"\\[dt]frac"), r"\\frac"),
+    (re.compile(r"\\frac\s*+\{\s*+(-?[\d.,]++)\s*+\}\s*+\{\s*+(-?[\d.,]++)\s*+\}"), r"\1/\2"),
+    (re.compile(r"\\frac\s*+(\d)\s*+(\d)"), r"\1/\2"),
+    (re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*+\{([^{}]*+)\}"), r" \1 "),
+    (re.compile(r"\^\s*+\{?\\circ\}?|\\left|\\right|\\[,!;:]|\\quad"), ""),
+    (re.compile(r"\\[()\[\]]"), " "),
+    (re.compile(r"\\([$%])"), r"\1"),
+]
+_SPACES = str.maketrans({"\u2212": "-", "\u00a0": " ", "\u2009": " ", "\u202f": " "})
+
+
+class Prepared(NamedTuple):
+    text: str
+    in_trace: bool  # the text ends inside an unclosed reasoning trace: no final answer was given
+
+
+def prepare(text: str) -> Prepared:
+    """The part of a completion that is its answer: up to the end of the model's turn (a chat
+    control token, a new question it writes itself), after its reasoning trace (`</think>`), and
+    of an overlong answer its first and last `READ_CHARS` characters."""
+    head = _CHAT_HEAD.match(text)
+    if head:
+        text = text[head.end() :]
+    end = _CHAT_END.search(text)
+    if end:
+        text = text[: end.start()]
+    in_trace = False
+    ends = [m.end() for m in _TRACE_END.finditer(text)]
+    if ends:
+        text = text[ends[-1] :]
+    elif _TRACE_START.search(text):
+        in_trace = True
+    text = cut_new_turn(text)
+    if len(text) > 2 * READ_CHARS:
+        text = text[:READ_CHARS] + "\n\n" + text[-READ_CHARS:]
+    return Prepared(text, in_trace)
+
+
+def cut_new_turn(text: str) -> str:
+    """The answer up to a new question the model went on to write itself."""
+    text = text.lstrip()
+    m = _NEW_TURN.search(text)
+    return text[: m.start()].rstrip(" \t\r\f\v") if m else text
+
+
+def clean(text: str) -> str:
+    """Read through LaTeX and markdown decorations: `**72**`, `\\dfrac{3}{4}` (-> 3/4), `\\$5`,
+    `1{,}000`, `72\\text{ dollars}`, the Unicode minus."""
+    text = cut_new_turn(text).translate(_SPACES).replace("**", "").replace("{,}", ",")
+    if "\\" in text:
+        for pattern, repl in _TEX:
+            text = pattern.sub(repl, text)
+    return text
+
+
+def bound(text: str) -> str:
+    text = text.strip()[:MAX_EXTRACTED]
+    # Lone surrogates (bytes decoded with surrogateescape) cannot be stored as UTF-8 strings.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def to_number(text: str | None) -> Fraction | None:
+    """Parse a stated number: `$1,000.`, `.5`, `0.50`, `3/4`, `50%` (the number before %)."""
+    if text is None:
+        return None
+    s = text.strip().rstrip(".").replace("$", "").replace(",", "").replace(" ", "").rstrip("%")
+    if not s or s in {"-", "."} or len(s) > 1000:
+        return None
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return Fraction(Decimal(num)) / Fraction(Decimal(den)) if Decimal(den) != 0 else None
+        return Fraction(Decimal(s))
+    except (InvalidOperation, ValueError, ZeroDivisionError):
+        return None
+
+
+# What may follow the one number of a numeric reference: a unit or currency word, nothing else.
+_REFERENCE_TAIL = re.compile(r"[ \t]*+(?:[A-Za-z][A-Za-z.]*+[ \t]*+){0,3}")
+
+
+@lru_cache(maxsize=65_536)
+def reference_number(reference: str) -> Fraction | None:
+    """A numeric reference read as a completion's number is: cleaned like one ("−5", "\\$5",
+    "1{,}000"), then one number, optionally followed by a unit word ("5 dollars"). None if it is
+    not that ("3:30", "5 - 3", "five"); pipeline.benchmarks quarantines such items."""
+    text = clean(reference).strip().rstrip(".")
+    m = _DELIMITED_NUMBER.fullmatch(text) or _NUMBER.match(text)
+    if not m or (m.re is _NUMBER and not _REFERENCE_TAIL.fullmatch(text, m.end())):
+        return None
+    return to_number(m.group(1) if m.re is _DELIMITED_NUMBER else m.group(0))
+
+
+_BRACE = re.compile(r"[{}]")
+
+
+def braced(text: str, start: int) -> str | None:
+    """The content of the brace group opened just before `start` (balanced), or None if unclosed
+    within `MAX_BOX_CHARS`."""
+    depth = 1
+    for m in _BRACE.finditer(text, start, start + MAX_BOX_CHARS):
+        depth += 1 if m.group(0) == "{" else -1
+        if depth == 0:
+            return text[start : m.start()]
+    return None
+
+
+class Statement(NamedTuple):
+    text: str
+    start: int  # where its marker starts in the text
+    boxed: bool
+
+
+def stated(text: str) -> list[Statement]:
+    """The last `MAX_STATEMENTS` texts stated as final answers, in order: each `\\boxed{}` content,
+    and what follows each `####` / "the answer is" / "Answer:" up to the end of its line (fillers
+    like "approximately" removed)."""
+    out = []
+    for m in deque(_MARKER.finditer(text), maxlen=MAX_STATEMENTS):
+        if m.group(0).startswith("\\boxed"):
+            content = braced(text, m.end())
+            if content is not None:
+                out.append(Statement(content, m.start(), True))
+            continue
+        rest = text[m.end() : m.end() + 400]
+        rest = rest[_FILLER.match(rest).end() :]
+        out.append(Statement(rest.split("\n", 1)[0], m.start(), False))
+    return out
+
+
+def statements(text: str) -> list[str]:
+    return [s.text for s in stated(text)]
+
+
+def distinct(values: list, key: Callable) -> list:
+    seen, out = set(), []
+    for v in values:
+        k = key(v)
+        if k not in seen:
+            seen.add(k)
+            out.append(v)
+    return out
+
+
+def without_questions(text: str, question: str | None = None) -> str:
+    """Drop what states no answer: sentences ending in a question mark, and sentences copied from
+    the question (a restated question). Sentences with an "=" are kept: they are working."""
+    if "?" in text:
+        text = _QUESTION_SENTENCE.sub("", text)
+    restated = " ".join(question.split()) if question else ""
+    if not restated:
+        return text
+    return "".join(
+        s for s in _SENTENCE.findall(text)
+        if not ("=" not in s and len(s.strip()) > 3 and " ".join(s.split()) in restated)
+    )
+
+
+def after_equals(statement: str) -> str:
+    """"Answer: 16 - 3 = 13" states 13: the value after the last "=" of the statement's sentence."""
+    first = re.split(r"\.\s|\n", statement, maxsplit=1)[0]
+    return first[first.rindex("=") + 1 :].lstrip() if "=" in first else statement
+
+
+# A statement in prose ("The largest $n$ is 34.", Minerva): its value follows the last copula.
+_COPULA = re.compile(r".*(?:\sis|\sare|\sequals|=)\s++", re.S)
+
+
+def prose_value(statement: str) -> str | None:
+    """The value a prose statement gives: what follows its first sentence's last "is" / "=" (None if
+    it has none)."""
+    first = re.split(r"\.\s|\n", statement, maxsplit=1)[0]
+    m = _COPULA.match(first)
+    return first[m.end() :] if m and m.end() < len(first) else None
+
+
+def _stated_number(s: str) -> tuple[str, bool] | None:
+    """(value, hedged) of a statement that starts with a number, else None."""
+    d = _DELIMITED_NUMBER.match(s)
+    if d and to_number(d.group(1)) is not None:
+        return d.group(1), False
+    m = _NUMBER.match(s)
+    if m and to_number(m.group(0)) is not None:
+        hedge = _HEDGE.match(s, m.end())
+        return (s[: hedge.end()], True) if hedge else (m.group(0), False)
+    return None
+
+
+def read_number(text: str, reference: str, question: str | None = None) -> Reading:
+    """The final number of a completion (numeric kind), compared with the reference as numbers."""
+    text = clean(text)
+    ref = reference_number(reference) if reference else None
+    values = []  # (value, hedged)
+    for s in statements(text):
+        s = after_equals(s)
+        got = _stated_number(s)
+        if got is None and (prose := prose_value(s)) is not None:
+            got = _stated_number(prose)
+        if got is not None:
+            values.append(got)
+    if values:
+        different = distinct(values, key=lambda v: v[0] if v[1] else to_number(v[0]))
+        if len(different) >= 3:
+            return Reading(bound("; ".join(v for v, _ in different)), False, True)
+        value, hedged = values[-1]
+        if hedged:
+            return Reading(bound(value), False, True)
+        return Reading(bound(value), ref is not None and to_number(value) == ref, True)
+    text = without_questions(text, question)
+    # Every token has a digit, so only a zero denominator ("3/0") fails to parse.
+    # The last number is near the end: scan the last READ_CHARS characters, from a line start.
+    start = 0 if len(text) <= READ_CHARS else text.find("\n", len(text) - READ_CHARS) + 1
+    tokens = list(deque((m for m in _NUMBER.finditer(text, start)
+                         if "/" not in m.group(0) or to_number(m.group(0)) is not None), maxlen=256))
+    i = len(tokens) - 1
+    while i >= 0 and _NEGATED.search(text, max(0, tokens[i].start() - 24), tokens[i].start()):
+        i -= 1
+    if i < 0:
+        return Reading(None, False, False)
+    last, value = tokens[i], tokens[i].group(0)
+    if i > 0 and _LIST_GAP.fullmatch(text, tokens[i - 1].end(), last.start()) and to_number(tokens[i - 1].group(0)) != to_number(value):
+        return Reading(bound(text[tokens[i - 1].start() : last.end()]), False, False)  # the end of a list
+    return Reading(bound(value), ref is not None and to_number(value) == ref, False)
+
+
+def normalize_text(text: str) -> str:
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def sentence(text: str) -> str:
+    """A statement up to its sentence end (". " or end of line), without trailing dots."""
+    return re.split(r"\.\s", text, maxsplit=1)[0].strip().rstrip(".").strip()
+
+
+def read_exact(text: str, reference: str) -> Reading:
+    """Normalized string match of the stated answer, else of the last line."""
+    text = clean(text)
+    said = [sentence(s) for s in statements(text)]
+    said = [s for s in said if normalize_text(s)]
+    ref = normalize_text(reference)
+    if said:
+        values = distinct(said, key=normalize_text)
+        if len(values) >= 2:
+            return Reading(bound("; ".join(values)), False, True)
+        return Reading(bound(said[-1]), normalize_text(said[-1]) == ref, True)
+    lines = [ln for ln in text[-READ_CHARS:].splitlines() if normalize_text(ln)]
+    if not lines:
+        return Reading(None, False, False)
+    last = re.sub(r"^\s*+(?:A|Answer)\s*+:\s*+", "", lines[-1], flags=re.I).strip().rstrip(".")
+    return Reading(bound(last), normalize_text(last) == ref, False)
+
+
+class _LetterRules(NamedTuple):
+    at_statement: re.Pattern
+    hedge: re.Pattern
+    prose: re.Pattern
+
+
+@lru_cache(maxsize=None)
+def _letter_rules(n: int) -> _LetterRules:
+    """The letter patterns for options A..LETTERS[n-1]; at least A-J, so that the usual 4- to 10-option
+    benchmarks read exactly as they always have."""
+    last = LETTERS[max(10, n) - 1]
+    up, low = f"A-{last}", f"a-{last.lower()}"
+    return _LetterRules(
+        re.compile(rf"\s*+(?:[Oo]ption\s++|[Cc]hoice\s++)?(?:\(([{up}{low}])\)|([{up}])(?![\w'’])|([{low}])\s*+(?:[.)]|$))", re.M),
+        re.compile(rf"\s*+(?:,|;|/|&|\bor\b|\band\b)\s*+(?:option\s++)?\(?[{up}]\)?(?![\w'’])", re.I),
+        re.compile(rf"(?<![\w'’])\(?([{up}])\)?(?![\w'’])"),
+    )
+
+
+# "A" as an article and "I" as a pronoun: followed by a lower-case word that is not a verb about the option.
+_NOT_A_LETTER = re.compile(r"\s++(?!(?:is|was|seems|looks|appears|must|should|would|could|might)\b)[a-z]")
+
+
+def _option_hits(text: str, options: list[str]) -> set[str]:
+    """Letters of the options whose text appears in `text` (word-bounded, normalized); an option
+    contained in another matched option (\"York\" in \"New York\") does not count on its own."""
+    norm = f" {normalize_text(text)} "
+    hits = {i: normalize_text(c) for i, c in enumerate(options) if normalize_text(c) and f" {normalize_text(c)} " in norm}
+    return {LETTERS[i] for i, t in hits.items() if not any(j != i and f" {t} " in f" {u} " and t != u for j, u in hits.items())}
+
+
+def _choice_key(reference: str, options: list[str]) -> str:
+    ref = reference.strip()
+    if len(ref) == 1 and ref.upper() in LETTERS:
+        return ref.upper()
+    hits = [LETTERS[i] for i, c in enumerate(options) if normalize_text(c) == normalize_text(ref)]
+    return hits[0] if len(hits) == 1 else ref.upper()
+
+
+def read_choice(text: str, reference: str, choices, question: str | None = None) -> Reading:
+    """The option chosen: a stated letter (or option text), else the one letter in the prose,
+    else the one option whose text is mentioned. Several different options = wrong."""
+    options = list(choices or [])
+    valid = set(LETTERS[: len(options)]) if options else set(LETTERS[:10])
+    rules = _letter_rules(len(options))
+    key = _choice_key(reference, options)
+    text = clean(text)
+    said = []  # (letter, or None for a statement naming several options)
+    for s in statements(text):
+        m = rules.at_statement.match(s)
+        if m:
+            hedged = rules.hedge.match(s, m.end()) is not None
+            said.append((None if hedged else next(g for g in m.groups() if g).upper(), sentence(s)))
+        elif options:
+            hits = _option_hits(sentence(s), options)
+            if hits:
+                said.append((hits.pop() if len(hits) == 1 else None, sentence(s)))
+    if said:
+        letters = sorted({v for v, _ in said if v})
+        if said[-1][0] is None:
+            return Reading(bound(said[-1][1]), False, True)
+        if len(letters) >= 2:
+            return Reading(",".join(letters), False, True)
+        return Reading(letters[0], letters[0] == key, True)
+    prose = without_questions(text, question)
+    letters = set()
+    for m in rules.prose.finditer(prose):
+        letter = m.group(1)
+        if letter not in valid or _NEGATED.search(prose, max(0, m.start() - 24), m.start()):
+            continue
+        if letter in "AI" and not m.group(0).startswith("(") and _NOT_A_LETTER.match(prose, m.end()):
+            continue
+        letters.add(letter)
+    if not letters and options:
+        letters = _option_hits(prose, options)
+    if not letters:
+        return Reading(None, False, False)
+    if len(letters) > 1:
+        return Reading(",".join(sorted(letters)), False, False)
+    (letter,) = letters
+    return Reading(letter, letter == key, False)
