@@ -152,6 +152,9 @@ class EngineConfig(_Strict):
     # utilization-based sizing subtracts the engine process's RSS and fails for small shares.
     kv_cache_gib: float | None = Field(default=None, gt=0)
     enforce_eager: bool = False  # skip graph compilation: faster start-up, slower steady state
+    # Restarts of one engine replica after a fatal engine error before the job fails naming it
+    # (Ray Data's own default restarts forever, so an engine that dies on every batch loops).
+    max_restarts: int = Field(default=3, ge=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
 
     @property
@@ -316,6 +319,12 @@ class TrainConfig(_Strict):
             raise ValueError(f"weights: auto sets desirable_weight and undesirable_weight from the data; remove {sorted(explicit)} or use weights: fixed")
         if self.weights == "fixed" and self.loss_aversion is not None and "undesirable_weight" in explicit:
             raise ValueError("set loss_aversion (undesirable = loss_aversion x desirable_weight) or undesirable_weight, not both")
+        if self.use_gpu and self.deepspeed == "none":
+            raise ValueError(
+                "train.deepspeed: none with train.use_gpu trains bf16 weights with no fp32 master copy, so at small "
+                "learning rates most AdamW updates round to zero; use deepspeed: zero2 (DeepSpeed keeps fp32 master "
+                "weights) or train on CPU (fp32)"
+            )
         ds = deepspeed_config(self.deepspeed)
         if ds is not None:
             conflicts = deepspeed_conflicts(
@@ -369,6 +378,14 @@ class ServeConfig(_Strict):
     # engines hold every whole logical CPU.
     ingress_num_cpus: float = Field(default=0.25, gt=0)
     max_tokens: int | None = Field(default=None, ge=1)  # cap on a request's max_tokens; None: max_model_len // 2
+    # Caps on what one request may multiply: sequences per prompt (n, best_of), prompts in one
+    # list-valued `prompt`, and log-probabilities per token; above them a 400 names the field.
+    max_n: int = Field(default=4, ge=1)
+    max_prompts: int = Field(default=16, ge=1)
+    max_logprobs: int = Field(default=5, ge=0)
+    # Name of the environment variable holding the API key; set, every request to the model API
+    # and to /mark needs `Authorization: Bearer <key>` (else 401). None: no authentication.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger request bodies get 413
     marker: bool = True  # also serve POST /mark
     max_mark_answers: int = Field(default=1000, ge=1)  # answers per /mark request

@@ -164,23 +164,47 @@ def answers_from_outputs(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=ANSWERS)
 
 
-def engine_kwargs(engine) -> dict:
-    """EngineConfig -> vLLM engine arguments (the same for the stage and for vLLM used directly)."""
-    return {
+# vLLM's step token budget on CPU when chunked prefill is on (its default); a prompt longer than
+# the budget needs the budget raised once prompts may no longer be split.
+_CPU_STEP_TOKENS = 2048
+
+
+def engine_kwargs(engine, prefix_caching: bool | None = False) -> dict:
+    """EngineConfig -> vLLM engine arguments: the one builder behind the generate stage, the
+    supervisory judge's engine and Ray Serve's engine (`serving.model.llm_config`).
+
+    On CPU (num_gpus 0) chunked prefill is off. vLLM CPU 0.32 fails a seeded request whose prompt
+    is split across engine steps ("CPU Generator does not use offset"), every request here is
+    seeded, and a full batch of few-shot prompts overflows one step's token budget, so with it on
+    the engine dies on every batch. With it off the scheduler waits for the next step instead of
+    splitting a prompt, so a step's budget must hold the longest prompt: `max_num_batched_tokens`
+    is raised to `max_model_len` where that is above vLLM's CPU default. `prefix_caching` None
+    leaves vLLM's default. `engine.engine_kwargs` override everything here.
+    """
+    kwargs = {
         "max_model_len": engine.max_model_len,
         "dtype": engine.dtype,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "tensor_parallel_size": engine.tensor_parallel_size,
         "pipeline_parallel_size": engine.pipeline_parallel_size,
-        "enable_prefix_caching": False,
         "enforce_eager": engine.enforce_eager,
-        **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
-        **engine.engine_kwargs,
     }
+    if prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = prefix_caching
+    if engine.kv_cache_gib:
+        kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+    if not engine.num_gpus:
+        kwargs["enable_chunked_prefill"] = False
+        if engine.max_model_len > _CPU_STEP_TOKENS:
+            kwargs["max_num_batched_tokens"] = engine.max_model_len
+    return {**kwargs, **engine.engine_kwargs}
 
 
 def vllm_config(model_path: str, engine):
-    """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig: replicas, parallelism, bundles."""
+    """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig: replicas, parallelism, bundles.
+
+    `concurrency: n` is pinned to a pool of exactly n engines: Ray Data LLM reads a plain int as
+    an autoscaling pool from 1 to n, which may run fewer engines than the plan counted on."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     bundle = {"CPU": engine.num_cpus}
@@ -189,7 +213,7 @@ def vllm_config(model_path: str, engine):
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(engine),
-        concurrency=engine.concurrency,
+        concurrency=(engine.concurrency, engine.concurrency),
         batch_size=engine.batch_size,
         # Ray Data LLM repeats this bundle tensor_parallel_size * pipeline_parallel_size times.
         placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
@@ -199,6 +223,27 @@ def vllm_config(model_path: str, engine):
         detokenize_stage=False,
         should_continue_on_error=True,
     )
+
+
+ENGINE_STAGE = "vLLMEngineStage"
+
+
+def vllm_processor(model_path: str, engine, preprocess=None, postprocess=None):
+    """A ray.data.llm processor over vLLM engines whose replicas restart at most
+    `engine.max_restarts` times each.
+
+    A fatal engine error makes the replica exit so that Ray restarts it with a fresh engine; Ray
+    Data's default is to restart forever, so an engine that dies the same way on every batch would
+    loop forever. Bounded, the replica stays dead after its last restart and the job fails
+    (`stream_answers` then names the engine's own error)."""
+    from ray.data.llm import build_processor
+
+    processor = build_processor(vllm_config(model_path, engine), preprocess=preprocess, postprocess=postprocess)
+    # max_restarts: Ray's actor option, which Ray Data's map_batches passes to the engine actors
+    # (processor configs do not expose it). Batches lost with a replica are retried on its restart.
+    stage = processor.get_stage_by_name(ENGINE_STAGE)
+    stage.map_batches_kwargs = {**stage.map_batches_kwargs, "max_restarts": engine.max_restarts}
+    return processor
 
 
 def http_payload(row: dict) -> dict:
@@ -231,6 +276,51 @@ def http_output(row: dict) -> dict:
             "num_generated_tokens": int(usage.get("completion_tokens") or 0)}
 
 
+_LAST_EXCEPTION = re.compile(r"Previous Exception: (.*?)\. Full Traceback", re.S)
+
+
+def _row_errors_udf():
+    """ray.data.llm's HTTP request stage with a request that still fails after `max_retries`
+    answered by an error response for its row (which `http_output` turns into an error row), not
+    raised: raised, it fails the batch and with it the whole job. Built on first use, so that
+    importing this module does not import Ray."""
+    import asyncio
+
+    from ray.llm._internal.batch.stages.http_request_stage import HttpRequestUDF
+
+    class RowErrorsHttpRequestUDF(HttpRequestUDF):
+        def __init__(self, *args, qps: int | None = None, **kwargs):
+            super().__init__(*args, qps=None, **kwargs)
+            self.row_qps = qps  # paced here: each row is its own request below
+
+        async def _one(self, row: dict, delay: float) -> list[dict]:
+            await asyncio.sleep(delay)
+            try:
+                return [out async for out in HttpRequestUDF.udf(self, [row])]
+            except RuntimeError as exc:  # "Reached maximum retries of N ..."
+                cause = _LAST_EXCEPTION.search(str(exc))
+                message = f"no answer after {self.max_retries} retries ({cause.group(1) if cause else exc})"
+                return [{self.IDX_IN_BATCH_COLUMN: row[self.IDX_IN_BATCH_COLUMN], "http_response": {"error": {"message": message}}}]
+
+        async def udf(self, batch: list[dict]):
+            step = 1.0 / self.row_qps if self.row_qps else 0.0
+            for done in asyncio.as_completed([self._one(row, i * step) for i, row in enumerate(batch)]):
+                for out in await done:
+                    yield out
+
+    return RowErrorsHttpRequestUDF
+
+
+def http_processor(endpoint, preprocess, postprocess):
+    """A ray.data.llm processor over an OpenAI-compatible endpoint in which a request that fails
+    after its retries is an error row and the job goes on (see `_row_errors_udf`)."""
+    from ray.data.llm import build_processor
+
+    processor = build_processor(http_config(endpoint), preprocess=preprocess, postprocess=postprocess)
+    processor.get_stage_by_name("HttpRequestStage").fn = _row_errors_udf()
+    return processor
+
+
 def http_config(endpoint):
     """EndpointConfig -> ray.data.llm.HttpRequestProcessorConfig (URL, key from the environment,
     qps limit, retries with exponential backoff)."""
@@ -255,11 +345,9 @@ def http_config(endpoint):
 
 
 def processor_for(competitor: Competitor):
-    from ray.data.llm import build_processor
-
     if competitor.endpoint is not None:
-        return build_processor(http_config(competitor.endpoint), preprocess=http_payload, postprocess=http_output)
-    return build_processor(vllm_config(competitor.model, competitor.engine))
+        return http_processor(competitor.endpoint, http_payload, http_output)
+    return vllm_processor(competitor.model, competitor.engine)
 
 
 def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,

@@ -177,13 +177,11 @@ def processor(cfg):
     """The judge as a ray.data.llm processor: a vLLM engine, or the model's OpenAI-compatible endpoint."""
     from functools import partial
 
-    from ray.data.llm import build_processor
-
-    from pipeline.generate import http_config, vllm_config
+    from pipeline.generate import http_processor, vllm_processor
 
     model = cfg.model
     if model.endpoint is not None:
-        return build_processor(http_config(model.endpoint), preprocess=partial(http_payload, model=model.path), postprocess=_http_said)
+        return http_processor(model.endpoint, partial(http_payload, model=model.path), _http_said)
     from pipeline.tinymodels import resolve_model
 
     path = resolve_model(model.path)
@@ -195,7 +193,7 @@ def processor(cfg):
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         preprocess = partial(_chat_request, template=render_chat("{prompt}", tokenizer))
-    return build_processor(vllm_config(path, cfg.engine), preprocess=preprocess, postprocess=_vllm_said)
+    return vllm_processor(path, cfg.engine, preprocess=preprocess, postprocess=_vllm_said)
 
 
 def _chat_request(row: dict, template: str) -> dict:

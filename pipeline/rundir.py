@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+LOCK, HOLDER = ".driver.lock", ".driver.json"  # the run directory's lock, and who holds it
 
 # `Path("s3://bucket/x")` prints as `s3:/bucket/x`; such a collapsed URI is restored, so that code
 # that joins run-directory paths with `/` can pass URIs through. (Two or more letters: not `C:/`.)
@@ -174,10 +177,50 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class RunDirLocked(RuntimeError):
+    """Another driver holds the run directory; the message names it."""
+
+
+_HELD: dict[str, Any] = {}  # run directory -> this process's lock on it
+
+
+def lock_run_dir(run_dir: Path | str) -> None:
+    """Hold the run directory for this process, or raise RunDirLocked naming the driver holding it.
+
+    Two drivers on one run directory would overwrite each other's manifest (a whole-file
+    read-modify-write) and outputs. The lock is an OS file lock (`filelock`) on
+    `<run_dir>/.driver.lock`, so it is released whenever the process ends, also when killed; the
+    holder (host, pid, command, start) is written beside it only for the message. Taken once per
+    process and kept until it exits (a driver runs stage after stage on its directory). Local
+    paths only: object stores have no file locks, and there the run directory is not locked."""
+    if _is_uri(run_dir):
+        return
+    where = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
+    if where in _HELD:
+        return
+    from filelock import FileLock, Timeout
+
+    os.makedirs(where, exist_ok=True)
+    lock = FileLock(os.path.join(where, LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = read_json(os.path.join(where, HOLDER), {}) or {}
+        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+               f"(`{holder.get('command', '?')}`, since {holder.get('since', '?')})")
+        raise RunDirLocked(f"run directory {where} is in use by another driver: {who}; "
+                           "wait for it to finish or stop it, or give this run another name") from None
+    _HELD[where] = lock
+    write_json({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, os.path.join(where, HOLDER))
+
+
 class Manifest:
-    """`manifest.json`: the resolved config, versions, and one entry per finished stage."""
+    """`manifest.json`: the resolved config, versions, and one entry per finished stage. Opening
+    it takes the run directory's driver lock (`lock_run_dir`)."""
 
     def __init__(self, run_dir: Path | str):
+        lock_run_dir(run_dir)
         self.path = _join(run_dir, MANIFEST)
         self.data: dict[str, Any] = read_json(self.path, {})
         self.data.setdefault("stages", {})

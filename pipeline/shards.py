@@ -7,7 +7,10 @@ any point (Ctrl-C, a killed driver, a lost node) and started again regenerates o
 shards, and the union of the files has exactly one row per (item, competitor, sample).
 
 `_state.json` holds the fingerprint of the config that produced the shards; shards written under
-another config are discarded rather than mixed in.
+another config are discarded rather than mixed in. It is written atomically (a temporary file
+renamed over it), and it travels with the shards: the finished folder is renamed to `answers/`
+with the state inside and the state removed only after that, so a run killed at any step of the
+hand-over finds its finished shards again (in `answers.shards/`, or in `answers/` with the state).
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ from pipeline.generate import answers_from_outputs
 STATE = "_state.json"
 
 
+def write_state(path: Path, state: dict) -> None:
+    """Replace the state file atomically: a kill mid-write leaves the old one (and a tmp file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _state_of(directory: Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / STATE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def shard_items(items: pa.Table, size: int) -> list[pa.Table]:
     """Items sorted by id, cut into consecutive shards of `size` items (the last may be shorter)."""
     items = items.sort_by("id")
@@ -41,12 +58,12 @@ class ShardStore:
     def __init__(self, directory: Path, fingerprint: str):
         self.dir = Path(directory)
         state = self.dir / STATE
-        if self.dir.exists() and (not state.is_file() or json.loads(state.read_text()).get("fingerprint") != fingerprint):
+        if self.dir.exists() and _state_of(self.dir) != fingerprint:
             shutil.rmtree(self.dir)  # written under another config: not ours to resume
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp-*"):  # a shard whose writer was killed mid-write
+        for stale in self.dir.glob(".*.tmp-*"):  # a shard or state whose writer was killed mid-write
             stale.unlink()
-        state.write_text(json.dumps({"fingerprint": fingerprint}))
+        write_state(state, {"fingerprint": fingerprint})
 
     def path(self, competitor: str, index: int) -> Path:
         return self.dir / f"{competitor}-{index:05d}.parquet"
@@ -231,6 +248,9 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     """
     from pipeline.generate import stream_answers
 
+    work_dir, final_dir = Path(work_dir), Path(final_dir)
+    if not work_dir.exists() and _state_of(final_dir) == fingerprint:
+        final_dir.rename(work_dir)  # killed after the hand-over's rename: the shards are these
     store = ShardStore(work_dir, fingerprint)
     all_shards = shard_items(items, shard_size)
     samples = sampling.samples
@@ -246,10 +266,18 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     problems = missing_rows(store, {c.name: all_shards for c in competitors}, samples)
     if problems:
         raise RuntimeError("generation left incomplete shards: " + "; ".join(problems[:5]))
-    (store.dir / STATE).unlink()
-    final_dir = Path(final_dir)
+    publish(store.dir, final_dir)
+    return {name: t.summary() for name, t in tallies.items()}
+
+
+def publish(work_dir: Path, final_dir: Path) -> None:
+    """Hand the finished shards over to `final_dir`, in steps each of which a kill may follow:
+    the old `final_dir` goes, the folder is renamed (state inside), then the state is removed.
+    Until the rename the shards are in `work_dir` with their state; after it in `final_dir` with
+    their state (picked up by `generate_sharded`); only the last step leaves a plain answers folder,
+    and that is complete."""
     if final_dir.exists():
         shutil.rmtree(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    store.dir.rename(final_dir)
-    return {name: t.summary() for name, t in tallies.items()}
+    work_dir.rename(final_dir)
+    (final_dir / STATE).unlink()

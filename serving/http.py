@@ -1,6 +1,6 @@
-"""Request checks shared by the serving apps: a capped body read, JSON parsing and pydantic
-validation, each turning bad input into a 4xx with a message (OpenAI's error shape) instead of an
-exception inside a replica.
+"""Request checks shared by the serving apps: the API key, a capped body read, JSON parsing and
+pydantic validation, each turning bad input into a 4xx with a message (OpenAI's error shape)
+instead of an exception inside a replica.
 
 The body is read in chunks and the read stops at the cap, so an oversized request costs at most
 `max_bytes` of memory whatever its Content-Length says.
@@ -8,7 +8,9 @@ The body is read in chunks and the read stops at the cap, so an oversized reques
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -26,9 +28,30 @@ class RequestRejected(Exception):
         self.status, self.message, self.param = status, message, param
 
     def response(self) -> JSONResponse:
-        kind = "request_too_large" if self.status == 413 else "invalid_request_error"
+        kind = {413: "request_too_large", 401: "authentication_error"}.get(self.status, "invalid_request_error")
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.status}
-        return JSONResponse(status_code=self.status, content={"error": error})
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(status_code=self.status, content={"error": error}, headers=headers)
+
+
+def api_key_from_env(env: str | None) -> str | None:
+    """The API key held by environment variable `env` (`serve.api_key_env`); None: no key asked.
+    Read where requests are checked (the replica), so the key never enters an app's config."""
+    if env is None:
+        return None
+    key = os.environ.get(env, "")
+    if not key:
+        raise RuntimeError(f"serve.api_key_env names {env}, which is not set (or empty) in this process: set it on every Ray node")
+    return key
+
+
+def check_api_key(request: Request, key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <key>` (compared in constant time)."""
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise RequestRejected(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`")
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
-from serving.http import RequestRejected, read_json, validate
+from serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
 
 
 class Answer(BaseModel):
@@ -67,6 +67,7 @@ class MarkerArgs(BaseModel):
     max_answers: int = Field(default=1000, ge=1)
     num_cpus: float = Field(default=0.25, gt=0)
     num_replicas: int = Field(default=1, ge=1)
+    api_key_env: str | None = None  # requests must carry `Authorization: Bearer $<api_key_env>`
 
 
 def mark_answers(answers: list[Answer]) -> list[dict]:
@@ -100,13 +101,15 @@ api.add_middleware(_PrefixIsRoot)
 @serve.deployment(name="Marker")
 @serve.ingress(api)
 class Marker:
-    def __init__(self, max_body_bytes: int, max_answers: int):
+    def __init__(self, max_body_bytes: int, max_answers: int, api_key_env: str | None = None):
         self.max_body_bytes = max_body_bytes
         self.max_answers = max_answers
+        self.api_key = api_key_from_env(api_key_env)  # read in the replica: never in the app's config
 
     @api.post("/")
     async def mark(self, request: Request):
         try:
+            check_api_key(request, self.api_key)
             batch = validate(MarkRequest, await read_json(request, self.max_body_bytes))
             if len(batch.answers) > self.max_answers:
                 raise RequestRejected(413, f"{len(batch.answers)} answers in one request; this server takes at most {self.max_answers}", "answers")
@@ -116,12 +119,12 @@ class Marker:
         return {"verdicts": await asyncio.to_thread(mark_answers, batch.answers)}
 
 
-def marker_app(max_body_bytes: int, max_answers: int, num_cpus: float, num_replicas: int = 1):
+def marker_app(max_body_bytes: int, max_answers: int, num_cpus: float, num_replicas: int = 1, api_key_env: str | None = None):
     options = {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": num_cpus}}
-    return Marker.options(**options).bind(max_body_bytes=max_body_bytes, max_answers=max_answers)
+    return Marker.options(**options).bind(max_body_bytes=max_body_bytes, max_answers=max_answers, api_key_env=api_key_env)
 
 
 def build_app(args: dict):
     """serveConfigV2 / `serve run` entry point: `serving.marker:build_app`."""
     a = MarkerArgs.model_validate(args or {})
-    return marker_app(a.max_body_bytes, a.max_answers, a.num_cpus, a.num_replicas)
+    return marker_app(a.max_body_bytes, a.max_answers, a.num_cpus, a.num_replicas, a.api_key_env)

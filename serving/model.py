@@ -6,13 +6,14 @@
 trained target, and for A/B the untrained target beside it); `build_app(args)` is the import path
 for `serve run` and a RayService's serveConfigV2 (`serving.model:build_app`).
 
-The requests pass through `serving.ingress.CappedIngress` (size, JSON, schema and max_tokens
-checks). ray.serve.llm (and vLLM behind it) is imported only when an app is built, so a plan that
+The requests pass through `serving.ingress.CappedIngress` (API key, size, JSON, schema and caps
+on max_tokens, n, best_of, prompts per request and logprobs). ray.serve.llm (and vLLM behind it) is imported only when an app is built, so a plan that
 fails its checks fails in a second, before any engine code loads.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _checked(serve: ServeConfig, engine: EngineConfig, models: dict[str, str], r
             "serving on CPU (engine num_gpus 0) needs an explicit KV cache size: "
             "--set serve.engine.kv_cache_gib=0.25 (vLLM's utilization-based sizing fails on CPU)"
         )
+    if serve.api_key_env and not os.environ.get(serve.api_key_env):
+        raise ServeError(f"serve.api_key_env is {serve.api_key_env}, but that environment variable is not set: export it (the API key) first")
     cap = serve.max_tokens or engine.max_model_len // 2
     if cap >= engine.max_model_len:
         raise ServeError(
@@ -122,22 +125,15 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
     """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
     from ray.serve.llm import LLMConfig
 
+    from pipeline.generate import engine_kwargs
+
     bundle: dict[str, float] = {"CPU": engine.num_cpus}
     if engine.num_gpus:
         bundle["GPU"] = engine.num_gpus
-    engine_kwargs = {
-        "max_model_len": engine.max_model_len,
-        "dtype": engine.dtype,
-        "gpu_memory_utilization": engine.gpu_memory_utilization,
-        "tensor_parallel_size": engine.tensor_parallel_size,
-        "pipeline_parallel_size": engine.pipeline_parallel_size,
-        "enforce_eager": engine.enforce_eager,
-        **({"kv_cache_memory_bytes": int(engine.kv_cache_gib * 2**30)} if engine.kv_cache_gib else {}),
-        **engine.engine_kwargs,
-    }
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
-        engine_kwargs=engine_kwargs,
+        # The generate stage's builder (chunked prefill off on CPU); prefix caching as vLLM decides.
+        engine_kwargs=engine_kwargs(engine, prefix_caching=None),
         # One bundle per tensor/pipeline-parallel worker; ray.serve.llm replicates it tp*pp times.
         placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
         deployment_config={
@@ -159,7 +155,11 @@ def model_app(plan: ServePlan):
             "llm_configs": [llm_config(mid, src, plan.engine, plan.serve) for mid, src in plan.models.items()],
             "ingress_cls_config": {
                 "ingress_cls": "serving.ingress:CappedIngress",
-                "ingress_extra_kwargs": {"max_tokens": plan.max_tokens, "max_body_bytes": plan.serve.max_body_bytes},
+                "ingress_extra_kwargs": {
+                    "max_tokens": plan.max_tokens, "max_body_bytes": plan.serve.max_body_bytes, "max_n": plan.serve.max_n,
+                    "max_prompts": plan.serve.max_prompts, "max_logprobs": plan.serve.max_logprobs,
+                    "api_key_env": plan.serve.api_key_env,
+                },
             },
             "ingress_deployment_config": {"ray_actor_options": {"num_cpus": plan.serve.ingress_num_cpus}},
         }

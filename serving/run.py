@@ -42,7 +42,7 @@ def start(plan: ServePlan) -> list[str]:
     serve.start(http_options={"host": s.host, "port": s.port})
     apps = [serve.RunTarget(model_app(plan), name=MODEL_APP, route_prefix="/")]
     if s.marker:
-        marker = marker_app(s.max_body_bytes, s.max_mark_answers, s.ingress_num_cpus)
+        marker = marker_app(s.max_body_bytes, s.max_mark_answers, s.ingress_num_cpus, api_key_env=s.api_key_env)
         apps.append(serve.RunTarget(marker, name=MARKER_APP, route_prefix="/mark"))
     try:
         serve.run_many(apps)  # deployed side by side; returns once every app is RUNNING
