@@ -23,17 +23,18 @@ import ctypes
 import re
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from fractions import Fraction
 
 from pipeline.marktext import (
-    MAX_STATEMENTS, _MARKER, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number, sentence,
+    HASH_OR_SAID, MAX_STATEMENTS, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number, sentence,
     to_number,
 )
 
 _MATH_DROP = re.compile(r"\s++|\\left|\\right|\\[,!;:]|\\quad|\^\s*+\{?\\circ\}?|\\%|%|\$")
 _PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})++|\d++)(?:\.\d++)?(?:/\d++(?:\.\d++)?)?|-?\.\d++")
-_INLINE_MATH = re.compile(r"\$([^$]{1,300}+)\$|\\\(((?:[^\\]|\\(?!\)))++)\\\)")
+_INLINE_DOLLARS = re.compile(r"\$([^$]{1,300}+)\$")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*+\{")
 _SPACES = str.maketrans({"\u2212": "-", "\u00a0": " ", "\u2009": " ", "\u202f": " "})
 _FINAL = re.compile(r"####|final\s", re.I)
@@ -43,6 +44,9 @@ _SET_BRACES = re.compile(r"\A(?:\\left)?\\\{(.*)(?:\\right)?\\\}\Z|\A\{(.*)\}\Z"
 _CONNECTOR = re.compile(r"\s*+(?:\band\b|\bor\b|\\text\{\s*+(?:and|or)\s*+\})\s*+")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})++(?:\.\d++)?")
 _SPLIT_AT = re.compile(r"[(){}\[\],]|\\[{}]")
+# What sympy would compute in C, where no budget can stop it: a power tower (10^{10^{10}}), an
+# exponent of six or more digits, a factorial or binomial of five or more digits.
+_HUGE = re.compile(r"\^\s*+(?:\{[^{}^]*+\^|[\w.]++\s*+\^|\{?\s*+-?\d{6,}+)|\d{5,}+\s*+!|\\binom\s*+\{\s*+\d{5,}+")
 MAX_SET = 16  # values of a set answer read (a reference with more is compared as one value)
 BOX_GAP = 48  # characters between two boxes of one answer ("$, $", "\\) and \\(")
 
@@ -137,12 +141,12 @@ def _final(text: str) -> tuple[list[tuple[int, int, str]], str | None, bool]:
     """(boxes, said, stated): the boxes (start, end, content) if the final statement is a box, or the
     final statement's text `said` if it is a "Final Answer:"-style line."""
     boxes = []
-    for m in list(_BOX.finditer(text))[-MAX_STATEMENTS:]:
+    for m in deque(_BOX.finditer(text), maxlen=MAX_STATEMENTS):
         content = braced(text, m.end())
         if content is not None:
             boxes.append((m.start(), m.end() + len(content) + 1, content.strip()))
     said = None
-    for s in [m for m in _MARKER.finditer(text) if not m.group(0).startswith("\\boxed")][-MAX_STATEMENTS:]:
+    for s in deque(HASH_OR_SAID.finditer(text), maxlen=MAX_STATEMENTS):
         # After a box, only a "Final Answer:" line overrides it ("the answer is correct" does not).
         if boxes and (s.start() < boxes[-1][0] or not _FINAL.match(s.group(0))):
             continue
@@ -156,6 +160,19 @@ def _final(text: str) -> tuple[list[tuple[int, int, str]], str | None, bool]:
     if said:
         return [], said, True
     return boxes, None, bool(boxes)
+
+
+def _last_inline(text: str) -> str | None:
+    """The content of the last inline math, `$...$` or `\\(...\\)` (at most 300 characters).
+    The `\\(` pair is found from the end with rfind: a pattern scanning forward from every `\\(`
+    would be quadratic on a run of them."""
+    dollars = deque(_INLINE_DOLLARS.finditer(text), maxlen=1)
+    close = text.rfind("\\)")
+    opened = text.rfind("\\(", max(0, close - 302), close) if close > 0 else -1
+    paren = (opened + 2, close) if opened >= 0 and 1 <= close - opened - 2 <= 300 else None
+    if paren and (not dollars or paren[1] > dollars[0].end()):
+        return text[paren[0] : paren[1]]
+    return dollars[0].group(1) if dollars else None
 
 
 def _candidate(text: str, question: str | None, ref_values: list[str] | None) -> tuple[list[str] | None, str | None, bool, bool]:
@@ -179,10 +196,11 @@ def _candidate(text: str, question: str | None, ref_values: list[str] | None) ->
         between = text[boxes[-2][1] : boxes[-1][0]] if len(boxes) > 1 else ""
         several = len(different) >= 3 or (len(different) > 1 and re.search(r"\bor\b", between) is not None)
         return None, boxes[-1][2], True, several
-    inline = [a or b for a, b in _INLINE_MATH.findall(text[-READ_CHARS:])]
-    if inline:
-        return None, inline[-1].strip(), False, False
-    return None, read_number(text, "", question).extracted, False, False
+    inline = _last_inline(text[-READ_CHARS:])
+    candidate = inline.strip() if inline else read_number(text, "", question).extracted
+    if ref_values is not None and candidate is not None:
+        return _values(candidate), candidate, False, False
+    return None, candidate, False, False
 
 
 class _Undecided(Exception):
@@ -197,6 +215,8 @@ def _same(answer: str, reference: str, deadline: float) -> tuple[bool, bool]:
     a, b = _math_number(answer), _math_number(reference)
     if a is not None and b is not None:
         return a == b, False
+    if _HUGE.search(answer) or _HUGE.search(reference):
+        raise _Undecided
     from math_verify import parse, verify
 
     with budget(deadline - time.monotonic()):

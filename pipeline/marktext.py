@@ -54,6 +54,8 @@ MARKER = (
     r"(?:" + _WS + r"*+(?:the" + _WS + r"++)?(?:final" + _WS + r"++)?answer" + _WS + r"++is\b)?"
 )
 _MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
+# MARKER less `\boxed{` (pipeline.markmath finds boxes itself).
+HASH_OR_SAID = re.compile("####|" + MARKER.split("|", 2)[2], re.IGNORECASE | re.ASCII)
 _FILLER = re.compile(
     r"\s*+:?\s*+(?:(?:approximately|about|around|roughly|exactly|precisely|just|only|equal to|equals|"
     r"a total of|therefore|thus|then|simply)\s++)*+",
@@ -99,18 +101,19 @@ def prepare(text: str) -> Prepared:
     """The part of a completion that is its answer: up to the end of the model's turn (a chat
     control token, a new question it writes itself), after its reasoning trace (`</think>`), and
     of an overlong answer its first and last `READ_CHARS` characters."""
-    head = _CHAT_HEAD.match(text)
-    if head:
-        text = text[head.end() :]
-    end = _CHAT_END.search(text)
-    if end:
-        text = text[: end.start()]
     in_trace = False
-    ends = [m.end() for m in _TRACE_END.finditer(text)]
-    if ends:
-        text = text[ends[-1] :]
-    elif _TRACE_START.search(text):
-        in_trace = True
+    if "<" in text:  # every chat and trace tag starts with one; most answers have none
+        head = _CHAT_HEAD.match(text)
+        if head:
+            text = text[head.end() :]
+        end = _CHAT_END.search(text)
+        if end:
+            text = text[: end.start()]
+        ends = deque(_TRACE_END.finditer(text), maxlen=1)
+        if ends:
+            text = text[ends[0].end() :]
+        elif _TRACE_START.search(text):
+            in_trace = True
     text = cut_new_turn(text)
     if len(text) > 2 * READ_CHARS:
         text = text[:READ_CHARS] + "\n\n" + text[-READ_CHARS:]
@@ -291,8 +294,7 @@ def read_number(text: str, reference: str, question: str | None = None) -> Readi
     # Every token has a digit, so only a zero denominator ("3/0") fails to parse.
     # The last number is near the end: scan the last READ_CHARS characters, from a line start.
     start = 0 if len(text) <= READ_CHARS else text.find("\n", len(text) - READ_CHARS) + 1
-    tokens = list(deque((m for m in _NUMBER.finditer(text, start)
-                         if "/" not in m.group(0) or to_number(m.group(0)) is not None), maxlen=256))
+    tokens = [m for m in deque(_NUMBER.finditer(text, start), maxlen=256) if "/" not in m.group(0) or to_number(m.group(0)) is not None]
     i = len(tokens) - 1
     while i >= 0 and _NEGATED.search(text, max(0, tokens[i].start() - 24), tokens[i].start()):
         i -= 1
@@ -399,7 +401,7 @@ def read_choice(text: str, reference: str, choices, question: str | None = None)
         return Reading(letters[0], letters[0] == key, True)
     prose = without_questions(text, question)
     letters = set()
-    for m in rules.prose.finditer(prose):
+    for m in deque(rules.prose.finditer(prose), maxlen=256):  # the last 256 mentions
         letter = m.group(1)
         if letter not in valid or _NEGATED.search(prose, max(0, m.start() - 24), m.start()):
             continue
