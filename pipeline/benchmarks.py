@@ -80,6 +80,17 @@ def _choices(value) -> list[str] | None:
     raise ValueError("choices must be a list of strings")
 
 
+def _numeric_reference(reference: str) -> str:
+    """A numeric reference as the marker reads it (pipeline.marktext.reference_text: "−5" -> "-5",
+    "5 dollars" -> "5"); ValueError for one no answer could ever match ("3:30")."""
+    from pipeline.marktext import reference_text
+
+    text = reference_text(reference)
+    if text is None:
+        raise ValueError(f"numeric reference {reference!r} is not one number the marker can read (like '42', '-5', '3/4', '1,000', '5 dollars')")
+    return text
+
+
 def normalize(raw: dict, cfg, split: str, index: int) -> dict:
     """Map one source row onto the items contract; raise ValueError with the reason if unusable."""
     cols = {"id": "id", "question": "question", "reference": "reference", "choices": "choices", **cfg.columns}
@@ -113,6 +124,10 @@ def normalize(raw: dict, cfg, split: str, index: int) -> dict:
         raise ValueError(f"missing or empty {cols['reference']!r}")
     if cfg.kind == "choice" and not choices:
         raise ValueError("kind `choice` needs a non-empty choices list")
+    if cfg.kind == "choice" and len(choices) > len(LETTERS):
+        raise ValueError(f"{len(choices)} options, more than the {len(LETTERS)} option letters A-Z")
+    if cfg.kind == "numeric":
+        reference = _numeric_reference(reference)
     item_id = raw.get(cols["id"])
     return {
         "id": str(item_id) if item_id not in (None, "") else f"{cfg.name}-{split}-{index:06d}",

@@ -163,16 +163,26 @@ def to_number(text: str | None) -> Fraction | None:
 _REFERENCE_TAIL = re.compile(r"[ \t]*+(?:[A-Za-z][A-Za-z.]*+[ \t]*+){0,3}")
 
 
+def reference_text(reference: str) -> str | None:
+    """A numeric reference read as a completion's number is: cleaned like one ("−5" -> "-5",
+    "\\$5" -> "$5", "1{,}000" -> "1,000"), then one number, optionally followed by a unit word
+    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); pipeline.benchmarks
+    quarantines such items."""
+    text = clean(reference).strip().rstrip(".").strip()
+    d = _DELIMITED_NUMBER.fullmatch(text)
+    if d:
+        text = d.group(1).strip()
+    m = _NUMBER.match(text)
+    if not m or not _REFERENCE_TAIL.fullmatch(text, m.end()) or to_number(m.group(0)) is None:
+        return None
+    return m.group(0).strip()
+
+
 @lru_cache(maxsize=65_536)
 def reference_number(reference: str) -> Fraction | None:
-    """A numeric reference read as a completion's number is: cleaned like one ("−5", "\\$5",
-    "1{,}000"), then one number, optionally followed by a unit word ("5 dollars"). None if it is
-    not that ("3:30", "5 - 3", "five"); pipeline.benchmarks quarantines such items."""
-    text = clean(reference).strip().rstrip(".")
-    m = _DELIMITED_NUMBER.fullmatch(text) or _NUMBER.match(text)
-    if not m or (m.re is _NUMBER and not _REFERENCE_TAIL.fullmatch(text, m.end())):
-        return None
-    return to_number(m.group(1) if m.re is _DELIMITED_NUMBER else m.group(0))
+    """The value of a numeric reference (`reference_text`), or None."""
+    text = reference_text(reference)
+    return None if text is None else to_number(text)
 
 
 _BRACE = re.compile(r"[{}]")

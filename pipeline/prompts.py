@@ -13,7 +13,7 @@ TEMPLATES = {
     "exact": "Question: {question}\nAnswer:",
 }
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters: a choice item has at most 26 options
 
 
 def template_for(kind: str, override: str | None = None) -> str:
@@ -27,6 +27,8 @@ def template_for(kind: str, override: str | None = None) -> str:
 def render(item: dict, template: str) -> str:
     """The raw prompt text for one item row."""
     choices = item.get("choices") or []
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"{len(choices)} options, more than the {len(LETTERS)} option letters A-Z; such items are quarantined at load")
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
     try:
         return template.format(question=item["question"], options=options, kind=item.get("kind", ""))

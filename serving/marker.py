@@ -4,7 +4,7 @@ code as the mark stage (`pipeline.mark.mark_row`), for evaluation loops outside 
 Request: `{"answers": [{"kind", "reference", "completion", "choices"?, "finish_reason"?,
 "question"?, "id"?}, ...]}`. Response: `{"verdicts": [{"id", "correct", "extracted", "reason",
 "marked_by"}, ...]}`, one per answer, in order. A body that is not JSON, misses a field, names an
-unknown kind, holds more than `max_answers` answers or more than `max_body_bytes` bytes gets a 4xx
+unknown kind, has more than 26 options (letters A-Z), holds more than `max_answers` answers or more than `max_body_bytes` bytes gets a 4xx
 with a message; a replica never sees an unchecked row.
 
 `build_app(args)` is the import path for `serve run` and a RayService's serveConfigV2
@@ -43,6 +43,15 @@ class Answer(BaseModel):
 
         if value not in GRADERS:
             raise ValueError(f"unknown kind {value!r}; valid: {sorted(GRADERS)}")
+        return value
+
+    @field_validator("choices")
+    @classmethod
+    def _at_most_26_options(cls, value: list[str] | None) -> list[str] | None:
+        from pipeline.prompts import LETTERS
+
+        if value is not None and len(value) > len(LETTERS):
+            raise ValueError(f"{len(value)} options; the marker reads option letters A-Z, so at most {len(LETTERS)}")
         return value
 
     @model_validator(mode="after")
