@@ -228,7 +228,100 @@ def vllm_config(model_path: str, engine):
 ENGINE_STAGE = "vLLMEngineStage"
 
 
-def vllm_processor(model_path: str, engine, preprocess=None, postprocess=None):
+class EngineFailed(RuntimeError):
+    """An engine replica died more often than `generate.engine.max_restarts` allows; the message
+    carries the engine's own error."""
+
+
+_KV_NAMESPACE = "lossaverse"
+_ERROR_LINE = re.compile(r"(?:^|\] )((?:[\w.]+\.)?\w*(?:Error|Exception): .+)$")
+
+
+def _engine_error_key(job_id: str, competitor: str) -> str:
+    return f"engine-error:{job_id}:{competitor}"
+
+
+def last_engine_error(log_tail: str) -> str | None:
+    """The last exception line of an engine's log (its root cause: vLLM's EngineCore logs the
+    traceback before the engine is declared dead), without vLLM's log prefix; the EngineDeadError
+    that only points back at it is skipped."""
+    found = None
+    for line in log_tail.splitlines():
+        m = _ERROR_LINE.search(line.strip())
+        if m and "EngineDeadError" not in m.group(1):
+            found = m.group(1)
+    return found[:500] if found else None
+
+
+def _own_log_tail(limit: int = 65536) -> str:
+    """The end of this process's stdout and stderr, which Ray sends to the worker's log files and
+    the engine's subprocesses inherit."""
+    text = []
+    for fd in (1, 2):
+        try:
+            with open(f"/proc/self/fd/{fd}", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+                text.append(f.read().decode(errors="replace"))
+        except OSError:  # not Linux, or not a file
+            continue
+    return "\n".join(text)
+
+
+def _tagged_engine_udf(competitor: str):
+    """ray.data.llm's vLLM engine stage, with two additions:
+
+    - each output row is tagged by the engine that produced it: `engine_actor` (the replica's
+      actor id, kept across restarts) and `engine_pid` (its process, new at each restart), from
+      which `pipeline.shards.Tally` counts the engines that actually ran;
+    - when the engine dies, its own error (read from the end of the replica's log) is left in
+      Ray's key-value store before the replica exits, for `stream_answers` to name if the job
+      fails: the error Ray Data raises then only says that an actor died.
+
+    Built on first use, so that importing this module does not import Ray or vLLM."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_put
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
+    from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
+
+    # The same name as the base class: it names the engine actors' processes
+    # (`ray::MapWorker(MapBatches(vLLMEngineStageUDF))`), which tools and tests look for.
+    class vLLMEngineStageUDF(vLLMEngineStageUDF):  # noqa: N801 (vLLM's name)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            generate = self.llm.generate_async
+
+            async def watched(row):
+                try:
+                    return await generate(row)
+                except VLLM_FATAL_ERRORS:  # the base class exits the replica on these
+                    cause = last_engine_error(_own_log_tail()) or "the engine died (no error in its log)"
+                    job = ray.get_runtime_context().get_job_id()
+                    _internal_kv_put(_engine_error_key(job, competitor), cause.encode(), overwrite=True, namespace=_KV_NAMESPACE)
+                    raise
+
+            self.llm.generate_async = watched
+
+        async def udf(self, batch):
+            tag = {"engine_actor": ray.get_runtime_context().get_actor_id(), "engine_pid": os.getpid()}
+            async for out in super().udf(batch):
+                yield {**out, **tag}
+
+    return vLLMEngineStageUDF
+
+
+def engine_error(competitor: str) -> str | None:
+    """The error an engine of `competitor` died of in this Ray job, if one did (and forget it)."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+    key = _engine_error_key(ray.get_runtime_context().get_job_id(), competitor)
+    value = _internal_kv_get(key, namespace=_KV_NAMESPACE)
+    if value is not None:
+        _internal_kv_del(key, namespace=_KV_NAMESPACE)
+    return value.decode() if value is not None else None
+
+
+def vllm_processor(model_path: str, engine, preprocess=None, postprocess=None, name: str = "engine"):
     """A ray.data.llm processor over vLLM engines whose replicas restart at most
     `engine.max_restarts` times each.
 
@@ -241,8 +334,11 @@ def vllm_processor(model_path: str, engine, preprocess=None, postprocess=None):
     processor = build_processor(vllm_config(model_path, engine), preprocess=preprocess, postprocess=postprocess)
     # max_restarts: Ray's actor option, which Ray Data's map_batches passes to the engine actors
     # (processor configs do not expose it). Batches lost with a replica are retried on its restart.
+    # In place: assigning the field would re-run the stage's validator, which derives the actor's
+    # resources from the placement group config it has already consumed (and would ask for a GPU).
     stage = processor.get_stage_by_name(ENGINE_STAGE)
-    stage.map_batches_kwargs = {**stage.map_batches_kwargs, "max_restarts": engine.max_restarts}
+    stage.map_batches_kwargs["max_restarts"] = engine.max_restarts
+    stage.__dict__["fn"] = _tagged_engine_udf(name)  # likewise not through the validating setter
     return processor
 
 
@@ -347,7 +443,7 @@ def http_config(endpoint):
 def processor_for(competitor: Competitor):
     if competitor.endpoint is not None:
         return http_processor(competitor.endpoint, http_payload, http_output)
-    return vllm_processor(competitor.model, competitor.engine)
+    return vllm_processor(competitor.model, competitor.engine, name=competitor.name)
 
 
 def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
@@ -373,4 +469,18 @@ def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competit
     if not outputs:
         return
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
-    yield from ds.iter_rows()
+    try:
+        yield from ds.iter_rows()
+        for c in competitors:  # engines that died and came back: their errors are not needed
+            if c.endpoint is None:
+                engine_error(c.name)
+    except ray.exceptions.RayError as exc:
+        died = [(c, engine_error(c.name)) for c in competitors if c.endpoint is None]
+        died = [(c, cause) for c, cause in died if cause]
+        if not died:
+            raise
+        c, cause = died[0]
+        raise EngineFailed(
+            f"the vLLM engine of competitor {c.name!r} kept dying and was restarted {c.engine.max_restarts} time(s) "
+            f"(generate.engine.max_restarts), so the job stopped; the engine's error: {cause}"
+        ) from exc

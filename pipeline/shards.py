@@ -96,10 +96,16 @@ class Tally:
     # batch id -> [arrival of its last row, tokens, rows]: one entry per engine batch, so a few
     # thousand entries for a million rows.
     batches: dict[str, list] = field(default_factory=dict)
+    engines_asked: int | None = None  # engine replicas configured (None: an endpoint)
+    # engine actor -> its processes seen (a restarted replica keeps its actor, in a new process)
+    engines: dict[str, set] = field(default_factory=dict)
 
-    def add(self, tokens: int, error: bool, batch: str | None = None) -> None:
-        """One answer row arrived at the driver."""
+    def add(self, tokens: int, error: bool, batch: str | None = None, engine: tuple | None = None) -> None:
+        """One answer row arrived at the driver; `engine` is (actor id, pid) of the engine that
+        produced it."""
         now = time.perf_counter()
+        if engine is not None and engine[0] is not None:
+            self.engines.setdefault(engine[0], set()).add(engine[1])
         self.first = self.first or now
         self.done += 1
         self.tokens += tokens
@@ -134,7 +140,14 @@ class Tally:
                 "errors": self.errors, "seconds": round(wall, 2), "startup_s": round(first - self.start, 2),
                 "quarter_s": round((self.quarter or first) - self.start, 2),
                 "tokens_per_s": round(self.tokens / wall, 1) if wall > 0 else 0.0,
-                "batches": len(self.batches), **steady}
+                "batches": len(self.batches), **steady, **self.engine_summary()}
+
+    def engine_summary(self) -> dict:
+        """Engine replicas asked for, those that produced answers, and their restarts."""
+        if self.engines_asked is None:
+            return {}
+        restarts = sum(len(pids) - 1 for pids in self.engines.values())
+        return {"engines_asked": self.engines_asked, "engines_ran": len(self.engines), "engine_restarts": restarts}
 
 
 MIN_WAVES = 3  # completion waves after the first one that a steady-state figure needs
@@ -203,7 +216,7 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
         buf[key] = row
         tally = tallies[competitor]
         tally.add(int(row.get("num_generated_tokens") or 0), bool(row.get("__inference_error__") or row.get("api_error")),
-                  row.get("batch_uuid"))
+                  row.get("batch_uuid"), (row.get("engine_actor"), row.get("engine_pid")))
         if len(buf) == pending[competitor][index].num_rows * samples:
             table = answers_from_outputs([buf[k] for k in sorted(buf)])
             store.write(competitor, index, table)
@@ -258,7 +271,8 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     tallies = {}
     for c in competitors:
         todo = sum(t.num_rows for t in pending[c.name].values()) * samples
-        tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo)
+        asked = c.engine.concurrency if getattr(c, "engine", None) is not None and getattr(c, "endpoint", None) is None else None
+        tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo, engines_asked=asked)
         if tallies[c.name].resumed:
             report(f"generate {c.name}: resuming, {len(all_shards) - len(pending[c.name])}/{len(all_shards)} shards already written")
     rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style)

@@ -1,0 +1,101 @@
+"""Generation faults on an embedded local Ray with the real vLLM CPU engine and a real HTTP
+endpoint: seeded prompts that chunked prefill would split (the vLLM CPU crash), an engine that
+dies on every batch (bounded restarts, the engine's error named), and an endpoint request that
+never succeeds (an error row, the job goes on)."""
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
+from pipeline.benchmarks import load_items
+from pipeline.generate import Competitor, EngineFailed, PromptStyle, _tokenizer
+from pipeline.rundir import read_table
+from pipeline.schemas import ANSWERS
+from pipeline.shards import generate_sharded
+from pipeline.tinymodels import resolve_model
+from tests.conftest import JSONHandler, http_server
+
+pytestmark = pytest.mark.integration
+
+# 48 prompts of ~245 tokens: one engine step's budget (2048 tokens) holds 8 of them, so with
+# chunked prefill on, a prompt is split across two steps in every batch.
+N, PAD = 48, "Tom has 3 apples and Ann has 4 pears. " * 12
+SEEDED = SamplingConfig(samples=1, temperature=0.7, max_tokens=8)  # sampled: every request is seeded
+
+
+def _long_items():
+    items, _ = load_items(BenchmarkConfig(n_train=N, n_eval=1), seed=0)
+    rows = items.filter(pc.equal(items["split"], "train")).to_pylist()
+    for r in rows:
+        r["question"] = PAD + r["question"]
+    return pa.Table.from_pylist(rows, schema=items.schema)
+
+
+def _engine(**over):
+    return EngineConfig(max_model_len=256, kv_cache_gib=0.1, enforce_eager=True, batch_size=N, **over)
+
+
+def _generate(tmp_path, items, competitor, sampling):
+    return generate_sharded(items, [competitor], sampling, PromptStyle(), 0, tmp_path / "answers.shards",
+                            tmp_path / "answers", "fp", N, lambda line: None, 1e9)
+
+
+def test_seeded_prompts_longer_than_an_engine_step_generate_without_an_engine_restart(local_ray, tmp_path):
+    items = _long_items()
+    model = resolve_model("tiny:small")
+    longest = max(len(_tokenizer(model)(q)["input_ids"]) for q in items["question"].to_pylist())
+    assert 2048 < N * longest and longest + SEEDED.max_tokens <= 256  # a batch overflows a step; each prompt fits
+    # max_restarts 0: an engine that dies even once fails the job.
+    totals = _generate(tmp_path, items, Competitor("small", model, engine=_engine(max_restarts=0)), SEEDED)
+    answers = read_table(tmp_path / "answers", ANSWERS)
+    assert answers.num_rows == N and answers.filter(pc.is_valid(answers["error"])).num_rows == 0
+    t = totals["small"]
+    assert (t["engines_asked"], t["engines_ran"], t["engine_restarts"]) == (1, 1, 0)
+
+
+def test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error(local_ray, tmp_path):
+    """Chunked prefill forced back on: the crash of vLLM CPU 0.32 on a split seeded prompt. The
+    replica is restarted once (max_restarts 1), dies again, and the job stops with the engine's
+    error instead of restarting it forever."""
+    engine = _engine(max_restarts=1, engine_kwargs={"enable_chunked_prefill": True})
+    start = time.perf_counter()
+    with pytest.raises(EngineFailed, match=r"'small' kept dying and was restarted 1 time.*CPU Generator does not use offset"):
+        _generate(tmp_path, _long_items(), Competitor("small", resolve_model("tiny:small"), engine=engine), SEEDED)
+    assert time.perf_counter() - start < 400
+
+
+class _Flaky(JSONHandler):
+    """An OpenAI-compatible /v1/completions server that answers 503 to every prompt mentioning
+    item DOWN (so retries never succeed) and answers the rest."""
+
+    calls = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls += 1
+        if "DOWN" in body["prompt"]:
+            return self.send_json(503, {"error": {"message": "overloaded"}})
+        self.send_json(200, {"choices": [{"text": " 4", "finish_reason": "stop", "index": 0}], "usage": {"completion_tokens": 1}})
+
+
+def test_an_endpoint_request_failing_after_its_retries_is_an_error_row_and_the_job_goes_on(local_ray, tmp_path):
+    items, _ = load_items(BenchmarkConfig(n_train=6, n_eval=1), seed=0)
+    rows = items.filter(pc.equal(items["split"], "train")).to_pylist()
+    rows[1]["question"] = "DOWN " + rows[1]["question"]
+    items = pa.Table.from_pylist(rows, schema=items.schema)
+    _Flaky.calls = 0
+    with http_server(_Flaky) as url:
+        ep = EndpointConfig(url=f"{url}/v1", max_retries=2, retry_wait_s=0.01, batch_size=3)
+        totals = _generate(tmp_path, items, Competitor("large", "served", endpoint=ep, params=10**9),
+                           SamplingConfig(samples=2, temperature=0.0, max_tokens=4))
+    answers = read_table(tmp_path / "answers", ANSWERS)
+    assert answers.num_rows == 12 and totals["large"]["errors"] == 2 and "engines_ran" not in totals["large"]
+    failed = answers.filter(pc.is_valid(answers["error"])).to_pylist()
+    assert {r["id"] for r in failed} == {rows[1]["id"]}
+    assert all("no answer after 2 retries" in r["error"] and r["finish_reason"] == "error" for r in failed)
+    assert set(answers.filter(pc.is_null(answers["error"]))["completion"].to_pylist()) == {" 4"}
+    assert _Flaky.calls == 10 + 2 * 3  # 10 answered at once, 2 tried 1 + 2 times
