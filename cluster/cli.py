@@ -28,7 +28,7 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
 
     cfg = load_config(config, overrides)  # fails before any work starts
     start = time.perf_counter()
-    console.print(init_ray(cfg.ray, address))
+    console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
     try:
         if cfg.rounds.count > 1 and cfg.round == 1 and set(stages) >= {"train", "evaluate"}:
             execute_rounds(cfg, stages, force=force, report=console.print)
@@ -223,7 +223,7 @@ def tune(
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        console.print(init_ray(cfg.ray, address))
+        console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
         try:
             out = run_tune(config, set, parsed, report=console.print)
         finally:

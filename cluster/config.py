@@ -83,12 +83,26 @@ class ModelRef(_Strict):
         return self
 
 
+class NodeType(_Strict):
+    """One worker node type of an autoscaling cluster, as in its cluster config's `available_node_types`."""
+
+    resources: dict[str, float]  # of one node: {"CPU": 8, "GPU": 1, "my_resource": 1}
+    max_workers: int = Field(ge=0)  # nodes of this type the autoscaler may run at once
+
+
 class RayConfig(_Strict):
     address: str | None = None  # None: start an embedded local Ray; else connect (or RAY_ADDRESS)
     # Logical CPUs for the embedded Ray. More than the 2 physical cores so that Ray Data's map
     # tasks, the vLLM actors and Ray Train workers can be scheduled side by side.
     num_cpus: int = Field(default=6, ge=1)
     object_store_memory: int | None = Field(default=None, ge=78_643_200)
+    # The autoscaler's worker node types, for the generation plan check (cluster/plan.py) on a
+    # cluster that grows on demand. Read from the cluster where its autoscaler reports them
+    # (autoscaler v2, KubeRay); declare them here for one that does not.
+    node_types: dict[str, NodeType] = Field(default_factory=dict)
+    # output_dir is on storage every node mounts at the same path. Detected for network
+    # filesystems (NFS, CephFS, ...); a run on more than one node on any other path is refused.
+    shared_storage: bool = False
 
 
 class BenchmarkConfig(_Strict):
@@ -144,6 +158,9 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # Custom Ray resources per bundle, to pin the engines to the nodes that have them
+    # (`ray start --resources '{"big_mem": 1}'`; a fraction lets several bundles share one).
+    resources: dict[str, float] = Field(default_factory=dict)
     max_model_len: int = Field(default=256, ge=16)
     dtype: str = "float32"  # CPU: float32 works everywhere; bfloat16 on GPU
     # On CPU this is the share of host memory reserved for the KV cache.

@@ -3,6 +3,12 @@
 Both competitors run in one Ray Data job, so their replicas must fit on the cluster at the same
 time. A plan the cluster cannot satisfy is refused with a message that says what is short, instead
 of Ray waiting forever for a placement group that can never be scheduled.
+
+The check reasons per node, as Ray's scheduler does: a replica is placed whole on one node (one
+engine actor, or a STRICT_PACK placement group), bundle by bundle (PACK, SPREAD) or on distinct
+nodes (STRICT_SPREAD), so a replica bigger than any one node is refused while the same total
+spread over several nodes is accepted. On an autoscaling cluster the nodes it can still add count
+too (`ray_nodes`): a plan that fits its maximum, not the nodes alive now, waits for them.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ class Placement:
     model: str
     replicas: int
     bundles_per_replica: int  # tensor_parallel_size * pipeline_parallel_size
-    bundle: dict  # resources of one bundle
+    bundle: dict  # resources of one bundle (CPU, GPU and custom resources)
     strategy: str
     kind: str  # "vllm" or "endpoint"
 
@@ -37,6 +43,18 @@ class Placement:
         return (f"{self.competitor}: {self.model}, {self.replicas} replica(s) x {self.bundles_per_replica} bundle(s) of "
                 f"{{{res}}} ({self.strategy}) = {self.total('CPU'):g} CPU, {self.total('GPU'):g} GPU")
 
+    def units(self) -> list[list[dict]]:
+        """What the scheduler places, per replica: a list of groups, each group's resources going
+        to distinct nodes. One bundle (Ray Data LLM then runs a plain actor) or STRICT_PACK: the
+        replica whole on one node. STRICT_SPREAD: its bundles on distinct nodes. PACK and SPREAD:
+        each bundle wherever it fits."""
+        merged = {k: v * self.bundles_per_replica for k, v in self.bundle.items()}
+        if self.bundles_per_replica == 1 or self.strategy == "STRICT_PACK":
+            return [[merged]] * self.replicas
+        if self.strategy == "STRICT_SPREAD":
+            return [[dict(self.bundle)] * self.bundles_per_replica] * self.replicas
+        return [[dict(self.bundle)]] * (self.replicas * self.bundles_per_replica)
+
 
 def placements(competitors: list) -> list[Placement]:
     """One Placement per competitor (pipeline.generate.Competitor)."""
@@ -46,15 +64,52 @@ def placements(competitors: list) -> list[Placement]:
             out.append(Placement(c.name, c.endpoint.url, c.endpoint.concurrency, 1, {"CPU": 1.0}, "PACK", "endpoint"))
             continue
         e = c.engine
-        bundle = {"CPU": float(e.num_cpus)}
+        bundle = {"CPU": float(e.num_cpus), **{k: float(v) for k, v in e.resources.items()}}
         if e.num_gpus:
             bundle["GPU"] = float(e.num_gpus)
         out.append(Placement(c.name, c.model, e.concurrency, e.bundles_per_replica, bundle, e.placement_strategy, "vllm"))
     return out
 
 
+def _fits(free: dict, need: dict) -> bool:
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def _take(free: dict, need: dict) -> None:
+    for k, v in need.items():
+        free[k] = free.get(k, 0.0) - v
+
+
+def _size(unit: list[dict]) -> tuple:
+    return (sum(b.get("GPU", 0.0) for b in unit), sum(b.get("CPU", 0.0) for b in unit), len(unit))
+
+
+def pack(plan: list[Placement], nodes: list[dict]) -> str | None:
+    """Place every replica of `plan` (and Ray Data's CPU) on `nodes`, largest first, each on the
+    first node with room. Returns None when all fit, else what did not. First-fit decreasing is
+    a heuristic, like the scheduler's own; it can miss a packing only in contrived cases."""
+    free = [dict(n) for n in nodes]
+    units = [(p.competitor, unit) for p in plan for unit in p.units()] + [("Ray Data tasks", [{"CPU": DATA_CPUS}])]
+    placed: dict[str, int] = {}
+    for who, unit in sorted(units, key=lambda u: _size(u[1]), reverse=True):
+        used: list[int] = []
+        for bundle in unit:
+            slot = next((i for i, f in enumerate(free) if i not in used and _fits(f, bundle)), None)
+            if slot is None:
+                wanted = sum(1 for w, _ in units if w == who)
+                shape = " + ".join(str(b) for b in unit)
+                left = "; ".join(", ".join(f"{v:g} {k}" for k, v in f.items() if k in ("CPU", "GPU") or k in bundle) for f in free)
+                return (f"{who}: {placed.get(who, 0)} of {wanted} replica(s) of {shape}"
+                        f"{' on distinct nodes' if len(unit) > 1 else ' on one node'} fit; free per node then: [{left}]")
+            _take(free[slot], bundle)
+            used.append(slot)
+        placed[who] = placed.get(who, 0) + 1
+    return None
+
+
 def check_plan(plan: list[Placement], nodes: list[dict]) -> None:
-    """Refuse a plan that `nodes` (each a dict of resources, e.g. {"CPU": 32, "GPU": 8}) cannot hold."""
+    """Refuse a plan that `nodes` (each a dict of one node's resources, e.g. {"CPU": 32, "GPU": 8})
+    cannot hold at once."""
     if not nodes:
         raise PlanError("the Ray cluster reports no alive nodes")
     have = {r: sum(n.get(r, 0.0) for n in nodes) for r in ("CPU", "GPU")}
@@ -69,19 +124,60 @@ def check_plan(plan: list[Placement], nodes: list[dict]) -> None:
                 "lower `concurrency`, `tensor_parallel_size` or `num_cpus`/`num_gpus` per competitor, or add nodes"
             )
     for p in plan:
-        if not any(all(n.get(k, 0.0) >= v for k, v in p.bundle.items()) for n in nodes):
-            raise PlanError(f"{p.competitor}: no node can hold one bundle {p.bundle}; make the bundle smaller")
-        if p.strategy == "STRICT_PACK":
-            replica = {k: v * p.bundles_per_replica for k, v in p.bundle.items()}
-            if not any(all(n.get(k, 0.0) >= v for k, v in replica.items()) for n in nodes):
-                raise PlanError(
-                    f"{p.competitor}: one replica needs {replica} on a single node (STRICT_PACK) and no node has it; "
-                    "use placement_strategy PACK/SPREAD or a smaller tensor_parallel_size"
-                )
+        replica = {k: v * p.bundles_per_replica for k, v in p.bundle.items()}
+        if p.bundles_per_replica == 1 and not any(_fits(n, replica) for n in nodes):
+            raise PlanError(f"{p.competitor}: one replica needs {replica} on a single node and no node has it; "
+                            "lower `num_cpus`/`num_gpus` per replica and run more replicas instead, "
+                            "or give a node the resources it names")
+        if not any(_fits(n, p.bundle) for n in nodes):
+            raise PlanError(f"{p.competitor}: no node can hold one bundle {p.bundle}; make the bundle smaller "
+                            "or give a node the resources it names")
+        if p.strategy == "STRICT_PACK" and not any(_fits(n, replica) for n in nodes):
+            raise PlanError(
+                f"{p.competitor}: one replica needs {replica} on a single node (STRICT_PACK) and no node has it; "
+                "use placement_strategy PACK/SPREAD or a smaller tensor_parallel_size"
+            )
+    short = pack(plan, nodes)
+    if short:
+        raise PlanError(
+            f"the nodes cannot hold the generation plan at once although its total fits: {short}. "
+            "Lower `concurrency` or the resources per replica so that replicas fill the nodes, or add nodes"
+        )
 
 
-def ray_nodes() -> list[dict]:
-    """The resources of the alive nodes of the connected Ray cluster."""
+def node_groups(ray_cfg=None) -> list[dict]:
+    """The autoscaler's worker node types: [{"name", "resources", "max"}]. From the cluster config
+    that the autoscaler reports to the GCS (autoscaler v2, KubeRay: what Ray Train and Ray Data
+    also read), else from `ray.node_types` in the run config."""
     import ray
 
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    config = ray._private.state.state.get_cluster_config()
+    groups = [{"name": g.name, "resources": {k: float(v) for k, v in g.resources.items()}, "max": g.max_count}
+              for g in (config.node_group_configs if config else []) if g.max_count != 0]
+    if groups:
+        return groups
+    types = ray_cfg.node_types if ray_cfg is not None else {}
+    return [{"name": n, "resources": dict(t.resources), "max": t.max_workers} for n, t in types.items()]
+
+
+def with_autoscaling(alive: list[dict], groups: list[dict]) -> list[dict]:
+    """`alive` plus the nodes each group can still add (its max less its alive nodes, which are
+    those with the group's resources; -1, no limit, counts as enough for any plan: 64 nodes)."""
+    nodes = list(alive)
+    for g in groups:
+        running = sum(1 for n in alive if all(n.get(k) == v for k, v in g["resources"].items()))
+        limit = 64 if g["max"] < 0 else g["max"]
+        nodes += [dict(g["resources"], pending=1.0) for _ in range(max(0, limit - running))]
+    return nodes
+
+
+def ray_nodes(ray_cfg=None) -> list[dict]:
+    """The resources of the nodes the plan may use: the alive nodes of the connected Ray cluster,
+    plus those its autoscaler can still add (marked `pending`). `ray_cfg` defaults to the config
+    the cluster was connected with (cluster.ray_env.init_ray)."""
+    import ray
+
+    from cluster import ray_env
+
+    alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return with_autoscaling(alive, node_groups(ray_cfg if ray_cfg is not None else ray_env.connected_config()))

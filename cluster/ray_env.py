@@ -1,16 +1,27 @@
 """Where work runs: the one place that calls `ray.init`.
 
 No address (and no RAY_ADDRESS): an embedded local Ray sized by `ray.num_cpus`. Otherwise connect
-to the given cluster; the resources then come from the cluster itself.
+to the given cluster; the resources then come from the cluster itself. A run whose `output_dir`
+is given is refused on a cluster of more than one node unless every node sees that directory
+(`check_shared_storage`): the stages on every node read and write the run directory.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# The Ray config the process connected with: the plan check reads its declared node types.
+_CONNECTED: list = []
+
+# Filesystems every node of a cluster can mount at the same path.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lustre", "beegfs", "gpfs", "9p",
+                       "virtiofs", "efs", "wekafs", "orangefs"}
 
 
-def init_ray(ray_cfg, address: str | None = None) -> str:
-    """Start or connect to Ray once per process; return a one-line description."""
+def init_ray(ray_cfg, address: str | None = None, output_dir: str | Path | None = None) -> str:
+    """Start or connect to Ray once per process; return a one-line description. With `output_dir`,
+    refuse (ConfigError) a cluster of several nodes that may not all see it."""
     import ray
 
     address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
@@ -19,8 +30,15 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
     # vLLM's engine spawns processes; Ray workers inherit this and need no fork-safety dance.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    _CONNECTED[:] = [ray_cfg]
     if address:
         ray.init(address=address, log_to_driver=True)
+        if output_dir is not None:
+            try:
+                check_shared_storage(output_dir, cluster_nodes(ray_cfg), ray_cfg.shared_storage)
+            except Exception:
+                ray.shutdown()
+                raise
         return f"ray: connected to {address}"
     kwargs = {"num_cpus": ray_cfg.num_cpus, "include_dashboard": False, "log_to_driver": False}
     if ray_cfg.object_store_memory:
@@ -29,8 +47,72 @@ def init_ray(ray_cfg, address: str | None = None) -> str:
     return f"ray: embedded local ({ray_cfg.num_cpus} logical CPUs)"
 
 
+def connected_config():
+    """The RayConfig given to `init_ray` in this process, or None."""
+    return _CONNECTED[0] if _CONNECTED else None
+
+
+def cluster_nodes(ray_cfg) -> int:
+    """How many nodes work may run on: alive now, plus those the autoscaler may add."""
+    from cluster.plan import ray_nodes
+
+    return len(ray_nodes(ray_cfg))
+
+
+def filesystem_of(path: str | Path, mounts: str | None = None) -> str:
+    """The type of the filesystem that holds `path` (its nearest existing ancestor), from
+    /proc/mounts (or `mounts`, that file's text): the mount point that is its longest prefix."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    path = existing.resolve() / path.relative_to(existing)  # symlinks resolved where they exist
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "unknown"
+    best, kind = "", "unknown"
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def is_shared(fs_type: str) -> bool:
+    return fs_type in NETWORK_FILESYSTEMS or fs_type.startswith("fuse.")
+
+
+def check_shared_storage(output_dir: str | Path, nodes: int, declared: bool, fs_type: str | None = None) -> None:
+    """Refuse a run over several nodes whose run directory only this machine may see.
+
+    Every stage reads its input and writes its output under output_dir from whichever node runs
+    it (Ray Data blocks, Ray Train checkpoints, the served model), so on a cluster that directory
+    must be one path that every node mounts. On one machine any path is trivially shared; a
+    cluster of several nodes on one host (tests) declares it with `ray.shared_storage`."""
+    from cluster.config import ConfigError
+
+    if nodes <= 1 or declared:
+        return
+    fs_type = fs_type or filesystem_of(output_dir)
+    if is_shared(fs_type):
+        return
+    raise ConfigError(
+        f"output_dir {output_dir} is on a local filesystem ({fs_type}) of this machine, but the Ray cluster has "
+        f"{nodes} nodes and each of them reads and writes the run directory: set output_dir to a path every node "
+        "mounts at the same place (NFS, CephFS, EFS or Filestore; on Kubernetes the ReadWriteMany volume of "
+        "k8s/base/pvc.yaml at /mnt/runs), or set ray.shared_storage=true if this path already is one"
+    )
+
+
 def shutdown_ray() -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _CONNECTED.clear()

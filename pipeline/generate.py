@@ -207,7 +207,7 @@ def vllm_config(model_path: str, engine):
     an autoscaling pool from 1 to n, which may run fewer engines than the plan counted on."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    bundle = {"CPU": engine.num_cpus}
+    bundle = {"CPU": engine.num_cpus, **engine.resources}  # custom resources pin engines to nodes
     if engine.num_gpus:
         bundle["GPU"] = engine.num_gpus
     return vLLMEngineProcessorConfig(
