@@ -231,6 +231,15 @@ class MarkConfig(_Strict):
     judge: JudgeConfig = JudgeConfig()
 
 
+class DatasetsConfig(_Strict):
+    """How datasets/ is built from the marked answers (pipeline/build.py, pipeline/divergence.py)."""
+
+    # datasets/kto: move the token prefix a wrong answer shares with a right answer to the same
+    # prompt into the prompt, so KTO penalises only the tokens from where it goes wrong (the
+    # target's tokenizer; stats.json counts the penalised tokens before and after).
+    divergent_negatives: bool = False
+
+
 class LoraSettings(_Strict):
     """LoRA adapters (peft): only they are trained; the reference is the base with adapters off."""
 
@@ -240,11 +249,31 @@ class LoraSettings(_Strict):
     target_modules: str | list[str] = "all-linear"
 
 
+class OnPolicyConfig(_Strict):
+    """How the SFT'd target answers fresh train items in `recipe: sft_then_kto`."""
+
+    samples: int = Field(default=4, ge=1)  # answers per item: right and wrong ones to the same prompt
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    # Items: this many fresh train items from a block of the train split that no round answers
+    # (after the validation items and the `rounds.count` rounds' blocks); None: benchmark.n_train.
+    items: int | None = Field(default=None, ge=1)
+
+
 class TrainConfig(_Strict):
     """Training: method, loss settings, optimizer and step budget (shared by every method), reference
     model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
 
     method: str = "kto"  # a key of training.methods.METHODS: kto | dpo | sft
+    # `single`: `method` alone. `sft_then_kto`: SFT on the desirable rows for `sft_steps`, the SFT'd
+    # target answers fresh train items (`on_policy`, graded by the same marker), then KTO from the
+    # SFT checkpoint (its reference is the SFT model) on those answers plus the competitors' for
+    # `max_steps`. Compared methods get the recipe's whole budget (sft_steps + max_steps).
+    recipe: Literal["single", "sft_then_kto"] = "single"
+    sft_steps: int = Field(default=256, ge=1)
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
+    nll_weight: float = Field(default=0.0, ge=0)
     # Baselines trained beside `method` on the same round's data with the same step budget, each
     # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`).
     compare: list[str] = Field(default_factory=list)
@@ -326,6 +355,12 @@ class TrainConfig(_Strict):
     def _consistent(self) -> "TrainConfig":
         from training.zero import deepspeed_config, deepspeed_conflicts
 
+        if self.recipe == "sft_then_kto":
+            if self.method != "kto":
+                raise ValueError(f"recipe sft_then_kto trains KTO after SFT; set train.method: kto (not {self.method!r})")
+            if self.max_steps is None:
+                raise ValueError("recipe sft_then_kto needs train.max_steps (the KTO steps after the sft_steps of SFT), "
+                                 "so that compared methods get the same total budget")
         if "kto" in self.methods and self.per_device_batch_size < 2:
             raise ValueError(
                 "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "
@@ -452,6 +487,7 @@ class RunConfig(_Strict):
     target: ModelRef
     generate: GenerateConfig = GenerateConfig()
     mark: MarkConfig = MarkConfig()
+    datasets: DatasetsConfig = DatasetsConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rounds: RoundsConfig = RoundsConfig()

@@ -24,6 +24,8 @@ from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, writ
 from pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
 
 
+RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
+
 # Where stages print progress lines (the CLI's console; `print` by default).
 REPORT: ContextVar[Callable[[str], None]] = ContextVar("report", default=print)
 
@@ -201,20 +203,34 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
     before = None
     if cfg.round > 1:
         before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
+    tokenizer = None
+    if cfg.datasets.divergent_negatives:
+        from pipeline.generate import _tokenizer
+        from pipeline.tinymodels import resolve_model
+
+        tokenizer = _tokenizer(resolve_model(cfg.target.path))
     return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
-                             cfg.seed, cfg.round, before)
+                             cfg.seed, cfg.round, before, tokenizer)
 
 
 def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False, seed: int = 0,
-                      round: int = 1, before: Path | None = None) -> dict:
+                      round: int = 1, before: Path | None = None, divergent_tokenizer=None) -> dict:
     """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole.
 
     Every row is tagged with its `round`; `before` (the previous round's datasets/) is carried
     over, so round k's datasets hold the rows of rounds 1..k. stats.json describes this round's
-    answers, with `labels` and the recommended KTO weights counted over everything accumulated."""
+    answers, with `labels` and the recommended KTO weights counted over everything accumulated.
+    With `divergent_tokenizer` (the target's; `datasets.divergent_negatives`), this round's wrong
+    kto rows are penalised only from where they depart from a right answer to the same prompt
+    (pipeline.divergence), and stats.json's `divergence` counts the tokens before and after."""
     from pipeline.build import accumulate, build_datasets
 
     built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed)
+    if divergent_tokenizer is not None:
+        from pipeline.divergence import split_shared_prefixes
+
+        built["kto"], counts = split_shared_prefixes(built["kto"], divergent_tokenizer)
+        built["stats"] = {**built["stats"], "divergence": counts}
     built = accumulate(built, round, {name: read_table(before / name) for name in ("kto", "negatives", "pairs")} if before else None)
     tmp = out.with_name(f"{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -234,9 +250,11 @@ def trained_dirs(cfg: RunConfig, run_dir: Path, method: str) -> tuple[Path, Path
 
 
 def run_train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Train the target with `train.method` (kto, dpo or sft) on datasets/, then each method of
-    `train.compare` on the same data with the same step budget (when `max_steps` is unset, the
-    budget is the steps the first method took); checks run before Ray Train starts."""
+    """Train the target with `train.method` (kto, dpo or sft) on datasets/, or with `train.recipe:
+    sft_then_kto` (cluster.recipe), then each method of `train.compare` from the untrained target on
+    the same data with the same step budget (when `max_steps` is unset, the budget is the steps the
+    first method took; with the recipe, its SFT and KTO steps together); checks run before Ray
+    Train starts."""
     from pipeline.tinymodels import resolve_model
     from training.train import console_line, train_model
     from training.validate import target_parameters
@@ -247,24 +265,21 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     fp = stage_fingerprints(cfg)["train"]
     results: dict[str, dict] = {}
     budget = cfg.train.max_steps
-    for method in cfg.train.methods:
-        train = cfg.train.for_method(method)
-        if budget is not None and train.max_steps is None:
-            train = train.model_copy(update={"max_steps": budget})
-        out, storage = trained_dirs(cfg, run_dir, method)
-        prefix = f"{method} " if len(cfg.train.methods) > 1 else ""
-        if prefix:
-            report(f"train {method}" + (f" ({budget} steps, the shared budget)" if budget else ""))
+    recipe = cfg.train.recipe == "sft_then_kto"
+    many = len(cfg.train.methods) > 1 or recipe
 
-        def on_log(entry: dict, prefix=prefix) -> None:
+    def train_one(train, start: str, data: Path, out: Path, storage: Path, step_fp: str) -> dict:
+        prefix = f"{train.method} " if many else ""
+
+        def on_log(entry: dict) -> None:
             if line := console_line(entry):
                 report(prefix + line)
 
         try:
             result = train_model(
-                train, model, datasets, out, storage, cfg.seed,
-                params=target_parameters(model, train, cfg.target.params),
-                fingerprint=fingerprint(fp, method), resume=cfg.train.resume, on_log=on_log,
+                train, start, data, out, storage, cfg.seed,
+                params=target_parameters(start, train, cfg.target.params),
+                fingerprint=step_fp, resume=cfg.train.resume, on_log=on_log,
             )
         except ConfigError:
             raise
@@ -273,11 +288,29 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
                 report("training stopped; continue it from its last checkpoint with `lossaverse train CONFIG --resume`")
             raise
         write_json(result["history"], storage / "metrics.json")
+        return result
+
+    if recipe:
+        from cluster.recipe import run_recipe
+
+        results["kto"] = run_recipe(cfg, run_dir, model, train_one, report, fp)
+        budget = cfg.train.sft_steps + cfg.train.max_steps
+    for method in cfg.train.methods:
+        if method in results:
+            continue
+        train = cfg.train.for_method(method).model_copy(update={"recipe": "single"})
+        if budget is not None and (recipe or train.max_steps is None):
+            train = train.model_copy(update={"max_steps": budget})
+        out, storage = trained_dirs(cfg, run_dir, method)
+        if many:
+            report(f"train {method}" + (f" ({budget} steps, the shared budget)" if budget else ""))
+        result = train_one(train, model, datasets, out, storage, fingerprint(fp, method))
         budget = budget or result["steps"]
         results[method] = result
     first = results.pop(cfg.train.method)
     if results:
         first["compare"] = {m: {k: v for k, v in r.items() if k != "history"} for m, r in results.items()}
+    if results or recipe:
         first["budget_steps"] = budget
     return first
 
@@ -290,10 +323,19 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
 
     engine = cfg.engine_for(cfg.target)
     models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine)]
-    for method in cfg.train.methods:
+    methods = cfg.train.methods
+    recipe = cfg.train.recipe == "sft_then_kto"
+    if recipe:  # baselines first, so that each pair reads "the recipe's KTO - baseline"
+        methods = methods[1:] + methods[:1]
+    for method in methods:
         model_dir = trained_dirs(cfg, run_dir, method)[0]
         if not (model_dir / "config.json").is_file():
             raise StageError(f"{model_dir} is missing: run `lossaverse train` (or `lossaverse run`) first")
+        if recipe and method == cfg.train.method:  # the recipe's first step alone: where its KTO started
+            sft = run_dir / "recipe" / "sft" / "model"
+            if not (sft / "config.json").is_file():
+                raise StageError(f"{sft} is missing: run `lossaverse train` (or `lossaverse run`) first")
+            models.append(Competitor(RECIPE_SFT, str(sft.resolve()), cfg.target.chat, engine=engine))
         models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine))
     return models
 
@@ -347,7 +389,7 @@ STAGES: list[Stage] = [
     Stage("items", ("seed", "benchmark", "round"), None, run_items),
     Stage("generate", ("competitors", "generate", "rounds.policy"), "items", run_generate),
     Stage("mark", ("mark",), "generate", run_mark),
-    Stage("datasets", (), "mark", run_datasets),
+    Stage("datasets", ("datasets", "target"), "mark", run_datasets),
     Stage("train", ("target", "train"), "datasets", run_train),
     Stage("evaluate", ("evaluate",), "train", run_evaluate),
 ]

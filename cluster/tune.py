@@ -47,9 +47,55 @@ def trial_name(combo: dict) -> str:
     return re.sub(r"[^\w.-]", "", "_".join(parts))[:120] or "trial"
 
 
-def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Callable[[str], None] = print) -> dict:
-    """Run every trial of `grid` (the caller has started Ray); write and return tune.json."""
+def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
+    from pipeline.evalstats import item_scores
+    from pipeline.rundir import read_table
+    from pipeline.schemas import MARKED
+
+    return item_scores(read_table(trial_dir / "eval" / "marked", MARKED))[model]
+
+
+def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, top: Path,
+               report: Callable[[str], None]) -> tuple[RunConfig, dict]:
+    """Train and evaluate one trial on the validation items; (its config, its entry of tune.json)."""
     from cluster.stages import execute
+
+    tcfg: RunConfig = load_config(config, overrides + sets + [
+        f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation", "evaluate.transfer=null", "train.compare=[]"])
+    trial_dir = tcfg.run_dir
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("items", "datasets"):
+        link = trial_dir / sub
+        if not link.exists():
+            link.symlink_to((top / sub).resolve(), target_is_directory=True)
+    report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets))
+    execute(tcfg, ["train", "evaluate"], report=report)
+    results = read_json(trial_dir / "eval" / "results.json")
+    trained = f"target-{tcfg.train.method}"
+    pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
+    info = (read_json(trial_dir / "manifest.json") or {}).get("stages", {}).get("train", {})
+    entry = {"trial": name, "set": sets, "method": tcfg.train.method, "recipe": tcfg.train.recipe,
+             "validation_accuracy": results[trained]["accuracy"], "ci95": results[trained]["ci95"],
+             "items": results[trained]["items"], "base_accuracy": results["target-base"]["accuracy"],
+             "gain": pair["diff"], "gain_ci95": pair["ci95"], "mcnemar_p": pair["mcnemar_p"],
+             "steps": info.get("budget_steps") or info.get("steps")}
+    if tcfg.train.method == "kto":
+        entry.update(beta=tcfg.train.beta, nll_weight=tcfg.train.nll_weight,
+                     divergent_negatives=tcfg.datasets.divergent_negatives,
+                     **{k: info[k] for k in ("desirable_weight", "undesirable_weight", "loss_aversion") if k in info})
+    return tcfg, entry
+
+
+def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Callable[[str], None] = print) -> dict:
+    """Run every trial of `grid` (the caller has started Ray); write and return tune.json.
+
+    Each method in the config's `train.compare` (other than `train.method`) is trained once more as
+    a baseline trial (`baseline-<method>`) with the config's whole step budget (with `recipe:
+    sft_then_kto`, its sft_steps + max_steps), and every trial gets its paired difference against
+    each baseline on the same validation items (`vs`), so an ablation reads against SFT as well as
+    against the untrained target."""
+    from cluster.stages import execute
+    from pipeline.evalstats import compare
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:
@@ -58,30 +104,27 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
         raise ConfigError("tune trains one round: tune with rounds: 1, then run the rounds with the chosen settings")
     execute(cfg, ["items", "generate", "mark", "datasets"], report=report)
     top = cfg.top_dir
+    budget = cfg.train.sft_steps + cfg.train.max_steps if cfg.train.recipe == "sft_then_kto" else cfg.train.max_steps
+    baselines = {}
+    for method in [m for m in cfg.train.compare if m != cfg.train.method]:
+        sets = [f"train.method={method}", "train.recipe=single"] + ([f"train.max_steps={budget}"] if budget else [])
+        bcfg, entry = _run_trial(config, overrides, sets, f"baseline-{method}", top, report)
+        baselines[method] = (entry, _trial_scores(bcfg.run_dir, f"target-{method}"))
     trials = []
     for values in itertools.product(*grid.values()):
         combo = dict(zip(grid, values))
-        name = trial_name(combo)
         sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in combo.items()]
-        tcfg: RunConfig = load_config(config, overrides + sets + [
-            f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation", "evaluate.transfer=null", "train.compare=[]"])
-        trial_dir = tcfg.run_dir
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("items", "datasets"):
-            link = trial_dir / sub
-            if not link.exists():
-                link.symlink_to((top / sub).resolve(), target_is_directory=True)
-        report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets))
-        execute(tcfg, ["train", "evaluate"], report=report)
-        results = read_json(trial_dir / "eval" / "results.json")
-        trained = f"target-{tcfg.train.method}"
-        pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
-        trials.append({"trial": name, "set": sets, "method": tcfg.train.method,
-                       "validation_accuracy": results[trained]["accuracy"], "ci95": results[trained]["ci95"],
-                       "items": results[trained]["items"], "base_accuracy": results["target-base"]["accuracy"],
-                       "gain": pair["diff"], "gain_ci95": pair["ci95"], "mcnemar_p": pair["mcnemar_p"]})
+        tcfg, entry = _run_trial(config, overrides, sets, trial_name(combo), top, report)
+        if baselines:
+            scores = _trial_scores(tcfg.run_dir, f"target-{tcfg.train.method}")
+            entry["vs"] = {}
+            for method, (_, base_scores) in baselines.items():
+                pair = compare(scores, base_scores, seed=cfg.seed)
+                entry["vs"][method] = {k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}
+        trials.append(entry)
     ranked = sorted(trials, key=lambda t: -t["validation_accuracy"])  # stable: grid order breaks ties
     out = {"split": "validation", "items": cfg.benchmark.n_validation, "grid": grid, "trials": ranked,
+           "baselines": [entry for entry, _ in baselines.values()],
            "best": ranked[0]["set"], "note": "chosen on validation items carved from the train split; the eval split was not read"}
     write_json(out, top / "tune.json")
     return out

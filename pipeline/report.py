@@ -12,6 +12,7 @@ at any time, anywhere the directory is readable:
     datasets/stats.json         competitors' accuracy, label balance, recommended KTO weights
     datasets/kto/, marked/      label balance and reasons for wrong answers per competitor
     checkpoints/metrics.json    training log: a list of per-step dicts (loss, kl, rewards/chosen, ...)
+    tune.json                   `lossaverse tune`'s trials: the ablation table and the loss-aversion sweep
 
 Every source is optional; a section or plot whose source is absent is left out. `rounds`, when
 present, is a list of {"round": k, <name>: {"accuracy": a, "ci95": [lo, hi]}, ...} (the model
@@ -29,6 +30,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline import lossaversion
 from pipeline.evalstats import TRANSFER, evaluation_results, model_label, models_of
 from pipeline.rundir import read_json
 
@@ -168,9 +170,15 @@ def render_report(run_dir: Path) -> dict:
         made["competitors"] = plot_competitors(files.labels, files.wrong_reasons, tmp / "competitors.png")
     if any(k in m for m in files.metrics for panel in CURVES.values() for k in panel):
         made["training"] = plot_training(files.metrics, CURVES, tmp / "training.png")
+    settings = lossaversion.kto_settings(files)
+    if settings is not None and files.metrics:
+        made["value_function"] = lossaversion.plot_value_function(*settings, files.metrics, tmp / "value_function.png")
+    tune = read_json(run_dir / "tune.json")
+    if tune and (sweep := lossaversion.plot_sweep(tune, tmp / "loss_aversion.png")):
+        made["loss_aversion"] = sweep
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    text = markdown(files, {k: f"report/{Path(v).name}" for k, v in made.items()})
+    text = markdown(files, {k: f"report/{Path(v).name}" for k, v in made.items()}, tune)
     report = run_dir / "report.md"
     part = run_dir / f"report.md.tmp-{os.getpid()}"
     part.write_text(text)
@@ -308,8 +316,9 @@ def _training(files: RunFiles) -> list[str]:
     return lines
 
 
-def markdown(files: RunFiles, plots: dict[str, str]) -> str:
-    """The report text; `plots` maps a plot's name to its path relative to the run directory."""
+def markdown(files: RunFiles, plots: dict[str, str], tune: dict | None = None) -> str:
+    """The report text; `plots` maps a plot's name to its path relative to the run directory;
+    `tune` is the run's tune.json, if any (the ablation table and the loss-aversion sweep)."""
     cfg = files.manifest.get("config", {})
     lines = [f"# lossaverse report: {cfg.get('name') or files.run_dir.name}", ""]
     target = (cfg.get("target") or {}).get("path")
@@ -336,6 +345,7 @@ def markdown(files: RunFiles, plots: dict[str, str]) -> str:
         lines += _training(files) + [""]
         if "training" in plots:
             lines += [f"![training curves]({plots['training']})", ""]
+    lines += lossaversion.section(files, plots, tune)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -61,6 +61,7 @@ def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, war
         AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
         training_args(train.model_dump(mode="json"), seed, str(work)), method_args(train.method, train),
         Dataset(shuffled(table, seed)), AutoTokenizer.from_pretrained(model), [metrics], None,
+        train=train.model_dump(mode="json"),
     )
     trainer.train()
     return steady_samples_per_second(metrics.step_seconds, metrics.global_batch, warmup)

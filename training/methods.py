@@ -4,7 +4,9 @@ Each method names the dataset it reads (under datasets/), the rows it learns fro
 trainer and config that run it. Every method gets the same model, optimizer settings and step
 budget from `train:`; only `method_args` differ.
 
-- kto: TRL `KTOTrainer` on datasets/kto (prompt, completion, label), unpaired binary feedback.
+- kto: TRL `KTOTrainer` on datasets/kto (prompt, completion, label), unpaired binary feedback,
+  through `training.kto_nll.KTONLLTrainer` (TRL's loss plus `train.nll_weight` x the SFT loss of
+  the desirable rows; with 0, TRL's loss unchanged).
 - dpo: TRL `DPOTrainer` on datasets/pairs (prompt, chosen, rejected), same prompt, one right and one
   wrong answer (Rafailov et al., 2023).
 - sft: TRL `SFTTrainer` on the correct answers of datasets/kto (prompt, completion), loss on the
@@ -28,20 +30,21 @@ class Method:
     dataset: str  # folder under datasets/
     schema: pa.Schema  # its row contract
     columns: tuple[str, ...]  # the columns the TRL trainer reads
-    trl: tuple[str, str]  # (config class, trainer class) in `trl`
+    trl: tuple[str, str]  # (config class, trainer class) in `trl`, or "module:Class" for our own
     uses_reference: bool  # a frozen reference policy (KTO, DPO) or none (SFT)
     min_per_device_batch: int
     rows: Callable[[pa.Table], pa.Table]  # the rows this method learns from
     empty_hint: str  # what to do when there are none
+    trainer_kwargs: Callable[[dict], dict] = lambda train: {}  # the trainer's own arguments, from `train:`
 
     def select(self, table: pa.Table) -> pa.Table:
         return self.rows(table).select(list(self.columns))
 
-    def trainer(self, model, args: dict, method_args: dict, train_dataset, tokenizer, callbacks, peft_config):
-        """Build the TRL trainer: `args` are the shared TrainingArguments, `method_args` this method's."""
-        import trl
-
-        config_cls, trainer_cls = (getattr(trl, name) for name in self.trl)
+    def trainer(self, model, args: dict, method_args: dict, train_dataset, tokenizer, callbacks, peft_config,
+                train: dict | None = None):
+        """Build the TRL trainer: `args` are the shared TrainingArguments, `method_args` this method's
+        config fields, `train` the `train:` config (as a dict) the trainer's own arguments come from."""
+        config_cls, trainer_cls = (_resolve(name) for name in self.trl)
         return trainer_cls(
             model=model,
             args=config_cls(**args, **method_args),
@@ -49,7 +52,16 @@ class Method:
             processing_class=tokenizer,
             callbacks=callbacks,
             peft_config=peft_config,
+            **self.trainer_kwargs(train or {}),
         )
+
+
+def _resolve(name: str):
+    """A class of `trl` by name, or ours as "module:Class"."""
+    import importlib
+
+    module, _, cls = name.rpartition(":")
+    return getattr(importlib.import_module(module or "trl"), cls)
 
 
 def _all(table: pa.Table) -> pa.Table:
@@ -62,8 +74,9 @@ def _correct_only(table: pa.Table) -> pa.Table:
 
 METHODS: dict[str, Method] = {
     "kto": Method(
-        "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "KTOTrainer"), True, 2, _all,
-        "datasets/kto is empty: mark some answers first (`lossaverse mark`)",
+        "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "training.kto_nll:KTONLLTrainer"), True, 2,
+        _all, "datasets/kto is empty: mark some answers first (`lossaverse mark`)",
+        lambda train: {"nll_weight": train.get("nll_weight", 0.0)},
     ),
     "dpo": Method(
         "dpo", "pairs", PAIRS, ("prompt", "chosen", "rejected"), ("DPOConfig", "DPOTrainer"), True, 1, _all,

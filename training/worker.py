@@ -195,7 +195,7 @@ def train_func(config: dict) -> None:
     output_dir = str(Path(config["work_dir"]) / f"rank{rank}")
     trainer = get_method(config["method"]).trainer(
         model, training_args(t, config["seed"], output_dir), config["method_args"], train, tokenizer,
-        callbacks, peft_config(t["lora"]),
+        callbacks, peft_config(t["lora"]), train=t,
     )
 
     checkpoint = ray.train.get_checkpoint()

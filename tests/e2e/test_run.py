@@ -20,6 +20,7 @@ from tests.conftest import ROOT, run_cli
 pytestmark = pytest.mark.e2e
 
 N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS, N_TRANSFER = 40, 24, 2, 3, 12
+SFT_STEPS, KTO_STEPS = 12, 8
 
 
 def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:
@@ -33,7 +34,8 @@ def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    _gsm8k_jsonl(tmp / "train.jsonl", "train", N_TRAIN, bad=True)
+    # Twice the train items: the recipe's on-policy answers come from the block after this round's.
+    _gsm8k_jsonl(tmp / "train.jsonl", "train", 2 * N_TRAIN, bad=True)
     _gsm8k_jsonl(tmp / "test.jsonl", "eval", N_EVAL, bad=False)
     overrides = [
         f"output_dir={tmp / 'runs'}",
@@ -46,6 +48,9 @@ def run(tmp_path_factory):
         f"generate.sampling.samples={SAMPLES}",
         "benchmark.n_validation=0",
         f"evaluate.transfer.n_eval={N_TRANSFER}",
+        # The default job's recipe (SFT, on-policy answers, KTO from the SFT model) at a few steps.
+        f"train.sft_steps={SFT_STEPS}",
+        f"train.max_steps={KTO_STEPS}",
     ]
     args = ["run", str(ROOT / "configs" / "local.yaml")] + [a for o in overrides for a in ("--set", o)]
     first = run_cli(*args)
@@ -91,26 +96,59 @@ def test_trained_model_loads_and_changed(run):
 def test_evaluation_reports_before_and_after(run):
     results = json.loads((run["dir"] / "eval" / "results.json").read_text())
     models = models_of(results)
-    # The default job compares KTO with the DPO and SFT baselines, all against the untrained target.
-    assert list(models) == ["target-base", "target-kto", "target-dpo", "target-sft"]
+    # The default job's recipe against SFT at the same budget, and the recipe's own SFT step, all
+    # against the untrained target; baselines first, so each pair reads "recipe - baseline".
+    assert list(models) == ["target-base", "target-sft", "target-recipe-sft", "target-kto"]
     assert all(r["answers"] == N_EVAL and r["items"] == N_EVAL for r in models.values())
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
     assert len(results["pairs"]) == 6 and all(0.0 <= p["mcnemar_p"] <= 1.0 for p in results["pairs"])
+    assert {(p["model"], p["baseline"]) for p in results["pairs"]} >= {("target-kto", "target-sft"), ("target-kto", "target-base")}
     transfer = json.loads((run["dir"] / "eval" / "transfer" / "results.json").read_text())
     assert all(r["items"] == N_TRANSFER for r in models_of(transfer).values()) and len(models_of(transfer)) == 4
     text = (run["dir"] / "report.md").read_text()
     assert "## Transfer" in text and "Methods compared on the same data with the same budget" in text
-    for label in ("target after KTO", "target after DPO", "target after SFT", "transfer: arith-reworded"):
+    assert "## Loss aversion" in text and "(report/value_function.png)" in text
+    for label in ("target after KTO", "target after SFT", "target after the recipe's SFT step", "transfer: arith-reworded"):
         assert label in run["first"].stdout
+
+
+def test_recipe_chains_sft_on_policy_answers_and_kto(run):
+    """SFT on the desirable rows, the SFT'd target's own graded answers on fresh train items, then
+    KTO from the SFT model on those plus the competitors' rows; SFT alone gets the whole budget."""
+    from pipeline.build import kto_table
+
+    d = run["dir"]
+    train = json.loads((d / "manifest.json").read_text())["stages"]["train"]
+    recipe = train["recipe"]
+    assert recipe["sft"]["steps"] == SFT_STEPS and train["steps"] == KTO_STEPS
+    assert train["budget_steps"] == SFT_STEPS + KTO_STEPS == train["compare"]["sft"]["steps"]
+    items = read_table(d / "items", ITEMS)
+    answers = read_table(d / "recipe" / "on_policy" / "answers", ANSWERS)
+    op = recipe["on_policy"]
+    assert answers.num_rows == N_TRAIN * 4 == op["answers"]  # on_policy.samples 4, on_policy.items = n_train
+    assert set(answers["competitor"].to_pylist()) == {"target"}
+    assert set(answers["model"].to_pylist()) == {recipe["sft_model"]}
+    fresh = set(answers["id"].to_pylist())
+    assert len(fresh) == N_TRAIN and not fresh & set(items["id"].to_pylist())  # fresh: no item of this run
+    kto = read_table(d / "recipe" / "datasets" / "kto", KTO)
+    competitors = read_table(d / "datasets" / "kto", KTO)
+    own = kto_table(read_table(d / "recipe" / "on_policy" / "marked", MARKED))
+    assert kto.num_rows == competitors.num_rows + own.num_rows == train["rows"]
+    assert op["rows"] == own.num_rows and op["desirable"] == pc.sum(own["label"]).as_py()
+    # KTO started from the SFT model: its weights differ from both the SFT model and the base.
+    sft = load_file(d / "recipe" / "sft" / "model" / "model.safetensors")
+    kto_w = load_file(d / "model" / "model.safetensors")
+    base = load_file(Path(resolve_model("tiny:small")) / "model.safetensors")
+    assert any(not torch.equal(sft[k], base[k]) for k in base)
+    assert any(not torch.equal(sft[k], kto_w[k]) for k in base)
 
 
 def test_baselines_share_the_step_budget(run):
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     train = manifest["stages"]["train"]
-    assert set(train["compare"]) == {"dpo", "sft"}
-    assert train["compare"]["dpo"]["steps"] == train["compare"]["sft"]["steps"] == train["steps"] == train["budget_steps"]
-    for method in ("dpo", "sft"):
-        assert (run["dir"] / "compare" / method / "model" / "config.json").is_file()
+    assert set(train["compare"]) == {"sft"}
+    assert train["compare"]["sft"]["steps"] == train["recipe"]["sft"]["steps"] + train["steps"] == train["budget_steps"]
+    assert (run["dir"] / "compare" / "sft" / "model" / "config.json").is_file()
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"items", "generate", "mark", "datasets", "train", "evaluate"}
 

@@ -1,0 +1,153 @@
+"""`train.recipe: sft_then_kto`: SFT first, then KTO on the SFT'd target's own graded answers.
+
+The KTO paper finds that up to 7B "virtually all of the gains" come from an SFT stage before KTO,
+and its authors' code (HALOs) runs SFT, then KTO; on-policy data (the target's own graded samples)
+teaches more than another model's (Setlur et al., 2024; Kadlčík & Štefánik, 2024). The steps, each
+in its folder under <run>/recipe/, each skipped on a re-run once its `done.json` (written last)
+matches the config:
+
+  sft/        SFT on the desirable rows of datasets/kto for `train.sft_steps` (model/, checkpoints/)
+  on_policy/  the SFT model answers `on_policy.items` fresh train items, `on_policy.samples` times
+              each (answers/, marked/: the generate and mark stages' own code and contracts)
+  datasets/   kto/ = the competitors' datasets/kto rows + the on-policy rows (competitor `target`),
+              divergent negatives applied to the on-policy rows when `datasets.divergent_negatives`;
+              stats.json with the labels the KTO weights are computed from
+  then KTO from the SFT model (TRL's reference model is a frozen copy of it) for `train.max_steps`
+  into the round's model/ and checkpoints/, as a single-method run would.
+
+Fresh items come from a block of the train split that no round answers: the block after the
+validation items and the `rounds.count` rounds' blocks (`pipeline.benchmarks.load_items` with
+round = rounds.count + round), so they never overlap the competitors' items or the eval split.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cluster.config import RunConfig, SamplingConfig
+from pipeline.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
+from pipeline.schemas import ITEMS, KTO, MARKED
+
+ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
+
+
+def on_policy_items(cfg: RunConfig) -> pa.Table:
+    """The fresh train items the SFT'd target answers (see the module docstring)."""
+    from pipeline.benchmarks import load_items
+
+    from pipeline.benchmarks import BenchmarkError
+
+    block = cfg.rounds.count + cfg.round
+    try:
+        items, _ = load_items(cfg.benchmark, cfg.seed, block)
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"train.recipe sft_then_kto answers fresh train items from the block after the rounds' "
+                             f"items, and there are none: {exc}") from None
+    items = items.filter(pc.equal(items["split"], "train"))
+    n = cfg.train.on_policy.items or cfg.benchmark.n_train
+    return items.slice(0, n)
+
+
+def on_policy_sampling(cfg: RunConfig) -> SamplingConfig:
+    op = cfg.train.on_policy
+    return cfg.generate.sampling.model_copy(update={"samples": op.samples, "temperature": op.temperature, "top_p": op.top_p})
+
+
+def _done(folder: Path, fp: str) -> dict | None:
+    info = read_json(folder / "done.json")
+    return info["result"] if info and info.get("fingerprint") == fp else None
+
+
+def _record(folder: Path, fp: str, result: dict) -> dict:
+    write_json({"fingerprint": fp, "result": result}, folder / "done.json")
+    return result
+
+
+def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
+    """recipe/datasets/kto: the competitors' kto rows + the on-policy answers' kto rows, and stats."""
+    from pipeline.build import kto_table, recommended_weights
+    from pipeline.divergence import split_shared_prefixes
+
+    own = kto_table(marked)
+    divergence = None
+    if cfg.datasets.divergent_negatives:
+        own, divergence = split_shared_prefixes(own, tokenizer)
+    own = own.append_column("round", pa.array([cfg.round] * own.num_rows, pa.int32()))
+    theirs = competitor_kto.select(own.column_names).cast(own.schema)
+    kto = pa.concat_tables([theirs, own])
+    n_d = int(pc.sum(kto["label"]).as_py() or 0)
+    n_own_d = int(pc.sum(own["label"]).as_py() or 0)
+    stats = {
+        "labels": {"desirable": n_d, "undesirable": kto.num_rows - n_d, "total": kto.num_rows,
+                   "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0, "reference_rows": 0},
+        "on_policy": {"answers": marked.num_rows, "rows": own.num_rows, "desirable": n_own_d,
+                      "accuracy": float(pc.mean(marked["correct"]).as_py() or 0.0) if marked.num_rows else 0.0,
+                      "items": len(set(marked["id"].to_pylist()))},
+        "competitor_rows": theirs.num_rows,
+        "recommended_kto_weights": recommended_weights(n_d, kto.num_rows - n_d),
+    }
+    if divergence is not None:
+        stats["divergence"] = divergence
+    return kto, stats
+
+
+def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callable[..., dict],
+               report: Callable[[str], None], fp: str) -> dict:
+    """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
+    summary). `train_one(train, model, datasets_dir, out, storage, fp)` trains one method."""
+    from cluster.stages import competitors_of, generate_into, mark_answers
+    from cluster.config import ModelRef
+    from pipeline.generate import _tokenizer
+
+    folder = run_dir / "recipe"
+    sft_dir = folder / "sft"
+    sft_train = cfg.train.for_method("sft").model_copy(update={"max_steps": cfg.train.sft_steps, "recipe": "single"})
+    sft_fp = fingerprint(fp, "sft")
+    sft = _done(sft_dir, sft_fp)
+    if sft is None:
+        report(f"recipe: sft ({cfg.train.sft_steps} steps)")
+        sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dir / "model",
+                                                 sft_dir / "checkpoints", sft_fp))
+    sft_model = str((sft_dir / "model").resolve())
+
+    op_dir = folder / "on_policy"
+    op_fp = fingerprint(sft_fp, "on_policy", cfg.train.on_policy.model_dump(), cfg.rounds.count)
+    op = _done(op_dir, op_fp)
+    if op is None:
+        items = on_policy_items(cfg)
+        report(f"recipe: the SFT'd target answers {items.num_rows} fresh train items x {cfg.train.on_policy.samples}")
+        player = ModelRef(path=sft_model, chat=cfg.target.chat, engine=cfg.target.engine)
+        competitors = competitors_of(cfg, {ON_POLICY: player})
+        generate_into(cfg, items.select(ITEMS.names), competitors, on_policy_sampling(cfg), op_dir / "answers", op_fp)
+        op = _record(op_dir, op_fp, {**mark_answers(op_dir / "answers", op_dir / "marked", cfg.mark.batch_size, cfg.mark),
+                                     "items": items.num_rows})
+
+    data_dir = folder / "datasets"
+    data_fp = fingerprint(op_fp, "datasets", cfg.datasets.model_dump())
+    data = _done(data_dir, data_fp)
+    if data is None:
+        kto, stats = on_policy_datasets(cfg, read_table(op_dir / "marked", MARKED),
+                                        read_table(run_dir / "datasets" / "kto", KTO), _tokenizer(base_model))
+        tmp = data_dir.with_name("datasets.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_table(kto, tmp / "kto")
+        write_json(stats, tmp / "stats.json")
+        replace_dir(tmp, data_dir)
+        data = _record(data_dir, data_fp, stats)  # after the rename: done.json is written last
+    report(f"recipe: kto from the SFT model ({cfg.train.max_steps} steps) on {data['labels']['total']} rows "
+           f"({data['on_policy']['rows']} on-policy, on-policy accuracy {data['on_policy']['accuracy']:.3f})")
+    kto_train = cfg.train.for_method("kto").model_copy(update={"recipe": "single"})
+    result = train_one(kto_train, sft_model, data_dir, run_dir / "model", run_dir / "checkpoints", fingerprint(data_fp, "kto"))
+    result["recipe"] = {
+        "name": "sft_then_kto",
+        "sft": {k: v for k, v in sft.items() if k != "history"},
+        "on_policy": data["on_policy"],
+        "datasets": {k: v for k, v in data.items() if k != "on_policy"},
+        "sft_model": sft_model,
+    }
+    return result
