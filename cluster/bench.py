@@ -387,6 +387,16 @@ def bench_table(result: dict):
             if "baseline" in m:
                 table.add_row("mark", f"numeric vs math-verify rows/s ({int(n):,} rows)", "",
                               f"{m['baseline']['rows_per_s']['median']:,.0f}", f"{m.get('ratio', 0):.0f}")
+            if "worst_row_s" in m:
+                worst = max(m["worst_row_s"].values())
+                table.add_row("mark", "worst per-row ms: generated rows / hostile text (CPU)",
+                              f"{worst * 1000:.1f} / {m['hostile']['cpu_s'] * 1000:.1f}", "", "")
+            if "suite" in m:
+                su = m["suite"]
+                table.add_row("mark", f"agreement with a grader, real-format suite ({su['rows']} rows)",
+                              f"{su['rules']['agreement']:.3f}", f"{su['math_verify']['agreement']:.3f}", "")
+                for d in su["disagreements"]:
+                    notes.append(f"mark suite {d['id']}: grader {d['grader']}, rules {d['rules']}, math-verify {d['math_verify']}: {d['why']}")
         _memory_rows(table, "mark", result["mark"]["memory"])
     if "train" in result:
         t = result["train"]

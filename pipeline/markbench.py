@@ -12,6 +12,7 @@ count, so a flat figure shows memory does not grow with the number of rows.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
@@ -19,6 +20,7 @@ import resource
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
@@ -202,11 +204,13 @@ def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
 
     names = ["completion", "reference", "kind", "choices", "finish_reason", "error", "question"]
     cols = table.select(names).to_pydict()
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, worst = time.perf_counter(), time.process_time(), 0.0
     for c, r, k, ch, f, e, q in zip(*(cols[n] for n in names)):
+        row = time.perf_counter()
         grade_row(c, r, k, ch, f, e, timeout_s, q)
+        worst = max(worst, time.perf_counter() - row)
     return {"rows": table.num_rows, "rows_per_s": {"median": table.num_rows / (time.perf_counter() - start)},
-            "rows_per_cpu_s": {"median": table.num_rows / (time.process_time() - cpu)}}
+            "rows_per_cpu_s": {"median": table.num_rows / (time.process_time() - cpu)}, "worst_row_s": worst}
 
 
 def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
@@ -247,6 +251,87 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
             "rows_per_cpu_s": {"median": table.num_rows / cpu_seconds}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
 
 
+SUITE = Path(__file__).resolve().parents[1] / "tests" / "data" / "marker" / "model_outputs.jsonl"
+
+
+def _math_verify_verdict(completion: str, reference: str) -> bool | None:
+    """math-verify on the full completion, as its users call it; None where it parsed nothing."""
+    from math_verify import parse, verify
+
+    try:
+        answer = parse(completion, parsing_timeout=5)
+        return bool(verify(parse(f"${reference}$", parsing_timeout=5), answer, timeout_seconds=5)) if answer else None
+    except Exception:  # noqa: BLE001 - sympy raises many types; all mean "no verdict"
+        return None
+
+
+def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
+    """The marker and math-verify (on the full completion) against a careful grader's verdicts on the
+    suite of real-format model outputs (tests/data/marker/model_outputs.jsonl, made by make_model_outputs.py there).
+
+    `rules`: agreement with the grader, and `false_right` (marked right where the grader says wrong);
+    `math_verify`: the same for math-verify (no verdict counts as wrong); `disagreements`: every row
+    where the two differ, with the grader's verdict and why (the row's format note); `worst_row_s`:
+    the slowest row of the marker."""
+    from pipeline.mark import grade_row
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars: not a row's time
+    ours, theirs, worst = [], [], (0.0, None)
+    for r in rows:
+        start = time.perf_counter()
+        g = grade_row(r["completion"], r["reference"], r["kind"], r["choices"], r["finish_reason"], None, timeout_s)
+        seconds = time.perf_counter() - start
+        worst = max(worst, (seconds, r["id"]))
+        ours.append(g.correct)
+        theirs.append(bool(_math_verify_verdict(r["completion"], r["reference"])))
+    labels = [r["correct"] for r in rows]
+    disagreements = []
+    for r, a, b in zip(rows, ours, theirs):
+        if a != b:
+            wrong = "math-verify" if a == r["correct"] else "rules"
+            disagreements.append({"id": r["id"], "format": r["format"], "grader": r["correct"], "rules": a, "math_verify": b,
+                                  "wrong": wrong, "why": f"{wrong} wrong on {r['format']}: {r['note']}"})
+
+    def score(verdicts):
+        agree = sum(v == lab for v, lab in zip(verdicts, labels))
+        return {"agree": agree, "agreement": agree / len(rows), "false_right": sum(v and not lab for v, lab in zip(verdicts, labels))}
+
+    return {"rows": len(rows), "formats": sorted({r["format"] for r in rows}), "rules": score(ours), "math_verify": score(theirs),
+            "rules_vs_math_verify": 1 - len(disagreements) / len(rows), "disagreements": disagreements,
+            "worst_row_s": worst[0], "worst_row": worst[1]}
+
+
+def hostile_rows() -> list[tuple[str, str, str, str, list | None]]:
+    """(name, kind, completion, reference, choices): text made to be slow, up to about a megabyte."""
+    mb = 1_000_000
+    texts = {
+        "dots": "I got 3 " + "." * 60 + "x 4", "dots_mb": "I got 3 " + "." * mb + "x 4", "question_marks": "?" * mb,
+        "newlines": "\n" * mb + "Question: x", "thousands": ",000" * (mb // 4) + "0", "hashes": "#### " * (mb // 5),
+        "open_boxes": "\\boxed{" * (mb // 7), "open_parens_math": "\\(" * (mb // 2), "nested_boxes": "\\boxed{" * 3000 + "2" + "}" * 3000,
+        "statements": "".join(f"The answer is {i}. " for i in range(mb // 20)), "letters": "A B C D " * (mb // 8),
+        "scripts": "Привет 世界 مرحبا ٣ 5 😀 " * (mb // 30), "think_open": "<think>" + "1 " * (mb // 2), "power_tower": "$\\boxed{9^{9^{9}}}$",
+    }
+    kinds = [("numeric", "5", None), ("math", "(1,2),(2,1)", None), ("math", "\\frac{1}{2}", None), ("choice", "B", ["0", "4", "2", "6"]),
+             ("exact", "Paris", None)]
+    return [(name, kind, text, ref, choices) for name, text in texts.items() for kind, ref, choices in kinds]
+
+
+def hostile_worst(timeout_s: float = 5) -> dict:
+    """The slowest row (CPU seconds of the marking thread, and wall) of `hostile_rows`."""
+    from pipeline.mark import grade_row
+
+    grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars
+    worst = {"cpu_s": 0.0, "wall_s": 0.0, "row": None}
+    for name, kind, text, ref, choices in hostile_rows():
+        wall, cpu = time.perf_counter(), time.thread_time()
+        grade_row(text, ref, kind, choices, "stop", None, timeout_s, "What is 2 + 3?")
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        if cpu > worst["cpu_s"]:
+            worst = {"cpu_s": cpu, "wall_s": wall, "row": f"{name} ({kind}, {len(text):,} chars)"}
+    return {"rows": len(hostile_rows()), **worst}
+
+
 def _rss_child(kind: str, rows: int, seed: int, batch_size: int, queue) -> None:
     from pipeline.mark import mark_table
 
@@ -279,7 +364,10 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
     `math` rows are capped at `math_rows` (2% of them need math-verify's symbolic check).
     baseline: math-verify's parse + verify on the first `baseline_rows` numeric rows, and on those
     rows the agreement of its verdicts with ours where both decide; `ratio` = numeric median /
-    baseline median. row_rules: the same rules as a plain per-row loop. peak_rss_bytes: a fresh
+    baseline median. row_rules: the same rules as a plain per-row loop. worst_row_s: the slowest
+    row per kind (per-row loop over generated rows); hostile: the slowest row (CPU and wall) on text
+    made to be slow (`hostile_rows`); suite: agreement with a careful grader and with math-verify on
+    real-format model outputs (`suite_agreement`), every disagreement and why. peak_rss_bytes: a fresh
     process marking rows/10 and rows numeric rows in streamed batches (flat = memory does not grow).
     """
     from pipeline.mark import mark_table
@@ -292,6 +380,10 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
         subset = generate_answers_table("numeric", min(baseline_rows, rows), seed)
         out["baseline"] = math_verify_baseline(subset, mark_table(subset, timeout_s))
         out["row_rules"] = row_rules_rate(generate_answers_table("numeric", min(rows, 20_000), seed), timeout_s)
+        out["worst_row_s"] = {kind: row_rules_rate(generate_answers_table(kind, min(rows, 2_000), seed), timeout_s)["worst_row_s"]
+                              for kind in kinds}
+        out["suite"] = suite_agreement(timeout_s=timeout_s)
+        out["hostile"] = hostile_worst(timeout_s)
     if "numeric" in out["kinds"]:
         numeric = out["kinds"]["numeric"]
         out["ratio"] = numeric["rows_per_s"]["median"] / out["baseline"]["rows_per_s"]["median"]
@@ -306,7 +398,6 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
 
 if __name__ == "__main__":
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="Benchmark the exam marker")
     parser.add_argument("--rows", type=int, default=100_000)

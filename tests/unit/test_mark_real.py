@@ -129,3 +129,15 @@ def test_what_sympy_would_compute_in_c_is_never_sent_to_math_verify(answer):
     start = time.perf_counter()
     g = grade_row(f"$\\boxed{{{answer}}}$", "5", "math", timeout_s=1)
     assert (g.correct, g.undecided) == (False, True) and time.perf_counter() - start < 0.5
+
+
+def test_the_real_format_suite_is_marked_as_a_careful_grader_marks_it():
+    """tests/data/marker/model_outputs.jsonl (`lossaverse bench mark` reports it against math-verify too)."""
+    import json
+
+    from pipeline.markbench import SUITE
+
+    rows = [json.loads(line) for line in SUITE.read_text().splitlines()]
+    assert len(rows) >= 150 and len({r["format"] for r in rows}) >= 10
+    wrong = [r["id"] for r in rows if grade_row(r["completion"], r["reference"], r["kind"], r["choices"], r["finish_reason"]).correct != r["correct"]]
+    assert wrong == []
