@@ -29,7 +29,7 @@ from fractions import Fraction
 
 from pipeline.marktext import (
     HASH_OR_SAID, MAX_STATEMENTS, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number, sentence,
-    to_number,
+    to_number, window,
 )
 
 _MATH_DROP = re.compile(r"\s++|\\left|\\right|\\[,!;:]|\\quad|\^\s*+\{?\\circ\}?|\\%|%|\$")
@@ -254,7 +254,7 @@ def read_math(text: str, reference: str, timeout_s: float = 5, question: str | N
     """Equivalence through math-verify, after a cheap exact/numeric fast path that most rows take;
     math-verify's calls for the row share `timeout_s` seconds."""
     deadline = time.monotonic() + timeout_s
-    text = cut_new_turn(text).translate(_SPACES).replace("**", "").replace("\\$", "")
+    text = window(cut_new_turn(text)).translate(_SPACES).replace("**", "").replace("\\$", "")
     ref_values = reference_set(reference)
     values, candidate, stated, several = _candidate(text, question, ref_values)
     if candidate is None:

@@ -114,10 +114,13 @@ def prepare(text: str) -> Prepared:
             text = text[ends[0].end() :]
         elif _TRACE_START.search(text):
             in_trace = True
-    text = cut_new_turn(text)
-    if len(text) > 2 * READ_CHARS:
-        text = text[:READ_CHARS] + "\n\n" + text[-READ_CHARS:]
-    return Prepared(text, in_trace)
+    return Prepared(window(cut_new_turn(text)), in_trace)
+
+
+def window(text: str) -> str:
+    """An overlong answer's first and last `READ_CHARS` characters (the statement of a megabyte of
+    degenerate text is at one end of it, if anywhere)."""
+    return text[:READ_CHARS] + "\n\n" + text[-READ_CHARS:] if len(text) > 2 * READ_CHARS else text
 
 
 def cut_new_turn(text: str) -> str:
@@ -130,7 +133,7 @@ def cut_new_turn(text: str) -> str:
 def clean(text: str) -> str:
     """Read through LaTeX and markdown decorations: `**72**`, `\\dfrac{3}{4}` (-> 3/4), `\\$5`,
     `1{,}000`, `72\\text{ dollars}`, the Unicode minus."""
-    text = cut_new_turn(text).translate(_SPACES).replace("**", "").replace("{,}", ",")
+    text = window(cut_new_turn(text)).translate(_SPACES).replace("**", "").replace("{,}", ",")
     if "\\" in text:
         for pattern, repl in _TEX:
             text = pattern.sub(repl, text)
