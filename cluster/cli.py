@@ -46,11 +46,12 @@ def _guard(fn):
     from pipeline.benchmarks import BenchmarkError
     from pipeline.schemas import SchemaError
     from cluster.submit import SubmitError
+    from pipeline.generate import EngineFailed
     from pipeline.rundir import RunDirLocked
 
     try:
         return fn()
-    except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, FileNotFoundError) as exc:
+    except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 

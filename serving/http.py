@@ -96,3 +96,5 @@ def validate(model: type[M], data: Any) -> M:
             parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
         first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
         raise RequestRejected(400, "invalid request: " + "; ".join(parts), param=first) from None
+    except Exception as exc:  # a validator's own error: vLLM's request models raise VLLMValidationError
+        raise RequestRejected(400, f"invalid request: {exc}"[:1000], param=getattr(exc, "parameter", None)) from None

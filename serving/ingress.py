@@ -39,8 +39,34 @@ def prompt_count(prompt) -> int:
     return 1
 
 
+# Lower bounds an engine would enforce only once the request reached it.
+_AT_LEAST = {"max_tokens": 1, "max_completion_tokens": 1, "n": 1, "best_of": 1, "logprobs": 0, "top_logprobs": 0,
+             "prompt_logprobs": 0, "temperature": 0}
+
+
+def check_fields(body) -> None:
+    """400 naming the field for what would fail inside an engine or be silently ignored: a field
+    the API does not know (the request models accept and drop extra fields), no `model`, an empty
+    prompt, a value below its bound, a top_p outside (0, 1]."""
+    extra = sorted(getattr(body, "model_extra", None) or {})
+    if extra:
+        raise RequestRejected(400, f"unknown field {extra[0]!r}", extra[0])
+    if body.model is None:
+        raise RequestRejected(400, "model: required (see GET /v1/models)", "model")
+    if hasattr(body, "prompt") and (body.prompt is None or body.prompt == [] or body.prompt == [[]]):
+        raise RequestRejected(400, "prompt: required and not empty", "prompt")
+    for name, low in _AT_LEAST.items():
+        value = getattr(body, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise RequestRejected(400, f"{name} {value} is below {low}", name)
+    top_p = getattr(body, "top_p", None)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise RequestRejected(400, f"top_p {top_p} is outside (0, 1]", "top_p")
+
+
 def check_caps(body, caps: Caps, token_fields: tuple[str, ...]):
     """Raise a 400 naming the first field above its cap; a request without a token limit gets the cap."""
+    check_fields(body)
     asked = {f: getattr(body, f) for f in token_fields if getattr(body, f, None) is not None}
     for name, value in asked.items():
         if value > caps.max_tokens:

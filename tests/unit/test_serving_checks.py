@@ -5,18 +5,18 @@ import pytest
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.requests import Request
 
-from serving.http import RequestRejected, api_key_from_env, check_api_key
+from serving.http import RequestRejected, api_key_from_env, check_api_key, validate
 from serving.ingress import Caps, check_caps, prompt_count
 
 CAPS = Caps(max_tokens=32, max_n=4, max_prompts=3, max_logprobs=2)
 
 
 def _completion(**fields):
-    return CompletionRequest.model_validate({"model": "target", "prompt": "1 + 1 =", **fields})
+    return validate(CompletionRequest, {"model": "target", "prompt": "1 + 1 =", **fields})
 
 
 def _chat(**fields):
-    return ChatCompletionRequest.model_validate({"model": "target", "messages": [{"role": "user", "content": "hi"}], **fields})
+    return validate(ChatCompletionRequest, {"model": "target", "messages": [{"role": "user", "content": "hi"}], **fields})
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -40,8 +40,20 @@ def test_a_chat_field_above_its_cap_is_a_400_naming_it(fields, param):
     assert caught.value.status == 400 and caught.value.param == param
 
 
+@pytest.mark.parametrize("fields, param", [
+    ({"zz_unknown": 1}, "zz_unknown"), ({"best_of": 2}, "best_of"), ({"model": None}, "model"), ({"prompt": []}, "prompt"), ({"max_tokens": 0}, "max_tokens"),
+    ({"n": -1}, "n"), ({"logprobs": -2}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"),
+])
+def test_what_would_fail_inside_an_engine_or_be_dropped_is_a_400_naming_the_field(fields, param):
+    """`best_of` is no field of vLLM 0.32's request (it would be dropped); logprobs -1 asks for the
+    whole vocabulary; vLLM's own validators raise ValueError, which is a 400 too."""
+    with pytest.raises(RequestRejected) as caught:
+        check_caps(_completion(**fields), CAPS, ("max_tokens",))
+    assert caught.value.status == 400 and caught.value.param == param
+
+
 def test_requests_within_the_caps_pass_and_get_the_token_cap():
-    body = check_caps(_completion(n=4, best_of=4, prompt=["a", "b", "c"], logprobs=2), CAPS, ("max_tokens",))
+    body = check_caps(_completion(n=4, prompt=["a", "b", "c"], logprobs=2), CAPS, ("max_tokens",))
     assert body.max_tokens <= 32  # vLLM's completions default (16) is within the cap
     assert check_caps(_chat(logprobs=True, top_logprobs=2, n=2), CAPS, ("max_completion_tokens", "max_tokens")).max_completion_tokens == 32
     assert prompt_count("x") == prompt_count([1, 2, 3]) == 1 and prompt_count(["a", "b"]) == 2
