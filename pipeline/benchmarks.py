@@ -102,6 +102,8 @@ def normalize(raw: dict, cfg, split: str, index: int) -> dict:
         raise ValueError(f"missing or empty {cols['reference']!r}")
     raw_choices = raw.get(cols["choices"])
     choices = _choices(raw_choices)
+    if cfg.kind == "choice" and choices and len(choices) > len(LETTERS):
+        raise ValueError(f"{len(choices)} options, more than the {len(LETTERS)} option letters A-Z")
     if isinstance(reference, int) and cfg.kind == "choice":  # MMLU: index of the right option
         if not 0 <= reference < len(choices or LETTERS):
             raise ValueError(f"answer index {reference} out of range for {len(choices or LETTERS)} options")
@@ -124,8 +126,6 @@ def normalize(raw: dict, cfg, split: str, index: int) -> dict:
         raise ValueError(f"missing or empty {cols['reference']!r}")
     if cfg.kind == "choice" and not choices:
         raise ValueError("kind `choice` needs a non-empty choices list")
-    if cfg.kind == "choice" and len(choices) > len(LETTERS):
-        raise ValueError(f"{len(choices)} options, more than the {len(LETTERS)} option letters A-Z")
     if cfg.kind == "numeric":
         reference = _numeric_reference(reference)
     item_id = raw.get(cols["id"])

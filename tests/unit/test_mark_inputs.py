@@ -40,8 +40,9 @@ def test_choice_items_with_up_to_26_options_load_render_and_mark(tmp_path):
     items, quarantine = _load(tmp_path, "choice", [
         {"question": "Which is farthest?", "choices": PLANETS[:11], "reference": 10},
         {"question": "Too many", "choices": [f"o{i}" for i in range(27)], "reference": "A"},
+        {"question": "Too many, keyed by index", "choices": [f"o{i}" for i in range(27)], "reference": 26},
     ])
-    assert items["reference"].to_pylist() == ["K"] and quarantine.num_rows == 1
+    assert items["reference"].to_pylist() == ["K"] and quarantine.num_rows == 2
     assert "27 options, more than the 26 option letters" in quarantine["reason"][0].as_py()
     prompt = render(items.to_pylist()[0], "{question}\n{options}")
     assert "K. Eris" in prompt
