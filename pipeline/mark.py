@@ -11,6 +11,12 @@ the token limit before a final answer), `match`, `mismatch` (also: several diffe
 also returns `undecided` (a non-empty answer with nothing parseable, a math-verify timeout): the only
 rows the optional supervisory LLM (pipeline.judge) may be asked about.
 
+The reading rules live in pipeline.marktext (text preparation, `numeric`, `choice`, `exact`) and
+pipeline.markmath (`math`: sets decided from the reference, math-verify within the row's budget).
+Every row first loses what is not its answer (`marktext.prepare`): text after a chat control token
+(`<|im_end|>`, `<|im_start|>user`) or a new question the model writes itself, and a reasoning trace
+(`<think>...</think>`); cut by the token limit inside an unclosed trace, it is `truncated`.
+
 Speed: `numeric` rows in the commonest shapes are decided for the whole batch at once by
 pyarrow.compute (`fast_numeric`), only where the per-row rules provably give the same verdict; the
 rest go through `grade_row`. tests/unit/test_mark_fast.py checks the two agree row for row.
@@ -18,8 +24,9 @@ rest go through `grade_row`. tests/unit/test_mark_fast.py checks the two agree r
 How a careful human grader reads an answer, as rules (the same for every kind):
 - The text from a new question the model starts on its own ("\\nQuestion: ...") is not part of
   the answer; LaTeX and markdown decorations (`**`, `\\dfrac`, `\\text{}`, `\\$`) are read through.
-- A *stated* final answer (`#### X`, `\\boxed{X}`, "the answer is X", "Answer: X") wins over any
-  number in the reasoning; of several statements the last one counts (a self-correction), but
+- A *stated* final answer (`#### X`, `\\boxed{X}`, "the answer is X", "Answer: X", Minerva's
+  "Final Answer: The final answer is $X$.") wins over any number in the reasoning; of several
+  statements the last one counts (a self-correction), but
   stating three or more different answers (two for `choice` and `exact`, whose answer spaces are
   small enough that hedging pays) is guessing and is wrong. "The answer is 3 or 4" is wrong.
 - Without a statement the answer is guessed from the text: the last number (`numeric`), the one
@@ -36,8 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.markmath import read_math
-from pipeline.marktext import (  # noqa: F401 - cut_new_turn, to_number, read_number: this module's interface
-    MAX_EXTRACTED, READ_CHARS, Reading, _WS, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
+from pipeline.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (pipeline.judge, tests)
+    READ_CHARS, Reading, _WS, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
 )
 from pipeline.schemas import ANSWERS, MARKED, check
 
