@@ -1,7 +1,10 @@
 """`lossaverse serve`: the real command (Ray Serve, ray.serve.llm with vLLM CPU engines, tiny models)
-on 127.0.0.1, called with the `openai` client and httpx; bad requests get a 4xx with a message and
-the server keeps answering. Also the checks that refuse a serve before anything starts."""
+on 127.0.0.1 with an API key, called with the `openai` client and httpx; bad requests get a 4xx
+with a message and the server keeps answering, also under a bounded load and a fuzz of malformed
+requests. Also the checks that refuse a serve before anything starts."""
 
+import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -26,6 +29,17 @@ pytestmark = pytest.mark.integration
 
 CPU_ENGINE = ["serve.engine.kv_cache_gib=0.25", "serve.engine.max_model_len=128", "serve.engine.enforce_eager=true"]
 CAP, BODY, MAX_ANSWERS = 32, 4096, 5
+MAX_N, MAX_PROMPTS, MAX_LOGPROBS = 2, 3, 1
+KEY_ENV, KEY = "LV_TEST_SERVE_KEY", "serve-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _post(url, headers=None, **kwargs):
+    return httpx.post(url, headers={**AUTH, **(headers or {})}, **kwargs)
+
+
+def _get(url, headers=None, **kwargs):
+    return httpx.get(url, headers={**AUTH, **(headers or {})}, **kwargs)
 
 
 def _free_port() -> int:
@@ -42,7 +56,7 @@ def _ready(base: str, log: Path) -> bool:
     """The command says `serving` once Serve reports every app RUNNING (engines loaded)."""
     if "serving; Ctrl-C to stop" not in log.read_text():
         return False
-    models = httpx.get(f"{base}/v1/models", timeout=10).json()
+    models = _get(f"{base}/v1/models", timeout=10).json()
     return {m["id"] for m in models.get("data", [])} == {"target", "base"}
 
 
@@ -51,11 +65,12 @@ def server(tmp_path_factory):
     """`lossaverse serve MODEL_DIR --base tiny:large` in its own process group, stopped by pid."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    sets = [*CPU_ENGINE, f"serve.port={port}", f"serve.max_tokens={CAP}", f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}"]
+    sets = [*CPU_ENGINE, f"serve.port={port}", f"serve.max_tokens={CAP}", f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}",
+            f"serve.max_n={MAX_N}", f"serve.max_prompts={MAX_PROMPTS}", f"serve.max_logprobs={MAX_LOGPROBS}", f"serve.api_key_env={KEY_ENV}"]
     argv = [sys.executable, "-m", "cluster.cli", "serve", resolve_model("tiny:small"), "--base", "tiny:large"]
     for s in sets:
         argv += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
     env.pop("RAY_ADDRESS", None)
     with log.open("w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,7 +101,7 @@ def _message(response: httpx.Response) -> str:
 
 
 def _client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def test_lists_the_trained_and_the_base_model(server):
@@ -119,14 +134,14 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_answering(serv
     base = server[0]
     url = f"{base}/v1/completions"
     cases = {
-        "not json": (httpx.post(url, content=b'{"model": "target", "prompt": ', headers={"content-type": "application/json"}), 400, "not valid JSON"),
-        "empty": (httpx.post(url, content=b""), 400, "empty"),
-        "a list": (httpx.post(url, json=["target"]), 400, "must be a JSON object"),
-        "wrong type": (httpx.post(url, json={"model": "target", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
-        "no prompt": (httpx.post(url, json={"model": "target", "max_tokens": 4}, timeout=60), 400, "prompt"),
-        "unknown model": (httpx.post(url, json={"model": "nope", "prompt": "x", "max_tokens": 4}, timeout=60), 404, "nope"),
-        "too large": (httpx.post(url, json={"model": "target", "prompt": "x" * (BODY + 1)}), 413, f"limit of {BODY} bytes"),
-        "prompt past the context": (httpx.post(url, json={"model": "target", "prompt": "1 + " * 200, "max_tokens": 4}, timeout=60), 400, ""),
+        "not json": (_post(url, content=b'{"model": "target", "prompt": ', headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        "empty": (_post(url, content=b""), 400, "empty"),
+        "a list": (_post(url, json=["target"]), 400, "must be a JSON object"),
+        "wrong type": (_post(url, json={"model": "target", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
+        "no prompt": (_post(url, json={"model": "target", "max_tokens": 4}, timeout=60), 400, "prompt"),
+        "unknown model": (_post(url, json={"model": "nope", "prompt": "x", "max_tokens": 4}, timeout=60), 404, "nope"),
+        "too large": (_post(url, json={"model": "target", "prompt": "x" * (BODY + 1)}), 413, f"limit of {BODY} bytes"),
+        "prompt past the context": (_post(url, json={"model": "target", "prompt": "1 + " * 200, "max_tokens": 4}, timeout=60), 400, ""),
     }
     for name, (response, status, words) in cases.items():
         assert response.status_code == status, f"{name}: {response.status_code} {response.text[:300]}"
@@ -146,7 +161,7 @@ ANSWERS = [
 
 
 def test_mark_returns_the_mark_stage_verdicts(server):
-    r = httpx.post(f"{server[0]}/mark", json={"answers": ANSWERS}, timeout=60)
+    r = _post(f"{server[0]}/mark", json={"answers": ANSWERS}, timeout=60)
     assert r.status_code == 200, r.text
     verdicts = r.json()["verdicts"]
     assert [v["id"] for v in verdicts] == [a["id"] for a in ANSWERS]
@@ -161,18 +176,177 @@ def test_mark_refuses_bad_batches_with_the_field_named(server):
     url = f"{server[0]}/mark"
     one = {"kind": "numeric", "reference": "1", "completion": "1"}
     cases = [
-        (httpx.post(url, content=b"{nope", headers={"content-type": "application/json"}), 400, "not valid JSON"),
-        (httpx.post(url, json={"answers": [{"kind": "numeric", "completion": "1"}]}), 400, "answers.0.reference: Field required"),
-        (httpx.post(url, json={"answers": [{**one, "kind": "essay"}]}), 400, "unknown kind 'essay'"),
-        (httpx.post(url, json={"answers": [{**one, "kind": "choice"}]}), 400, "needs `choices`"),
-        (httpx.post(url, json={"answers": []}), 400, "answers"),
-        (httpx.post(url, json={"answers": [one], "extra": 1}), 400, "extra"),
-        (httpx.post(url, json={"answers": [one] * (MAX_ANSWERS + 1)}), 413, f"at most {MAX_ANSWERS}"),
-        (httpx.post(url, json={"answers": [{**one, "completion": "x" * BODY}]}), 413, "limit"),
+        (_post(url, content=b"{nope", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        (_post(url, json={"answers": [{"kind": "numeric", "completion": "1"}]}), 400, "answers.0.reference: Field required"),
+        (_post(url, json={"answers": [{**one, "kind": "essay"}]}), 400, "unknown kind 'essay'"),
+        (_post(url, json={"answers": [{**one, "kind": "choice"}]}), 400, "needs `choices`"),
+        (_post(url, json={"answers": []}), 400, "answers"),
+        (_post(url, json={"answers": [one], "extra": 1}), 400, "extra"),
+        (_post(url, json={"answers": [one] * (MAX_ANSWERS + 1)}), 413, f"at most {MAX_ANSWERS}"),
+        (_post(url, json={"answers": [{**one, "completion": "x" * BODY}]}), 413, "limit"),
     ]
     for response, status, words in cases:
         assert response.status_code == status and words in _message(response), response.text[:300]
-    assert httpx.post(url, json={"answers": [one]}).json()["verdicts"][0]["correct"] is True
+    assert _post(url, json={"answers": [one]}).json()["verdicts"][0]["correct"] is True
+
+
+def test_without_the_key_both_apps_answer_401(server):
+    base = server[0]
+    one = {"answers": [{"kind": "numeric", "reference": "1", "completion": "1"}]}
+    calls = {
+        "completions": lambda h: httpx.post(f"{base}/v1/completions", json={"model": "target", "prompt": "1 + 1 =", "max_tokens": 2}, headers=h),
+        "chat": lambda h: httpx.post(f"{base}/v1/chat/completions", json={"model": "target", "messages": [{"role": "user", "content": "hi"}]}, headers=h),
+        "models": lambda h: httpx.get(f"{base}/v1/models", headers=h),
+        "a model": lambda h: httpx.get(f"{base}/v1/models/target", headers=h),
+        "tokenize": lambda h: httpx.post(f"{base}/tokenize", json={"model": "target", "prompt": "x"}, headers=h),
+        "mark": lambda h: httpx.post(f"{base}/mark", json=one, headers=h),
+    }
+    for name, call in calls.items():
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = call(headers)
+            assert r.status_code == 401 and "API key" in _message(r), f"{name} {headers}: {r.status_code} {r.text[:200]}"
+    assert _get(f"{base}/v1/models/target").status_code == 200
+    assert _post(f"{base}/mark", json=one).json()["verdicts"][0]["correct"] is True
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_fields_that_multiply_the_work_are_capped_with_the_field_named(server):
+    url = f"{server[0]}/v1/completions"
+    base = {"model": "target", "prompt": "1 + 1 =", "max_tokens": 2}
+    cases = [({"n": MAX_N + 1}, "n"), ({"best_of": MAX_N + 1}, "best_of"), ({"prompt": ["x"] * 200}, "prompt"),
+             ({"logprobs": MAX_LOGPROBS + 1}, "logprobs")]
+    for fields, param in cases:
+        r = _post(url, json={**base, **fields}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and param in _message(r), r.text[:300]
+    chat = {"model": "target", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = _post(f"{server[0]}/v1/chat/completions", json={**chat, "n": 64}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    ok = _post(url, json={**base, "n": MAX_N, "prompt": ["1 + 1 ="] * MAX_PROMPTS, "temperature": 0.5}, timeout=120)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == MAX_N * MAX_PROMPTS
+
+
+LOAD_S, LOAD_CLIENTS = 10.0, 6  # 4 on completions, 2 on /mark
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def test_a_bounded_load_is_served_without_errors_and_the_replicas_stay_up(server, tmp_path):
+    """LOAD_CLIENTS clients send requests back to back for LOAD_S seconds: 4 completions clients
+    (16 tokens, sampled) and 2 /mark clients (a batch of 5 answers). Every request must succeed;
+    p50/p99 latency and throughput go to the test output and load.json."""
+    base, proc, _ = server
+    prompts = _prompts(8)
+    stop_at = time.perf_counter() + LOAD_S
+
+    def client(i: int, kind: str) -> dict:
+        out = {"kind": kind, "latencies": [], "errors": [], "tokens": 0}
+        with httpx.Client(headers=AUTH, timeout=60) as http:
+            n = 0
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    if kind == "completions":
+                        r = http.post(f"{base}/v1/completions", json={"model": "target" if i % 2 else "base", "prompt": prompts[n % 8],
+                                                                      "max_tokens": 16, "temperature": 0.7, "seed": n})
+                    else:
+                        r = http.post(f"{base}/mark", json={"answers": ANSWERS})
+                    if r.status_code != 200:
+                        out["errors"].append(f"{r.status_code} {r.text[:200]}")
+                    elif kind == "completions":
+                        out["tokens"] += r.json()["usage"]["completion_tokens"]
+                except httpx.HTTPError as exc:
+                    out["errors"].append(repr(exc))
+                out["latencies"].append(time.perf_counter() - start)
+                n += 1
+        return out
+
+    kinds = ["completions"] * 4 + ["mark"] * (LOAD_CLIENTS - 4)
+    began = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+        results = list(pool.map(client, range(LOAD_CLIENTS), kinds))
+    wall = time.perf_counter() - began
+    report = {"seconds": round(wall, 1), "clients": LOAD_CLIENTS}
+    for kind in ("completions", "mark"):
+        lat = [x for r in results if r["kind"] == kind for x in r["latencies"]]
+        report[kind] = {"requests": len(lat), "errors": sum(len(r["errors"]) for r in results if r["kind"] == kind),
+                        "p50_ms": round(1000 * _percentile(lat, 0.5)), "p99_ms": round(1000 * _percentile(lat, 0.99)),
+                        "requests_per_s": round(len(lat) / wall, 2)}
+    report["completions"]["tokens_per_s"] = round(sum(r["tokens"] for r in results) / wall, 1)
+    (tmp_path / "load.json").write_text(json.dumps(report, indent=2))
+    print("\nload test:", json.dumps(report))
+    errors = [e for r in results for e in r["errors"]]
+    assert not errors, errors[:5]
+    assert report["completions"]["requests"] >= 4 and report["mark"]["requests"] >= 2
+    # Still up and answering after the load.
+    assert proc.poll() is None
+    assert sorted(m.id for m in _client(base).models.list().data) == ["base", "target"]
+    r = _client(base).completions.create(model="target", prompt=prompts[0], max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens >= 1
+
+
+# --- fuzz: malformed requests get a 4xx, never a 5xx, never a hang ------------------------------
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+
+    json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False), st.text(max_size=20))
+    json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+    word = st.text(alphabet="abcxyz", min_size=1, max_size=8)  # never parses as a number
+    wrong_number = st.one_of(word, st.lists(st.integers(), min_size=1, max_size=3), st.dictionaries(word, st.integers(), min_size=1, max_size=2),
+                             st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != int(x)))
+    bad_fields = st.one_of(
+        st.tuples(st.sampled_from(["max_tokens", "n", "best_of", "logprobs", "seed"]), wrong_number),
+        st.tuples(st.sampled_from(["max_tokens", "n", "best_of", "logprobs"]), st.integers(-2**40, 0).map(lambda v: v - 1)),
+        st.tuples(st.sampled_from(["max_tokens", "n", "best_of", "logprobs"]), st.integers(10_000, 2**62)),
+        st.tuples(st.sampled_from(["temperature", "top_p", "presence_penalty"]), word),
+        st.tuples(st.just("top_p"), st.floats(1.5, 1e6)),
+        st.tuples(st.just("temperature"), st.floats(-1e6, -0.01)),
+        st.tuples(st.just("prompt"), st.one_of(st.none(), st.integers(), st.dictionaries(word, word, min_size=1, max_size=2), st.just([]))),
+        st.tuples(st.just("model"), st.one_of(st.none(), st.integers(), st.lists(word, min_size=1, max_size=2))),
+        st.tuples(word.map(lambda w: "zz_" + w), json_value),  # unknown field
+    )
+    completions = st.one_of(
+        st.binary(max_size=64).map(lambda b: ("raw", b)),
+        json_value.filter(lambda v: not isinstance(v, dict)).map(lambda v: ("json", v)),
+        st.dictionaries(word, json_value, max_size=4).map(lambda v: ("json", v)),
+        bad_fields.map(lambda kv: ("json", {"model": "target", "prompt": "1 + 1 =", "max_tokens": 2, kv[0]: kv[1]})),
+    )
+    answer_field = st.sampled_from(["kind", "reference", "completion", "choices", "finish_reason", "id"])
+    mark = st.one_of(
+        st.binary(max_size=64).map(lambda b: ("raw", b)),
+        json_value.map(lambda v: ("json", {"answers": v} if not isinstance(v, list) or not v else v)),
+        st.tuples(answer_field, st.one_of(st.integers(), st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(word, word, min_size=1, max_size=2))).map(
+            lambda kv: ("json", {"answers": [{"kind": "numeric", "reference": "1", "completion": "1", kv[0]: kv[1]}]})),
+        st.tuples(st.sampled_from(["essay", "", "NUMERIC"]), word).map(lambda kv: ("json", {"answers": [{"kind": kv[0], "reference": kv[1], "completion": kv[1]}]})),
+    )
+    return completions, mark
+
+
+def test_malformed_requests_get_a_4xx_never_a_5xx_or_a_hang(server):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    completions, mark = _fuzz_strategies()
+    base = server[0]
+    seen = {}
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(completions.map(lambda b: ("/v1/completions", b)), mark.map(lambda b: ("/mark", b))))
+    def check(case):
+        path, (kind, body) = case
+        content = body if kind == "raw" else json.dumps(body).encode()
+        # A hang shows up as httpx's timeout.
+        r = httpx.post(f"{base}{path}", content=content, headers={**AUTH, "content-type": "application/json"}, timeout=30)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert 400 <= r.status_code < 500, f"{path} {content[:300]!r} -> {r.status_code} {r.text[:300]}"
+
+    check()
+    print("\nfuzz status codes:", seen)
+    assert server[1].poll() is None
+    assert _post(f"{base}/mark", json={"answers": [{"kind": "numeric", "reference": "1", "completion": "1"}]}).status_code == 200
 
 
 def test_sigterm_stops_the_server_and_its_ray(server):
@@ -181,7 +355,7 @@ def test_sigterm_stops_the_server_and_its_ray(server):
     assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
     assert "stopping" in log.read_text()
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{base}/v1/models", timeout=5)
+        _get(f"{base}/v1/models", timeout=5)
 
 
 # --- checks before anything starts (no Ray) ------------------------------------------------------
