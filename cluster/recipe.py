@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from cluster.config import RunConfig, SamplingConfig
 from pipeline.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
-from pipeline.schemas import ITEMS, KTO, MARKED
+from pipeline.schemas import ITEMS, MARKED
 
 ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
 
@@ -78,6 +78,8 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
     if cfg.datasets.divergent_negatives:
         own, divergence = split_shared_prefixes(own, tokenizer)
     own = own.append_column("round", pa.array([cfg.round] * own.num_rows, pa.int32()))
+    if "round" not in competitor_kto.column_names:
+        competitor_kto = competitor_kto.append_column("round", pa.array([cfg.round] * competitor_kto.num_rows, pa.int32()))
     theirs = competitor_kto.select(own.column_names).cast(own.schema)
     kto = pa.concat_tables([theirs, own])
     n_d = int(pc.sum(kto["label"]).as_py() or 0)
@@ -132,7 +134,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     data = _done(data_dir, data_fp)
     if data is None:
         kto, stats = on_policy_datasets(cfg, read_table(op_dir / "marked", MARKED),
-                                        read_table(run_dir / "datasets" / "kto", KTO), _tokenizer(base_model))
+                                        read_table(run_dir / "datasets" / "kto"), _tokenizer(base_model))
         tmp = data_dir.with_name("datasets.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_table(kto, tmp / "kto")

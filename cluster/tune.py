@@ -4,7 +4,8 @@ The run's data stages (items, generate, mark, datasets) run once, as in `lossave
 combination of the grid then trains the target and evaluates it on `benchmark.n_validation` items
 carved from the train split, in a trial directory of its own (runs/<name>/tune/<trial>/, with the
 run's items/ and datasets/ linked in, a manifest of its own, so a re-run skips finished trials).
-tune.json ranks the trials by validation accuracy; the winner is printed as the `--set` line to
+tune.json ranks the trials by validation accuracy (with those of earlier tune runs on the same
+validation items, so one-factor grids add up to one ablation table); the winner is printed as the `--set` line to
 use for the real run, which then reports on the eval split.
 
 Written here rather than with Ray Tune: each trial is itself a Ray Train job plus Ray Data vLLM
@@ -122,6 +123,12 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
                 pair = compare(scores, base_scores, seed=cfg.seed)
                 entry["vs"][method] = {k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}
         trials.append(entry)
+    # Trials of earlier tune runs on the same data (another grid) stay in tune.json, so that
+    # one-factor-at-a-time grids add up to one ablation table; a trial run again replaces its entry.
+    before = read_json(top / "tune.json") or {}
+    names = {t["trial"] for t in trials}
+    if before.get("items") == cfg.benchmark.n_validation:
+        trials += [t for t in before.get("trials", []) if t["trial"] not in names]
     ranked = sorted(trials, key=lambda t: -t["validation_accuracy"])  # stable: grid order breaks ties
     out = {"split": "validation", "items": cfg.benchmark.n_validation, "grid": grid, "trials": ranked,
            "baselines": [entry for entry, _ in baselines.values()],

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     sets = [f"output_dir={tmp}", "name=tune", "benchmark.n_train=12", "benchmark.n_validation=12", "benchmark.n_eval=8",
-            "generate.sampling.samples=1", "train.compare=[kto, sft]", "train.max_steps=3", "train.num_workers=1",
+            "generate.sampling.samples=1", "train.recipe=single", "train.compare=[kto, sft]", "train.max_steps=3", "train.num_workers=1",
             "train.deepspeed=none", "train.checkpoint_every=0"]
     args = ["tune", str(ROOT / "configs" / "local.yaml"), "--grid", "train.learning_rate=1e-5,2e-3"]
     result = run_cli(*args, *[a for s in sets for a in ("--set", s)])
@@ -36,6 +36,13 @@ def test_trials_are_ranked_on_validation_items(tuned):
     for t in trials:
         assert t["items"] == 12 and t["method"] == "kto"  # compare is off in trials: one method each
         assert t["gain"] == pytest.approx(t["validation_accuracy"] - t["base_accuracy"])
+    # train.compare's SFT is one baseline trial at the same budget; every trial is paired against it.
+    (baseline,) = doc["baselines"]
+    assert baseline["trial"] == "baseline-sft" and baseline["method"] == "sft" and baseline["steps"] == 3
+    for t in trials:
+        vs = t["vs"]["sft"]
+        assert vs["items"] == 12
+        assert vs["diff"] == pytest.approx(t["validation_accuracy"] - baseline["validation_accuracy"])
 
 
 def test_the_eval_split_is_never_answered(tuned):

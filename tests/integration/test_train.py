@@ -124,7 +124,8 @@ def test_killed_workers_resume_and_train_resume_finishes_the_run(local_ray, tmp_
                  f"train.num_workers={WORKERS}", f"train.per_device_batch_size={BATCH}", "train.checkpoint_every=3",
                  "train.max_length=64", "train.learning_rate=1e-3", "train.deepspeed=zero2",
                  # the settings of `kto_run` (TrainConfig's defaults), whatever the default job tunes
-                 "train.compare=[]", "train.beta=0.1", "train.undesirable_weight=1.0", "train.desirable_weight=1.0"]
+                 "train.compare=[]", "train.beta=0.1", "train.undesirable_weight=1.0", "train.desirable_weight=1.0",
+                 "train.recipe=single", "train.max_steps=null"]
     cfg = load_config(ROOT / "configs" / "local.yaml", overrides)
     make_datasets(cfg.run_dir)
     storage = cfg.run_dir / "checkpoints"
