@@ -56,3 +56,24 @@ def http_server(handler):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# The multi-node cluster: a head (1 CPU, where drivers run) and three worker nodes of 2 CPUs, each
+# with a custom resource of its name; node_b and node_d can hold the large competitor's engine
+# (`gen_large`), node_c the small one's (`gen_small`). One per test session, for both tiers.
+MULTINODE_NODES = {"node_b": {"gen_large": 1}, "node_c": {"gen_small": 1}, "node_d": {"gen_large": 1}}
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """A real multi-raylet Ray cluster on this machine (tests/multinode.py), killed by pid at the end."""
+    from tests.multinode import MultiNode
+
+    cluster = MultiNode(head_cpus=1)
+    try:
+        for name, resources in MULTINODE_NODES.items():
+            cluster.add(name, num_cpus=2, resources=resources)
+        yield cluster
+    finally:
+        left = cluster.shutdown()
+    assert not left, f"processes of the multi-node cluster still alive after its teardown: {left}"

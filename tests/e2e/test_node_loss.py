@@ -1,0 +1,154 @@
+"""Faults on the multi-node cluster (tests/conftest.py `multinode`): jobs connect by `--address`.
+
+The generate stage runs on three worker nodes with each competitor pinned by a custom resource:
+`large` to node_b or node_d (`gen_large`), `small` to node_c (`gen_small`). Killing the node that
+holds the large engine, with every one of its processes at once, must cost time only: Ray restarts
+the engine actor on the other `gen_large` node, retries the batches lost with it, and the answers
+hold exactly one row per (item, competitor, sample).
+"""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.rundir import read_table
+from pipeline.schemas import ANSWERS
+from tests.conftest import LOSSAVERSE, MULTINODE_NODES, ROOT
+from tests.multinode import driver_env
+
+pytestmark = pytest.mark.e2e
+
+N_TRAIN, SAMPLES = 48, 2
+ENGINE = "vLLMEngineStage"  # in the title of the engine actor's worker process
+
+
+def write_config(tmp: Path, name: str, shared: bool = True) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    cfg.update(name=name, output_dir=str(tmp))
+    cfg["ray"] = {"shared_storage": shared}  # every node of this one-host cluster sees tmp
+    cfg["benchmark"].update(n_train=N_TRAIN, n_validation=0, n_eval=4)
+    cfg["generate"].update(shard_items=4, progress_interval_s=1)
+    cfg["generate"]["engine"].update(batch_size=4)
+    cfg["generate"]["sampling"].update(samples=SAMPLES, max_tokens=24)
+    cfg["competitors"]["large"]["engine"] = {"resources": {"gen_large": 1}}
+    cfg["competitors"]["small"]["engine"] = {"resources": {"gen_small": 1}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Job:
+    """`lossaverse generate CONFIG --address ADDRESS` in a child process, its output in a file (a
+    pipe nobody reads while the test polls would fill up and stall the driver)."""
+
+    def __init__(self, config: Path, address: str):
+        self.log = config.with_suffix(".log")
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([*LOSSAVERSE, "generate", str(config), "--address", address], cwd=ROOT,
+                                         env=driver_env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float = 900) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_generate(config: Path, address: str) -> Job:
+    return Job(config, address)
+
+
+def engine_nodes(cluster) -> set[str]:
+    return {name for name in cluster.nodes if cluster.holds(name, ENGINE)}
+
+
+def assert_conserved(run_dir: Path) -> None:
+    answers = read_table(run_dir / "answers", ANSWERS)
+    keys = list(zip(answers["competitor"].to_pylist(), answers["id"].to_pylist(), answers["sample"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 2 * N_TRAIN * SAMPLES  # none lost, none twice
+    assert answers.filter(answers["error"].is_valid()).num_rows == 0
+
+
+@pytest.fixture(scope="module")
+def undisturbed(multinode, tmp_path_factory):
+    """The job on all three nodes, nothing killed: where each engine ran, and its wall time."""
+    tmp = tmp_path_factory.mktemp("gen")
+    start = time.time()
+    job = start_generate(write_config(tmp, "calm"), multinode.address)
+    seen: set[str] = set()
+    try:
+        while job.poll() is None and time.time() < start + 900:
+            seen |= engine_nodes(multinode)
+            time.sleep(0.2)
+    finally:
+        job.stop()
+    out = job.output
+    assert job.poll() == 0, out[-3000:]
+    return {"run_dir": tmp / "calm", "seconds": time.time() - start, "engines_on": seen, "out": out}
+
+
+def test_engines_run_on_the_nodes_their_resources_name(undisturbed):
+    assert "ray: connected to" in undisturbed["out"]
+    on = undisturbed["engines_on"]
+    assert "node_c" in on  # small: the only gen_small node
+    assert len(on & {"node_b", "node_d"}) == 1  # large: one replica, on a gen_large node
+    assert_conserved(undisturbed["run_dir"])
+
+
+def test_a_local_output_dir_on_several_nodes_is_refused_with_the_fix(multinode, tmp_path):
+    job = start_generate(write_config(tmp_path, "local", shared=False), multinode.address)
+    code = job.wait(timeout=180)
+    out = job.output
+    assert code == 2, out[-3000:]
+    assert "4 nodes" in out and "every node mounts" in out and "ray.shared_storage=true" in out
+    assert not (tmp_path / "local" / "answers").exists()
+
+
+def test_losing_the_large_engines_node_mid_generation_costs_time_not_rows(multinode, undisturbed, tmp_path):
+    run_dir = tmp_path / "lost"
+    start = time.time()
+    job = start_generate(write_config(tmp_path, "lost"), multinode.address)
+    victim = None
+    try:
+        deadline = time.time() + 300
+        while victim is None and time.time() < deadline:
+            assert job.poll() is None, "generate ended before the node could be killed:\n" + job.output[-3000:]
+            on = engine_nodes(multinode) & {"node_b", "node_d"}
+            # mid-generation: the large engine is up and answers are being written
+            if on and list((run_dir / "answers.shards").glob("*.parquet")):
+                victim = on.pop()
+            time.sleep(0.1)
+        assert victim, "the large engine never started"
+        died = multinode.kill(victim)
+        survivor = ({"node_b", "node_d"} - {victim}).pop()
+        restarted = None
+        while job.poll() is None and time.time() < start + 900:
+            if restarted is None and multinode.holds(survivor, ENGINE):
+                restarted = time.time() - died
+            time.sleep(0.2)
+        end = time.time()
+        assert job.poll() == 0, job.output[-4000:]
+    finally:
+        job.stop()
+        if victim and victim not in multinode.nodes:  # the next test gets the same cluster shape
+            multinode.add(victim, num_cpus=2, resources=MULTINODE_NODES[victim])
+    assert_conserved(run_dir)
+    assert restarted is not None, "the large engine did not restart on the other gen_large node"
+    lost = (end - start) - undisturbed["seconds"]
+    print(f"\nnode lost in generation: engine back on {survivor} {restarted:.1f} s after the kill; "
+          f"job {end - start:.1f} s against {undisturbed['seconds']:.1f} s undisturbed: {lost:.1f} s lost")
