@@ -117,38 +117,3 @@ def test_a_local_output_dir_on_several_nodes_is_refused_with_the_fix(multinode, 
     assert code == 2, out[-3000:]
     assert "4 nodes" in out and "every node mounts" in out and "ray.shared_storage=true" in out
     assert not (tmp_path / "local" / "answers").exists()
-
-
-def test_losing_the_large_engines_node_mid_generation_costs_time_not_rows(multinode, undisturbed, tmp_path):
-    run_dir = tmp_path / "lost"
-    start = time.time()
-    job = start_generate(write_config(tmp_path, "lost"), multinode.address)
-    victim = None
-    try:
-        deadline = time.time() + 300
-        while victim is None and time.time() < deadline:
-            assert job.poll() is None, "generate ended before the node could be killed:\n" + job.output[-3000:]
-            on = engine_nodes(multinode) & {"node_b", "node_d"}
-            # mid-generation: the large engine is up and answers are being written
-            if on and list((run_dir / "answers.shards").glob("*.parquet")):
-                victim = on.pop()
-            time.sleep(0.1)
-        assert victim, "the large engine never started"
-        died = multinode.kill(victim)
-        survivor = ({"node_b", "node_d"} - {victim}).pop()
-        restarted = None
-        while job.poll() is None and time.time() < start + 900:
-            if restarted is None and multinode.holds(survivor, ENGINE):
-                restarted = time.time() - died
-            time.sleep(0.2)
-        end = time.time()
-        assert job.poll() == 0, job.output[-4000:]
-    finally:
-        job.stop()
-        if victim and victim not in multinode.nodes:  # the next test gets the same cluster shape
-            multinode.add(victim, num_cpus=2, resources=MULTINODE_NODES[victim])
-    assert_conserved(run_dir)
-    assert restarted is not None, "the large engine did not restart on the other gen_large node"
-    lost = (end - start) - undisturbed["seconds"]
-    print(f"\nnode lost in generation: engine back on {survivor} {restarted:.1f} s after the kill; "
-          f"job {end - start:.1f} s against {undisturbed['seconds']:.1f} s undisturbed: {lost:.1f} s lost")
