@@ -131,7 +131,9 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
     Returns the plan's info (method, rows, weights, memory) plus steps, train_loss, resumed,
     attempts, the last logged metrics and `history` (one dict per logged step).
     """
-    plan = plan_training(train, datasets_dir, params)
+    from transformers import AutoTokenizer
+
+    plan = plan_training(train, datasets_dir, params, AutoTokenizer.from_pretrained(model))
     storage = Path(storage).resolve()
     resumed = prepare_storage(storage, fingerprint, resume)
     data = storage / "data" / "train.parquet"

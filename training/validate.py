@@ -95,11 +95,41 @@ def check_memory(params: int, trainable: int, train, uses_reference: bool) -> fl
     return need
 
 
-def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None) -> TrainPlan:
+def check_lengths(rows: pa.Table, tokenizer, max_length: int) -> dict:
+    """What `max_length` does to these rows in TRL 1.16, which has no max_prompt_length or
+    truncation_mode for KTO and DPO: a sequence longer than max_length is cut from the right (the
+    prompt kept, the completion cut short), and a row whose prompt alone fills max_length is
+    dropped without a word, so it would train on nothing. Such rows are refused here with the fix;
+    the count of rows whose completion is cut is returned for the manifest.
+
+    Tokens are counted as TRL counts them: prompt + completion tokenized together, plus one EOS.
+    """
+    prompts = rows["prompt"].to_pylist()
+    if "completion" in rows.column_names:
+        completions = rows["completion"].to_pylist()
+    else:  # DPO: the longer of the two answers
+        completions = [max(c, r, key=len) for c, r in zip(rows["chosen"].to_pylist(), rows["rejected"].to_pylist())]
+    fulls = [p + c for p, c in zip(prompts, completions)]
+    prompt_lens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    full_lens = [len(ids) + 1 for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
+    no_room = [i for i, n in enumerate(prompt_lens) if n >= max_length]
+    if no_room:
+        longest = max(prompt_lens)
+        raise ConfigError(
+            f"{len(no_room)} of {rows.num_rows} training rows have a prompt of train.max_length={max_length} tokens or more "
+            f"(the longest: {longest}); TRL would drop them and train on nothing of theirs. Raise train.max_length above "
+            f"{longest} or shorten the prompts (few-shot turns, system prompt)"
+        )
+    return {"max_length": max_length, "rows_cut_short": sum(n > max_length for n in full_lens),
+            "longest_tokens": max(full_lens, default=0)}
+
+
+def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None, tokenizer=None) -> TrainPlan:
     """Read the method's dataset under `datasets_dir`, check it and resolve the settings.
 
     `params` is (all, trainable) parameters of the target, or None when unknown, which is refused
-    only when `train.memory_per_worker_gib` asks for a memory check.
+    only when `train.memory_per_worker_gib` asks for a memory check. With the target's `tokenizer`,
+    rows that `train.max_length` would empty are refused (`check_lengths`).
     """
     from pipeline.rundir import read_table
 
@@ -123,6 +153,8 @@ def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None) -> 
     rows = method.select(table)
     check_rows(method.name, rows.num_rows, train)
     info["rows"] = rows.num_rows
+    if tokenizer is not None:
+        info["lengths"] = check_lengths(rows, tokenizer, train.max_length)
     if params is None:
         if train.memory_per_worker_gib is not None:
             raise ConfigError("cannot count the target's parameters to plan memory (its config.json is not readable); "
