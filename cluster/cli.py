@@ -46,7 +46,7 @@ def _guard(fn):
     from pipeline.benchmarks import BenchmarkError
     from pipeline.schemas import SchemaError
     from cluster.submit import SubmitError
-    from pipeline.generate import EngineFailed
+    from pipeline.processors import EngineFailed
     from pipeline.rundir import RunDirLocked
 
     try:

@@ -177,7 +177,7 @@ def processor(cfg):
     """The judge as a ray.data.llm processor: a vLLM engine, or the model's OpenAI-compatible endpoint."""
     from functools import partial
 
-    from pipeline.generate import http_processor, vllm_processor
+    from pipeline.processors import http_processor, vllm_processor
 
     model = cfg.model
     if model.endpoint is not None:

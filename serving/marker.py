@@ -5,7 +5,8 @@ Request: `{"answers": [{"kind", "reference", "completion", "choices"?, "finish_r
 "question"?, "id"?}, ...]}`. Response: `{"verdicts": [{"id", "correct", "extracted", "reason",
 "marked_by"}, ...]}`, one per answer, in order. A body that is not JSON, misses a field, names an
 unknown kind, has more than 26 options (letters A-Z), holds more than `max_answers` answers or more than `max_body_bytes` bytes gets a 4xx
-with a message; a replica never sees an unchecked row.
+with a message; a replica never sees an unchecked row. With `api_key_env` (`serve.api_key_env`), a
+request without `Authorization: Bearer <key>` gets 401.
 
 `build_app(args)` is the import path for `serve run` and a RayService's serveConfigV2
 (`serving.marker:build_app`, route_prefix `/mark`).

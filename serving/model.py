@@ -125,7 +125,7 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
     """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
     from ray.serve.llm import LLMConfig
 
-    from pipeline.generate import engine_kwargs
+    from pipeline.processors import engine_kwargs
 
     bundle: dict[str, float] = {"CPU": engine.num_cpus}
     if engine.num_gpus:

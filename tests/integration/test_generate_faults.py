@@ -12,7 +12,8 @@ import pytest
 
 from cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
 from pipeline.benchmarks import load_items
-from pipeline.generate import Competitor, EngineFailed, PromptStyle, _tokenizer
+from pipeline.generate import Competitor, PromptStyle, _tokenizer
+from pipeline.processors import EngineFailed
 from pipeline.rundir import read_table
 from pipeline.schemas import ANSWERS
 from pipeline.shards import generate_sharded

@@ -3,7 +3,7 @@ Serve: chunked prefill off on CPU (vLLM CPU 0.32 crashes on a split seeded promp
 pinned to the configured size, restarts bounded."""
 
 from cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
-from pipeline.generate import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
+from pipeline.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
 from pipeline.tinymodels import resolve_model
 
 
@@ -28,11 +28,11 @@ def test_the_stage_the_judge_and_serving_build_the_same_engine_arguments(monkeyp
     assert {k: served.get(k) for k in built if k != "enable_prefix_caching"} == {k: v for k, v in built.items() if k != "enable_prefix_caching"}
     assert "enable_prefix_caching" not in served  # serving leaves prefix caching to vLLM
 
-    import pipeline.generate
+    import pipeline.processors
     from pipeline import judge
 
     built = {}
-    monkeypatch.setattr(pipeline.generate, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
+    monkeypatch.setattr(pipeline.processors, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
     cfg = JudgeConfig(enabled=True, model=ModelRef(path="tiny:small"), engine=engine)
     monkeypatch.setattr("pipeline.tinymodels.resolve_model", lambda path: resolve_model("tiny:small"))
     judge.processor(cfg)
