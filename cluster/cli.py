@@ -26,7 +26,10 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
     from cluster.ray_env import init_ray, shutdown_ray
     from cluster.stages import execute, execute_rounds
 
+    from pipeline.rundir import lock_run_dir
+
     cfg = load_config(config, overrides)  # fails before any work starts
+    lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
     start = time.perf_counter()
     console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
     try:
