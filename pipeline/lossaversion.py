@@ -62,7 +62,7 @@ def plot_value_function(beta: float, lambda_d: float, lambda_u: float, metrics: 
     ax.set_xlabel("implied reward relative to the reference point, z = log(pi/pi_ref) - z0")
     ax.set_ylabel("value v(z)")
     ax.set_title(f"KTO value function (loss aversion lambda_U/lambda_D = {lambda_u / lambda_d:.3g})")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=110)
     return str(path)
 
