@@ -50,6 +50,9 @@ def on_policy_items(cfg: RunConfig) -> pa.Table:
                              f"items, and there are none: {exc}") from None
     items = items.filter(pc.equal(items["split"], "train"))
     n = cfg.train.on_policy.items or cfg.benchmark.n_train
+    if cfg.train.on_policy.items and items.num_rows < n:
+        raise BenchmarkError(f"train.on_policy.items={n}, but the block of fresh train items holds {items.num_rows} "
+                             f"(one block is benchmark.n_train={cfg.benchmark.n_train} items): lower on_policy.items")
     return items.slice(0, n)
 
 
@@ -109,7 +112,14 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"
     sft_train = cfg.train.for_method("sft").model_copy(update={"max_steps": cfg.train.sft_steps, "recipe": "single"})
-    sft_fp = fingerprint(fp, "sft")
+    # SFT depends on the data, the target and the shared optimizer settings, not on KTO's own
+    # settings: changing beta or the weights re-runs only the KTO step.
+    from cluster.stages import stage_fingerprints
+
+    kto_only = {"method", "compare", "recipe", "beta", "weights", "desirable_weight", "undesirable_weight",
+                "loss_aversion", "nll_weight", "on_policy", "precompute_ref_log_probs", "resume"}
+    sft_fp = fingerprint("recipe-sft", stage_fingerprints(cfg)["datasets"], cfg.target.model_dump(mode="json"),
+                         sft_train.model_dump(mode="json", exclude=kto_only))
     sft = _done(sft_dir, sft_fp)
     if sft is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
@@ -144,7 +154,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     report(f"recipe: kto from the SFT model ({cfg.train.max_steps} steps) on {data['labels']['total']} rows "
            f"({data['on_policy']['rows']} on-policy, on-policy accuracy {data['on_policy']['accuracy']:.3f})")
     kto_train = cfg.train.for_method("kto").model_copy(update={"recipe": "single"})
-    result = train_one(kto_train, sft_model, data_dir, run_dir / "model", run_dir / "checkpoints", fingerprint(data_fp, "kto"))
+    result = train_one(kto_train, sft_model, data_dir, run_dir / "model", run_dir / "checkpoints", fingerprint(fp, data_fp, "kto"))
     result["recipe"] = {
         "name": "sft_then_kto",
         "sft": {k: v for k, v in sft.items() if k != "history"},

@@ -4,8 +4,8 @@ The run's data stages (items, generate, mark, datasets) run once, as in `lossave
 combination of the grid then trains the target and evaluates it on `benchmark.n_validation` items
 carved from the train split, in a trial directory of its own (runs/<name>/tune/<trial>/, with the
 run's items/ and datasets/ linked in, a manifest of its own, so a re-run skips finished trials).
-tune.json ranks the trials by validation accuracy (with those of earlier tune runs on the same
-validation items, so one-factor grids add up to one ablation table); the winner is printed as the `--set` line to
+tune.json ranks the trials by validation accuracy (with those of earlier tune runs on the same data,
+overrides and baselines, so one-factor grids add up to one ablation table); the winner is printed as the `--set` line to
 use for the real run, which then reports on the eval split.
 
 Written here rather than with Ray Tune: each trial is itself a Ray Train job plus Ray Data vLLM
@@ -65,12 +65,14 @@ def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, t
         f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation", "evaluate.transfer=null", "train.compare=[]"])
     trial_dir = tcfg.run_dir
     trial_dir.mkdir(parents=True, exist_ok=True)
-    for sub in ("items", "datasets"):
+    # A trial that changes how datasets/ is built builds its own from the run's marked answers.
+    own_datasets = any(s.split("=", 1)[0].startswith("datasets.") for s in sets)
+    for sub in ("items", "marked" if own_datasets else "datasets"):
         link = trial_dir / sub
         if not link.exists():
             link.symlink_to((top / sub).resolve(), target_is_directory=True)
     report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets))
-    execute(tcfg, ["train", "evaluate"], report=report)
+    execute(tcfg, (["datasets"] if own_datasets else []) + ["train", "evaluate"], report=report)
     results = read_json(trial_dir / "eval" / "results.json")
     trained = f"target-{tcfg.train.method}"
     pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
@@ -95,7 +97,7 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     sft_then_kto`, its sft_steps + max_steps), and every trial gets its paired difference against
     each baseline on the same validation items (`vs`), so an ablation reads against SFT as well as
     against the untrained target."""
-    from cluster.stages import execute
+    from cluster.stages import execute, stage_fingerprints
     from pipeline.evalstats import compare
 
     cfg = load_config(config, overrides)
@@ -127,10 +129,11 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     # one-factor-at-a-time grids add up to one ablation table; a trial run again replaces its entry.
     before = read_json(top / "tune.json") or {}
     names = {t["trial"] for t in trials}
-    if before.get("items") == cfg.benchmark.n_validation:
+    same = {"data": stage_fingerprints(cfg)["datasets"], "overrides": sorted(overrides), "baselines": sorted(baselines)}
+    if all(before.get(k) == v for k, v in same.items()):
         trials += [t for t in before.get("trials", []) if t["trial"] not in names]
     ranked = sorted(trials, key=lambda t: -t["validation_accuracy"])  # stable: grid order breaks ties
-    out = {"split": "validation", "items": cfg.benchmark.n_validation, "grid": grid, "trials": ranked,
+    out = {"split": "validation", "items": cfg.benchmark.n_validation, **same, "grid": grid, "trials": ranked,
            "baselines": [entry for entry, _ in baselines.values()],
            "best": ranked[0]["set"], "note": "chosen on validation items carved from the train split; the eval split was not read"}
     write_json(out, top / "tune.json")

@@ -308,7 +308,11 @@ def _training(files: RunFiles) -> list[str]:
                      + (f"; KL {last['kl']:.4f} at the end" if isinstance(last.get("kl"), (int, float)) else "") + ".")
     stage = (read_json((files.source or files.run_dir) / "manifest.json", {}) or {}).get("stages", {}).get("train", {})
     if stage.get("compare"):
-        lines += ["", f"Methods compared on the same data with the same budget ({stage.get('budget_steps')} steps):", "",
+        recipe = stage.get("recipe")
+        heading = (f"The recipe (SFT {recipe['sft'].get('steps')} steps, then KTO {stage.get('steps')} steps on its own "
+                   f"datasets) and the methods compared with it at the same budget ({stage.get('budget_steps')} steps):"
+                   if recipe else f"Methods compared on the same data with the same budget ({stage.get('budget_steps')} steps):")
+        lines += ["", heading, "",
                   "| method | training rows | steps | final train loss |", "|---|---:|---:|---:|"]
         for method, r in {train.get("method", "kto"): stage, **stage["compare"]}.items():
             loss = r.get("train_loss")

@@ -102,7 +102,8 @@ def check_lengths(rows: pa.Table, tokenizer, max_length: int) -> dict:
     dropped without a word, so it would train on nothing. Such rows are refused here with the fix;
     the count of rows whose completion is cut is returned for the manifest.
 
-    Tokens are counted as TRL counts them: prompt + completion tokenized together, plus one EOS.
+    Tokens are counted as TRL counts them: prompt + completion tokenized together with the
+    tokenizer's special tokens, plus one EOS unless the completion ends with it.
     """
     prompts = rows["prompt"].to_pylist()
     if "completion" in rows.column_names:
@@ -110,8 +111,10 @@ def check_lengths(rows: pa.Table, tokenizer, max_length: int) -> dict:
     else:  # DPO: the longer of the two answers
         completions = [max(c, r, key=len) for c, r in zip(rows["chosen"].to_pylist(), rows["rejected"].to_pylist())]
     fulls = [p + c for p, c in zip(prompts, completions)]
-    prompt_lens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    full_lens = [len(ids) + 1 for ids in tokenizer(fulls, add_special_tokens=False)["input_ids"]]
+    # With the special tokens the tokenizer adds (a BOS for Llama-style ones), as TRL tokenizes.
+    prompt_lens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    eos = tokenizer.eos_token or ""
+    full_lens = [len(ids) + (0 if eos and f.endswith(eos) else 1) for ids, f in zip(tokenizer(fulls)["input_ids"], fulls)]
     no_room = [i for i, n in enumerate(prompt_lens) if n >= max_length]
     if no_room:
         longest = max(prompt_lens)

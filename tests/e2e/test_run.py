@@ -46,6 +46,7 @@ def run(tmp_path_factory):
         "benchmark.columns={reference: answer}",
         "benchmark.reference_after='####'",
         f"generate.sampling.samples={SAMPLES}",
+        f"benchmark.n_train={N_TRAIN}",
         "benchmark.n_validation=0",
         f"evaluate.transfer.n_eval={N_TRANSFER}",
         # The default job's recipe (SFT, on-policy answers, KTO from the SFT model) at a few steps.
@@ -106,7 +107,7 @@ def test_evaluation_reports_before_and_after(run):
     transfer = json.loads((run["dir"] / "eval" / "transfer" / "results.json").read_text())
     assert all(r["items"] == N_TRANSFER for r in models_of(transfer).values()) and len(models_of(transfer)) == 4
     text = (run["dir"] / "report.md").read_text()
-    assert "## Transfer" in text and "Methods compared on the same data with the same budget" in text
+    assert "## Transfer" in text and "and the methods compared with it at the same budget" in text
     assert "## Loss aversion" in text and "(report/value_function.png)" in text
     for label in ("target after KTO", "target after SFT", "target after the recipe's SFT step", "transfer: arith-reworded"):
         assert label in run["first"].stdout
