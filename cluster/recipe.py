@@ -73,7 +73,7 @@ def _record(folder: Path, fp: str, result: dict) -> dict:
 
 def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     """recipe/datasets/kto: the competitors' kto rows + the on-policy answers' kto rows, and stats."""
-    from pipeline.build import kto_table, recommended_weights
+    from pipeline.build import kto_table, label_counts, recommended_weights
     from pipeline.divergence import split_shared_prefixes
 
     own = kto_table(marked)
@@ -85,16 +85,14 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
         competitor_kto = competitor_kto.append_column("round", pa.array([cfg.round] * competitor_kto.num_rows, pa.int32()))
     theirs = competitor_kto.select(own.column_names).cast(own.schema)
     kto = pa.concat_tables([theirs, own])
-    n_d = int(pc.sum(kto["label"]).as_py() or 0)
-    n_own_d = int(pc.sum(own["label"]).as_py() or 0)
+    labels = label_counts(kto)
     stats = {
-        "labels": {"desirable": n_d, "undesirable": kto.num_rows - n_d, "total": kto.num_rows,
-                   "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0, "reference_rows": 0},
-        "on_policy": {"answers": marked.num_rows, "rows": own.num_rows, "desirable": n_own_d,
+        "labels": labels,
+        "on_policy": {"answers": marked.num_rows, "rows": own.num_rows, "desirable": label_counts(own)["desirable"],
                       "accuracy": float(pc.mean(marked["correct"]).as_py() or 0.0) if marked.num_rows else 0.0,
                       "items": len(set(marked["id"].to_pylist()))},
         "competitor_rows": theirs.num_rows,
-        "recommended_kto_weights": recommended_weights(n_d, kto.num_rows - n_d),
+        "recommended_kto_weights": recommended_weights(labels["desirable"], labels["undesirable"]),
     }
     if divergence is not None:
         stats["divergence"] = divergence

@@ -164,20 +164,26 @@ def agreement_table(marked: pa.Table, first: str = "large", second: str = "small
     return out
 
 
+def label_counts(kto: pa.Table) -> dict:
+    """stats.json's `labels` of kto rows: desirable, undesirable, total, desirable_fraction,
+    reference_rows (the rows of competitor `reference`)."""
+    n_d = int(pc.sum(kto["label"]).as_py() or 0)
+    return {"desirable": n_d, "undesirable": kto.num_rows - n_d, "total": kto.num_rows,
+            "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0,
+            "reference_rows": kto.filter(pc.equal(kto["competitor"], REFERENCE)).num_rows}
+
+
 def stats(marked: pa.Table, kto: pa.Table, seed: int = 0) -> dict:
     per = competitor_accuracy(marked, seed=seed)
-    n_d = int(pc.sum(kto["label"]).as_py() or 0)
-    n_u = kto.num_rows - n_d
+    labels = label_counts(kto)
     reasons = Counter(marked["reason"].to_pylist())
-    n_reference = kto.filter(pc.equal(kto["competitor"], REFERENCE)).num_rows
     return {
         "competitors": per,
         "agreement": agreement_table(marked, seed=seed),
         "reasons": {r: reasons.get(r, 0) for r in REASONS},
-        "labels": {"desirable": n_d, "undesirable": n_u, "total": kto.num_rows,
-                   "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0, "reference_rows": n_reference},
-        "excluded_from_kto": marked.num_rows - (kto.num_rows - n_reference),
-        "recommended_kto_weights": recommended_weights(n_d, n_u),
+        "labels": labels,
+        "excluded_from_kto": marked.num_rows - (kto.num_rows - labels["reference_rows"]),
+        "recommended_kto_weights": recommended_weights(labels["desirable"], labels["undesirable"]),
     }
 
 
@@ -203,13 +209,11 @@ def accumulate(built: dict, round: int, before: dict[str, pa.Table] | None = Non
             table = pa.concat_tables([before[name].select(table.column_names).cast(table.schema), table])
         out[name] = table
     kto = out["kto"]
-    n_d = int(pc.sum(kto["label"]).as_py() or 0)
-    n_u = kto.num_rows - n_d
+    labels = label_counts(kto)
     stats = dict(built["stats"])
     stats["round"] = round
-    stats["labels"] = {**stats["labels"], "desirable": n_d, "undesirable": n_u, "total": kto.num_rows,
-                       "desirable_fraction": n_d / kto.num_rows if kto.num_rows else 0.0,
+    stats["labels"] = {**stats["labels"], **{k: labels[k] for k in ("desirable", "undesirable", "total", "desirable_fraction")},
                        "rounds": sorted(set(kto["round"].to_pylist()))}
-    stats["recommended_kto_weights"] = recommended_weights(n_d, n_u)
+    stats["recommended_kto_weights"] = recommended_weights(labels["desirable"], labels["undesirable"])
     out["stats"] = stats
     return out

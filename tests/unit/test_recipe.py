@@ -1,0 +1,61 @@
+"""cluster.recipe: the recipe's datasets and its fresh items, without Ray."""
+
+import pyarrow as pa
+import pytest
+
+from cluster.config import load_config
+from cluster.recipe import on_policy_datasets, on_policy_items
+from pipeline.benchmarks import BenchmarkError, load_items
+from pipeline.build import kto_table
+from pipeline.schemas import MARKED
+from pipeline.tinymodels import build_tokenizer
+from tests.conftest import ROOT
+from tests.unit.test_report import rows
+
+PROMPT = "Q: What is 0 + 1?\nA:"
+
+
+def cfg(*sets):
+    return load_config(ROOT / "configs" / "local.yaml", ["benchmark.n_train=8", "benchmark.n_validation=4", "benchmark.n_eval=4", *sets])
+
+
+def test_fresh_items_are_the_block_after_every_round_and_the_validation_items():
+    c = cfg("rounds.count=2")
+    fresh = on_policy_items(c)
+    used = set()
+    for k in (1, 2):
+        items, _ = load_items(c.benchmark, c.seed, k)
+        used |= set(items["id"].to_pylist())
+    assert fresh.num_rows == 8 and set(fresh["split"].to_pylist()) == {"train"}
+    assert not set(fresh["id"].to_pylist()) & used  # no validation, eval or round item
+    third, _ = load_items(c.benchmark, c.seed, 3)  # the block a third round would answer
+    assert set(fresh["id"].to_pylist()) == set(third.filter(pa.compute.equal(third["split"], "train"))["id"].to_pylist())
+
+
+def test_more_on_policy_items_than_a_block_is_refused():
+    with pytest.raises(BenchmarkError, match="train.on_policy.items=9, but the block of fresh train items holds 8"):
+        on_policy_items(cfg("train.on_policy.items=9"))
+
+
+def test_recipe_datasets_join_competitor_and_on_policy_rows_and_count_them():
+    """4 on-policy answers, 1 right (accuracy 0.25); 3 competitor rows, 2 right: 7 rows, 3 desirable,
+    every row tagged with the round."""
+    marked = pa.Table.from_pylist(rows("target", "train", [True, False, False, False]), schema=MARKED)
+    theirs = kto_table(pa.Table.from_pylist(rows("large", "train", [True, True, False]), schema=MARKED))
+    kto, stats = on_policy_datasets(cfg(), marked, theirs, tokenizer=None)
+    assert kto.num_rows == 7 and "round" in kto.column_names and set(kto["round"].to_pylist()) == {1}
+    assert stats["labels"]["desirable"] == 3 and stats["labels"]["undesirable"] == 4
+    assert stats["on_policy"] == {"answers": 4, "rows": 4, "desirable": 1, "accuracy": 0.25, "items": 4}
+    assert stats["competitor_rows"] == 3 and "divergence" not in stats
+
+
+def test_divergent_negatives_apply_to_the_on_policy_rows():
+    marked = pa.Table.from_pylist(rows("target", "train", [True]) + rows("target", "train", [False]), schema=MARKED)
+    tok = build_tokenizer([r["prompt"] + r["completion"] for r in marked.to_pylist()] * 20)
+    theirs = kto_table(pa.Table.from_pylist(rows("large", "train", [True]), schema=MARKED))
+    kto, stats = on_policy_datasets(cfg("datasets.divergent_negatives=true"), marked, theirs, tok)
+    # " The answer is 0." against the right " The answer is 1.": everything up to the digit is shared.
+    (wrong,) = [r for r in kto.to_pylist() if not r["label"]]
+    assert wrong["prompt"] == PROMPT + " The answer is " and wrong["completion"] == "0."
+    assert stats["divergence"]["split_rows"] == 1
+    assert stats["divergence"]["penalised_tokens_after"] == 2 < stats["divergence"]["penalised_tokens_before"]
