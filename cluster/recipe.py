@@ -103,8 +103,8 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
                report: Callable[[str], None], fp: str) -> dict:
     """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
     summary). `train_one(train, model, datasets_dir, out, storage, fp)` trains one method."""
-    from cluster.stages import competitors_of, generate_into, mark_answers
     from cluster.config import ModelRef
+    from cluster.stages import competitors_of, generate_into, mark_answers, stage_fingerprints
     from pipeline.generate import _tokenizer
 
     folder = run_dir / "recipe"
@@ -112,8 +112,6 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     sft_train = cfg.train.for_method("sft").model_copy(update={"max_steps": cfg.train.sft_steps, "recipe": "single"})
     # SFT depends on the data, the target and the shared optimizer settings, not on KTO's own
     # settings: changing beta or the weights re-runs only the KTO step.
-    from cluster.stages import stage_fingerprints
-
     kto_only = {"method", "compare", "recipe", "beta", "weights", "desirable_weight", "undesirable_weight",
                 "loss_aversion", "nll_weight", "on_policy", "precompute_ref_log_probs", "resume"}
     sft_fp = fingerprint("recipe-sft", stage_fingerprints(cfg)["datasets"], cfg.target.model_dump(mode="json"),
