@@ -103,8 +103,9 @@ def summary_table(run_dir: Path) -> Table:
 
 
 def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
-    """eval/results.json as summary rows: accuracy [95% CI] per model, then each paired difference
-    [95% CI] with McNemar's p; `split` names where the items came from."""
+    """eval/results.json as summary rows: accuracy [95% CI] per model, then each model's paired
+    difference from the untrained target [95% CI] with McNemar's p (the other pairs are in the
+    report); `split` names where the items came from."""
     from pipeline.evalstats import model_label, models_of
 
     rows = []
@@ -114,6 +115,8 @@ def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
         items = f", {r['items']} items" if r.get("items", answers) != answers else ""
         rows.append((f"{model_label(name)} accuracy ({split})", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
     for p in results.get("pairs") or []:
+        if not p["baseline"].endswith("-base"):
+            continue
         lo, hi = p["ci95"]
         rows.append((f"{p['model']} − {p['baseline']} ({split}, paired)",
                      f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))

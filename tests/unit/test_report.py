@@ -158,3 +158,17 @@ def test_cli_report_and_summary_show_ci_and_paired_test(rendered, tmp_path):
     assert "target-kto − target-base (eval, paired)" in table and "+0.200" in table and "McNemar p=0.219" in table
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "run directory not found" in missing.output
+
+
+def test_the_console_summary_pairs_every_model_with_the_untrained_target_only():
+    from cluster.cli import eval_rows
+
+    marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
+                                  + rows("target-sft", "eval", [i < 9 for i in range(20)])
+                                  + rows("target-kto", "eval", [i < 7 for i in range(20)]), schema=MARKED)
+    results = evaluation_results(marked, ["target-base", "target-sft", "target-kto"], seed=0)
+    assert len(results["pairs"]) == 3  # the report keeps all of them
+    names = [what for what, _ in eval_rows(results)]
+    assert names == ["target before training accuracy (eval)", "target after SFT accuracy (eval)",
+                     "target after KTO accuracy (eval)", "target-sft − target-base (eval, paired)",
+                     "target-kto − target-base (eval, paired)"]
