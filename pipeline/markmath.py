@@ -68,10 +68,15 @@ def budget(seconds: float):
     tid, lock, state = threading.get_ident(), threading.Lock(), {"running": True, "fired": False}
 
     def fire():
-        with lock:
-            if state["running"]:
+        # Delivered again every 50 ms until the block has ended: an exception that lands in a
+        # weakref callback or a __del__ is printed and dropped, and the work would go on.
+        while True:
+            with lock:
+                if not state["running"]:
+                    return
                 state["fired"] = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(RowTimeout))
+            time.sleep(0.05)
 
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
