@@ -92,12 +92,11 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     steady_state: the waves after the first); a figure measured on too few waves is None with a
     note. Start-up is the time to the first answer. Memory: `PeakRSS` per run, and the driver's
     growth over the last three quarters of the rows."""
-    from pipeline.genbench import bench_items, run_baseline, run_stage
+    from pipeline.genbench import bench_items, run_baseline, run_stage, unsplit_prefill
     from pipeline.tinymodels import resolve_model
 
     ref = cfg.competitors["large"]
-    # On CPU both sides get chunked prefill off from the one engine-argument builder.
-    model, engine = resolve_model(ref.path), cfg.engine_for(ref)
+    model, engine = resolve_model(ref.path), unsplit_prefill(cfg.engine_for(ref))
     sampling = cfg.generate.sampling.model_copy(update={"samples": 1})
     needed = default_prompts(engine.batch_size)
     prompts = prompts or needed

@@ -175,6 +175,24 @@ def bench_items(n: int, seed: int):
     return items.filter(pc.equal(items["split"], "train"))
 
 
+def unsplit_prefill(engine):
+    """The engine settings with prompts never split across engine steps on CPU.
+
+    vLLM's CPU build fails on a seeded request whose prompt prefill is split ("CPU Generator does
+    not use offset"; every request here is seeded): the engine dies and Ray Data restarts it, which
+    costs a minute and lands inside the measurement. With chunked prefill off, the scheduler waits
+    for the next step instead of splitting a prompt; a step's token budget must then hold the
+    longest prompt, so it is raised to max_model_len where that is more than vLLM's CPU default
+    (2048). On GPU nothing changes.
+    """
+    if engine.num_gpus or "enable_chunked_prefill" in engine.engine_kwargs:
+        return engine
+    extra = {"enable_chunked_prefill": False}
+    if engine.max_model_len > 2048 and "max_num_batched_tokens" not in engine.engine_kwargs:
+        extra["max_num_batched_tokens"] = engine.max_model_len
+    return engine.model_copy(update={"engine_kwargs": {**engine.engine_kwargs, **extra}})
+
+
 def stage_scheduler_limits(model: str, engine_kwargs: dict) -> dict:
     """The `max_num_seqs` and `max_num_batched_tokens` the stage's engine runs with. Ray Data LLM
     builds its engine from `AsyncEngineArgs(...).create_engine_config()`, whose defaults differ

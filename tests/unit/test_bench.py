@@ -9,8 +9,8 @@ import matplotlib.image as mpimg
 from rich.console import Console
 
 from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling, spread
-from cluster.config import load_config
-from pipeline.genbench import PeakRSS
+from cluster.config import EngineConfig, load_config
+from pipeline.genbench import PeakRSS, unsplit_prefill
 from pipeline.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
@@ -154,3 +154,13 @@ def test_scaling_plot_is_written_also_without_a_steady_rate(tmp_path):
         plot_scaling(_generate_result(steady=steady), tmp_path / f"scaling-{steady}.png")
         image = mpimg.imread(tmp_path / f"scaling-{steady}.png")
         assert image.shape[0] > 100 and image.shape[1] > 200
+
+
+def test_cpu_engines_never_split_a_prompt_and_gpu_engines_are_left_alone():
+    cpu = unsplit_prefill(EngineConfig(max_model_len=128))
+    assert cpu.engine_kwargs == {"enable_chunked_prefill": False}
+    long = unsplit_prefill(EngineConfig(max_model_len=4096))  # a step must hold the longest prompt
+    assert long.engine_kwargs == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
+    assert unsplit_prefill(EngineConfig(num_gpus=1)).engine_kwargs == {}
+    chosen = EngineConfig(engine_kwargs={"enable_chunked_prefill": True})
+    assert unsplit_prefill(chosen).engine_kwargs == {"enable_chunked_prefill": True}
