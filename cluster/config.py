@@ -41,6 +41,11 @@ class EndpointConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
 
 
+class FewShot(_Strict):
+    question: str
+    answer: str
+
+
 class ModelRef(_Strict):
     """A model: a Hugging Face id, a local directory, or `tiny:<size>` (built locally, offline);
     or, with `endpoint`, the model name an OpenAI-compatible server knows it by."""
@@ -51,6 +56,13 @@ class ModelRef(_Strict):
     params: int | None = Field(default=None, gt=0)  # declared parameter count (endpoints)
     # Engine settings of this model only, over `generate.engine` (replicas, tensor parallel, ...).
     engine: dict[str, Any] = Field(default_factory=dict)
+    # This model's prompt style, over `generate`'s (None: `generate.prompt_template`, `system_prompt`,
+    # `few_shot`). A model trained on zero-shot prompts and an instruction model with worked examples
+    # can then answer the same items side by side. The target's style also renders every training
+    # row's prompt, so the target trains on prompts in the form it is evaluated and served with.
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    few_shot: list[FewShot] | None = None
 
     @field_validator("path")
     @classmethod
@@ -186,11 +198,6 @@ class SamplingConfig(_Strict):
     max_tokens: int = Field(default=32, ge=1)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None  # None: the run's seed; each (item, sample) gets its own seed from it
-
-
-class FewShot(_Strict):
-    question: str
-    answer: str
 
 
 class GenerateConfig(_Strict):
@@ -519,6 +526,22 @@ class RunConfig(_Strict):
                 field = ".".join(str(p) for p in e["loc"])
                 raise ValueError(f"competitors.{name}.engine.{field}: {e['msg']}") from None
         return self
+
+    def style_for(self, ref: ModelRef | None = None) -> dict:
+        """`ref`'s prompt style: its own `prompt_template`, `system_prompt` and `few_shot`, each
+        falling back to `generate`'s (`generate`'s alone without `ref`); as keyword arguments of
+        pipeline.generate.PromptStyle."""
+        g = self.generate
+
+        def own(field: str, default):
+            value = getattr(ref, field) if ref is not None else None
+            return value if value is not None else default
+
+        return {
+            "template": own("prompt_template", g.prompt_template),
+            "system_prompt": own("system_prompt", g.system_prompt),
+            "few_shot": tuple((s.question, s.answer) for s in own("few_shot", g.few_shot)),
+        }
 
     def engine_for(self, ref: ModelRef) -> EngineConfig:
         """`generate.engine` with the model's own engine settings on top."""

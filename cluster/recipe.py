@@ -103,7 +103,6 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
                report: Callable[[str], None], fp: str) -> dict:
     """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
     summary). `train_one(train, model, datasets_dir, out, storage, fp)` trains one method."""
-    from cluster.config import ModelRef
     from cluster.stages import competitors_of, generate_into, mark_answers, stage_fingerprints
     from pipeline.generate import _tokenizer
 
@@ -129,7 +128,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     if op is None:
         items = on_policy_items(cfg)
         report(f"recipe: the SFT'd target answers {items.num_rows} fresh train items x {cfg.train.on_policy.samples}")
-        player = ModelRef(path=sft_model, chat=cfg.target.chat, engine=cfg.target.engine)
+        player = cfg.target.model_copy(update={"path": sft_model, "endpoint": None})  # the target's prompt style
         competitors = competitors_of(cfg, {ON_POLICY: player})
         generate_into(cfg, items.select(ITEMS.names), competitors, on_policy_sampling(cfg), op_dir / "answers", op_fp)
         op = _record(op_dir, op_fp, {**mark_answers(op_dir / "answers", op_dir / "marked", cfg.mark.batch_size, cfg.mark),

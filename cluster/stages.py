@@ -80,18 +80,38 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
 
     out = []
     for name, ref in refs.items():
+        style = _style(cfg, ref)
         if ref.endpoint is not None:
-            out.append(Competitor(name, ref.path, ref.chat, endpoint=ref.endpoint, params=ref.params))
+            out.append(Competitor(name, ref.path, ref.chat, endpoint=ref.endpoint, params=ref.params, style=style))
         else:
-            out.append(Competitor(name, resolve_model(ref.path), ref.chat, engine=cfg.engine_for(ref), params=ref.params))
+            out.append(Competitor(name, resolve_model(ref.path), ref.chat, engine=cfg.engine_for(ref), params=ref.params,
+                                  style=style))
     return out
 
 
-def _style(cfg: RunConfig):
+def _style(cfg: RunConfig, ref=None):
+    """The prompt style of model `ref` (its own settings over `generate`'s), or `generate`'s."""
     from pipeline.generate import PromptStyle
 
-    g = cfg.generate
-    return PromptStyle(g.prompt_template, g.system_prompt, tuple((s.question, s.answer) for s in g.few_shot))
+    return PromptStyle(**cfg.style_for(ref))
+
+
+def target_prompts(cfg: RunConfig):
+    """row -> the prompt as the target renders it (its chat template and prompt style), cached per
+    item: training rows carry the target's rendering of each prompt, not the competitor's."""
+    from pipeline.generate import _tokenizer, build_prompt
+    from pipeline.tinymodels import resolve_model
+
+    style = _style(cfg, cfg.target)
+    tokenizer = _tokenizer(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
+    cache: dict[str, str] = {}
+
+    def render(row: dict) -> str:
+        if row["id"] not in cache:
+            cache[row["id"]] = build_prompt(row, style, tokenizer)
+        return cache[row["id"]]
+
+    return render
 
 
 def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
@@ -137,14 +157,12 @@ def round_players(cfg: RunConfig) -> dict:
     """The competitors of cfg's round: the configured pair in round 1; from round 2 on, the target
     trained in the round before replaces `small` (rounds.policy replace_small; the rows keep the
     competitor name `small`, their `model` column names the trained target) or joins as `target`."""
-    from cluster.config import ModelRef
-
     if cfg.round == 1:
         return dict(cfg.competitors)
     before = cfg.round_dir(cfg.round - 1) / "model"
     if not (before / "config.json").is_file():
         raise StageError(f"round {cfg.round} plays the target trained in round {cfg.round - 1}, but {before} is missing: run round {cfg.round - 1} first")
-    trained = ModelRef(path=str(before.resolve()), chat=cfg.target.chat, engine=cfg.target.engine)
+    trained = cfg.target.model_copy(update={"path": str(before.resolve()), "endpoint": None})  # the target's prompt style
     if cfg.rounds.policy == "replace_small":
         return {**cfg.competitors, "small": trained}
     return {**cfg.competitors, "target": trained}
@@ -210,11 +228,11 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
 
         tokenizer = _tokenizer(resolve_model(cfg.target.path))
     return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
-                             cfg.seed, cfg.round, before, tokenizer)
+                             cfg.seed, cfg.round, before, tokenizer, target_prompts(cfg))
 
 
 def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False, seed: int = 0,
-                      round: int = 1, before: Path | None = None, divergent_tokenizer=None) -> dict:
+                      round: int = 1, before: Path | None = None, divergent_tokenizer=None, prompt_of=None) -> dict:
     """marked/ -> datasets/{kto,negatives,pairs}/ and datasets/stats.json, replaced as a whole.
 
     Every row is tagged with its `round`; `before` (the previous round's datasets/) is carried
@@ -222,10 +240,11 @@ def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False,
     answers, with `labels` and the recommended KTO weights counted over everything accumulated.
     With `divergent_tokenizer` (the target's; `datasets.divergent_negatives`), this round's wrong
     kto rows are penalised only from where they depart from a right answer to the same prompt
-    (pipeline.divergence), and stats.json's `divergence` counts the tokens before and after."""
+    (pipeline.divergence), and stats.json's `divergence` counts the tokens before and after.
+    `prompt_of` (item row -> the target's prompt) renders the training rows' prompts."""
     from pipeline.build import accumulate, build_datasets
 
-    built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed)
+    built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed, prompt_of)
     if divergent_tokenizer is not None:
         from pipeline.divergence import split_shared_prefixes
 
@@ -322,7 +341,8 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     from pipeline.tinymodels import resolve_model
 
     engine = cfg.engine_for(cfg.target)
-    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine)]
+    style = _style(cfg, cfg.target)
+    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine, style=style)]
     methods = cfg.train.methods
     recipe = cfg.train.recipe == "sft_then_kto"
     if recipe:  # baselines first, so that each pair reads "the recipe's KTO - baseline"
@@ -335,8 +355,8 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
             sft = run_dir / "recipe" / "sft" / "model"
             if not (sft / "config.json").is_file():
                 raise StageError(f"{sft} is missing: run `lossaverse train` (or `lossaverse run`) first")
-            models.append(Competitor(RECIPE_SFT, str(sft.resolve()), cfg.target.chat, engine=engine))
-        models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine))
+            models.append(Competitor(RECIPE_SFT, str(sft.resolve()), cfg.target.chat, engine=engine, style=style))
+        models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine, style=style))
     return models
 
 

@@ -16,11 +16,12 @@ Pure functions over pyarrow tables:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schemas import KTO, MARKED, NEGATIVES, PAIRS, REASONS, check
+from pipeline.schemas import ITEMS, KTO, MARKED, NEGATIVES, PAIRS, REASONS, check
 from pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 # KTO paper (Ethayarajh et al., 2024, Sec. 4.2): keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
@@ -187,11 +188,22 @@ def stats(marked: pa.Table, kto: pa.Table, seed: int = 0) -> dict:
     }
 
 
-def build_datasets(marked: pa.Table, with_reference: bool = False, seed: int = 0) -> dict:
-    """marked rows -> {"kto", "negatives", "pairs": tables, "stats": dict}."""
+def with_prompts(marked: pa.Table, prompt_of: Callable[[dict], str]) -> pa.Table:
+    """`marked` with each row's `prompt` replaced by `prompt_of(row)` (the target's rendering)."""
+    rows = marked.select([c for c in ITEMS.names if c in marked.column_names]).to_pylist()
+    index = marked.column_names.index("prompt")
+    return marked.set_column(index, "prompt", pa.array([prompt_of(r) for r in rows], pa.string()))
+
+
+def build_datasets(marked: pa.Table, with_reference: bool = False, seed: int = 0,
+                   prompt_of: Callable[[dict], str] | None = None) -> dict:
+    """marked rows -> {"kto", "negatives", "pairs": tables, "stats": dict}. With `prompt_of` (item
+    row -> prompt), the training rows (kto, pairs) carry that prompt instead of the one the
+    competitor was sent; negatives keep what each competitor saw."""
     marked = check(marked, MARKED, "marked")
-    kto = kto_table(marked, with_reference)
-    return {"kto": kto, "negatives": negatives_table(marked), "pairs": pairs_table(marked), "stats": stats(marked, kto, seed)}
+    training = with_prompts(marked, prompt_of) if prompt_of is not None else marked
+    kto = kto_table(training, with_reference)
+    return {"kto": kto, "negatives": negatives_table(marked), "pairs": pairs_table(training), "stats": stats(marked, kto, seed)}
 
 
 def accumulate(built: dict, round: int, before: dict[str, pa.Table] | None = None) -> dict:

@@ -36,6 +36,7 @@ class Competitor:
     engine: Any = None  # cluster.config.EngineConfig
     endpoint: Any = None  # cluster.config.EndpointConfig
     params: int | None = None
+    style: "PromptStyle | None" = None  # None: the job's (generate's) prompt style
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,16 @@ class PromptStyle:
     template: str | None = None  # None: the benchmark kind's template
     system_prompt: str | None = None
     few_shot: tuple = ()  # (question, answer) pairs
+
+    def stops(self, kind: str, chat: bool) -> list[str]:
+        """Stop strings the style itself implies. Worked examples written out as raw text teach a
+        model to go on with the next "Question:" after its answer, so a raw few-shot prompt stops
+        where the next example would begin. A chat prompt ends its turn with the template's end
+        token, on which vLLM stops already; a zero-shot prompt implies nothing."""
+        if chat or not self.few_shot:
+            return []
+        head = template_for(kind, self.template).split("{", 1)[0].strip()
+        return [f"\n\n{head}"] if head else ["\n\n"]
 
 
 def row_seed(seed: int, item_id: str, sample: int) -> int:
@@ -72,7 +83,8 @@ def build_prompt(item: dict, style: PromptStyle, tokenizer=None) -> str:
     return shots + render(item, template)
 
 
-def sampling_params(sampling, seed: int, item_id: str, sample: int) -> dict:
+def sampling_params(sampling, seed: int, item_id: str, sample: int, stop: list[str] = ()) -> dict:
+    """vLLM sampling parameters of one request; `stop` (the prompt style's) joins `sampling.stop`."""
     base = sampling.seed if sampling.seed is not None else seed
     params = {
         "temperature": sampling.temperature,
@@ -80,8 +92,9 @@ def sampling_params(sampling, seed: int, item_id: str, sample: int) -> dict:
         "max_tokens": sampling.max_tokens,
         "seed": row_seed(base, item_id, sample),
     }
-    if sampling.stop:
-        params["stop"] = list(sampling.stop)
+    stops = list(dict.fromkeys([*sampling.stop, *stop]))
+    if stops:
+        params["stop"] = stops
     return params
 
 
@@ -98,10 +111,11 @@ def expand_requests(items: pa.Table, competitor: str, model: str, sampling, temp
             prompt = json.dumps(messages, ensure_ascii=False)
         else:
             messages, prompt = None, build_prompt(item, style, tokenizer)
+        stop = style.stops(item["kind"], chat=api == "chat" or tokenizer is not None)
         for sample in range(sampling.samples):
             row = {**item, "competitor": competitor, "model": model, "sample": sample, "prompt": prompt,
                    "request_prompt": prompt, "max_tokens": sampling.max_tokens,
-                   "sampling_params": sampling_params(sampling, seed, item["id"], sample)}
+                   "sampling_params": sampling_params(sampling, seed, item["id"], sample, stop)}
             if messages is not None:
                 row["messages"] = messages
             rows.append(row)
@@ -218,7 +232,7 @@ def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competit
             continue
         requests = ray.data.from_arrow(blocks).map_batches(
             expand_batch, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"competitor": competitor, "sampling": sampling, "seed": seed, "style": style},
+            fn_kwargs={"competitor": competitor, "sampling": sampling, "seed": seed, "style": competitor.style or style},
         )
         outputs.append(processor_for(competitor)(requests))
     if not outputs:

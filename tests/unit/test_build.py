@@ -71,3 +71,13 @@ def test_reference_rows_only_for_items_nobody_got_right_and_only_when_asked():
     # The reference row is not an answer: it is not counted as one more answer excluded or included.
     assert out["stats"]["excluded_from_kto"] == 1
     assert "reference" not in out["stats"]["competitors"]
+
+
+def test_training_rows_carry_the_targets_prompt_and_negatives_what_each_competitor_saw():
+    rows = [_row("a", "large", 0, True, "right a"), _row("a", "small", 0, False, "wrong a"),
+            _row("b", "small", 0, False, "wrong b")]
+    rows[0]["prompt"] = "<chat>Pa"  # the large competitor got its chat template, the small one raw text
+    out = build_datasets(pa.Table.from_pylist(rows, schema=MARKED), prompt_of=lambda r: f"T[{r['id']}:{r['question']}]")
+    assert set(out["kto"]["prompt"].to_pylist()) == {"T[a:q]", "T[b:q]"}
+    assert out["pairs"]["prompt"].to_pylist() == ["T[a:q]"]
+    assert sorted(out["negatives"]["prompt"].to_pylist()) == ["Pa", "Pb"]

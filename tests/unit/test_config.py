@@ -72,3 +72,20 @@ def test_missing_benchmark_file_is_named(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_each_model_has_its_own_prompt_style_over_generates():
+    from cluster.config import RunConfig
+
+    cfg = RunConfig.model_validate({
+        "name": "styles",
+        "generate": {"system_prompt": "Be exact.", "few_shot": [{"question": "1 + 1?", "answer": "2"}]},
+        "competitors": {"large": {"path": "tiny:large", "few_shot": [{"question": "2 + 2?", "answer": "4"}]},
+                        "small": {"path": "tiny:small", "few_shot": []}},
+        "target": {"path": "tiny:small", "system_prompt": "Think."},
+    })
+    assert cfg.style_for(cfg.competitors["large"])["few_shot"] == (("2 + 2?", "4"),)
+    assert cfg.style_for(cfg.competitors["large"])["system_prompt"] == "Be exact."
+    assert cfg.style_for(cfg.competitors["small"])["few_shot"] == ()  # an empty list is its own: zero-shot
+    assert cfg.style_for(cfg.target) == {"template": None, "system_prompt": "Think.", "few_shot": (("1 + 1?", "2"),)}
+    assert cfg.style_for() == {"template": None, "system_prompt": "Be exact.", "few_shot": (("1 + 1?", "2"),)}

@@ -74,3 +74,17 @@ def test_chat_endpoint_requests_carry_messages_and_responses_map_to_answers():
     rows = answers_from_outputs([ok, bad]).to_pylist()
     assert rows[0]["completion"] == "The answer is 4." and rows[0]["completion_tokens"] == 5 and rows[0]["error"] is None
     assert rows[1]["error"].startswith("endpoint error: prompt is too long") and rows[1]["finish_reason"] == "context_length"
+
+
+def test_raw_few_shot_prompts_stop_where_the_next_example_would_begin():
+    style = PromptStyle(few_shot=(("What is 1 + 1?", "The answer is 2."),))
+    sampling = SamplingConfig(stop=["###"])
+    raw = expand_requests(_items(1), "small", "m", sampling, None, seed=0, style=style)
+    assert raw[0]["sampling_params"]["stop"] == ["###", "\n\nQuestion:"]
+    zero_shot = expand_requests(_items(1), "small", "m", SamplingConfig(), None, seed=0)
+    assert "stop" not in zero_shot[0]["sampling_params"]
+    tok = build_tokenizer(["hello world 123"])
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    chat = expand_requests(_items(1), "large", "m", SamplingConfig(), None, seed=0, tokenizer=tok, style=style)
+    assert "stop" not in chat[0]["sampling_params"]  # a chat turn ends with the template's own end token
+    assert chat[0]["prompt"].startswith("<|user|>Question: What is 1 + 1?\nAnswer:<|assistant|>The answer is 2.<|user|>")
