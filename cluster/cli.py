@@ -47,6 +47,7 @@ def _guard(fn):
     from cluster.config import ConfigError
     from cluster.stages import StageError
     from pipeline.benchmarks import BenchmarkError
+    from pipeline.export import ExportError
     from pipeline.schemas import SchemaError
     from cluster.submit import SubmitError
     from pipeline.processors import EngineFailed
@@ -54,7 +55,8 @@ def _guard(fn):
 
     try:
         return fn()
-    except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, FileNotFoundError) as exc:
+    except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, ExportError,
+            FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
@@ -446,6 +448,24 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
         console.print(f"report: {out['report']}")
         for path in out["plots"]:
             console.print(f"plot: {path}")
+
+    _guard(go)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory, e.g. runs/local"),
+    out_dir: Path = typer.Argument(..., help="Where the datasets folder goes (must be empty or absent)"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR even if it is not empty"),
+):
+    """Release RUN_DIR's kto / pairs / negatives as a Hugging Face datasets folder with a dataset card."""
+
+    def go():
+        from pipeline.export import export_run
+
+        counts = export_run(run_dir, out_dir, force)
+        console.print(", ".join(f"{name}: {rows} rows" for name, rows in counts.items()))
+        console.print(f"datasets folder: {out_dir.resolve()}  (datasets.load_dataset(\"{out_dir}\", \"kto\"))", markup=False)
 
     _guard(go)
 
