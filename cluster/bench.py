@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import textwrap
 import time
 from pathlib import Path
 from typing import Callable
 
-from cluster.config import RunConfig
+import pyarrow.compute as pc
+
+from cluster.config import BenchmarkConfig, RunConfig
+from pipeline.measure import nvml, peak_memory, ratio, spread
 
 STAGES = ("generate", "mark", "train")
-
-
-def spread(values: list[float]) -> dict:
-    """Median and spread of repeated measurements."""
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
-            "n": len(values)}
 
 
 def machine() -> dict:
@@ -38,14 +34,8 @@ def machine() -> dict:
     and its memory figures stay its own) and the load average when the bench starts."""
     import psutil
 
-    gpus = []
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        gpus = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception:  # no NVML library or no driver: no GPU
-        pass
+    pynvml = nvml()
+    gpus = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())] if pynvml else []
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpus": [str(g) for g in gpus],
             "load_average": [round(v, 2) for v in os.getloadavg()]}
@@ -76,10 +66,12 @@ def _replica_figures(runs: list[dict], hint: str) -> dict:
     }
 
 
-def peak_memory(measures: list[dict]) -> dict:
-    """The largest of each `PeakRSS.mib` figure over several runs (None where none measured it)."""
-    keys = ("driver_peak_rss_mib", "workers_peak_rss_mib", "worker_max_rss_mib", "gpu_peak_mib")
-    return {k: max((m[k] for m in measures if m.get(k) is not None), default=None) for k in keys}
+def bench_items(n: int, seed: int):
+    """`n` train items of the built-in synthetic benchmark: the prompts of the generate bench."""
+    from pipeline.benchmarks import load_items
+
+    items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed)
+    return items.filter(pc.equal(items["split"], "train"))
 
 
 def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], repeats: int, report: Callable[[str], None]) -> dict:
@@ -91,12 +83,14 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     Steady-state tokens/s comes from the engine batches' completion times (pipeline.shards.
     steady_state: the waves after the first); a figure measured on too few waves is None with a
     note. Start-up is the time to the first answer. Memory: `PeakRSS` per run, and the driver's
-    growth over the last three quarters of the rows."""
-    from pipeline.genbench import bench_items, run_baseline, run_stage, unsplit_prefill
+    growth over the last three quarters of the rows. `engine_kwargs`: the vLLM engine arguments
+    both sides ran with, from the stage's builder (`pipeline.processors.engine_kwargs`)."""
+    from pipeline.genbench import run_baseline, run_stage
+    from pipeline.processors import engine_kwargs
     from pipeline.tinymodels import resolve_model
 
     ref = cfg.competitors["large"]
-    model, engine = resolve_model(ref.path), unsplit_prefill(cfg.engine_for(ref))
+    model, engine = resolve_model(ref.path), cfg.engine_for(ref)
     sampling = cfg.generate.sampling.model_copy(update={"samples": 1})
     needed = default_prompts(engine.batch_size)
     prompts = prompts or needed
@@ -123,12 +117,11 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
         return s["median"] / r if s else None
 
     for r in replicas:
-        scaling[r]["efficiency"] = (round(per_replica(r) / per_replica(low), 3)
-                                    if per_replica(r) is not None and per_replica(low) is not None else None)
+        scaling[r]["efficiency"] = ratio(per_replica(r), per_replica(low))
     growth = max(s["driver_growth_mib"] for s in stage[low])  # the largest over repeats
     return {
         "model": model, "prompts_per_replica": prompts, "prompts_per_replica_needed": needed, "max_tokens": sampling.max_tokens,
-        "engine": engine.model_dump(), "scheduler_limits": baseline[0]["scheduler_limits"],
+        "engine": engine.model_dump(), "engine_kwargs": engine_kwargs(engine), "scheduler_limits": baseline[0]["scheduler_limits"],
         "baseline": {"steady_tokens_per_s": base_steady, "tokens_per_s": base_e2e,
                      "startup_s": spread([b["startup_s"] for b in baseline]),
                      "engine_s": spread([b["engine_s"] for b in baseline]),
@@ -142,10 +135,10 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
                       and abs(baseline[0]["tokens"] - stage[low][0]["tokens"]) <= 0.01 * baseline[0]["tokens"]},
         "replicas": scaling,
         # per replica: the baseline is one engine
-        "ratio_steady": round(per_replica(low) / base_steady["median"], 3) if per_replica(low) is not None else None,
-        "ratio_end_to_end": round(one["tokens_per_s"]["median"] / base_e2e["median"], 3),
+        "ratio_steady": ratio(per_replica(low), base_steady["median"]),
+        "ratio_end_to_end": ratio(one["tokens_per_s"]["median"], base_e2e["median"]),
         "scaling_efficiency": scaling[top]["efficiency"],
-        "startup_share": round(one["startup_s"]["median"] / one["seconds"]["median"], 3),
+        "startup_share": ratio(one["startup_s"]["median"], one["seconds"]["median"]),
         "tokens_per_answer": round(baseline[0]["tokens"] / max(1, baseline[0]["rows"]), 1),
         "memory": {**peak_memory([v["memory"] for v in scaling.values()] + [peak_memory([b["memory"] for b in baseline])]),
                    "growth": {"process": "driver", "mib": growth, "rows": prompts * low - prompts * low // 4}},
@@ -158,8 +151,8 @@ def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[
     like a pipeline worker (its exact peak, `peak_rss_bytes`); no GPU is used. The growth check:
     that worker's peak at rows and at rows/10 (the rows stream through it as through the driver
     of a pipeline run)."""
-    from pipeline.genbench import PeakRSS
     from pipeline.markbench import bench_mark
+    from pipeline.measure import PeakRSS
 
     sweep, driver = {}, []
     for n in rows:
@@ -182,12 +175,12 @@ def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: 
 
     report(f"bench train: TRL direct vs Ray Train, workers {workers}, DDP and ZeRO-2")
     raw = bench_train(cfg.target.path, workers=tuple(workers), repeats=max(1, repeats), seed=cfg.seed)
-    point = lambda v: {"median": v, "min": v, "max": v, "n": raw["repeats"]}  # noqa: E731  medians from bench_train
+    unmeasured = {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0}
     return {
         **raw,
-        "baseline": {"samples_per_s": point(raw["direct_samples_per_second"]), "memory": raw["memory"]["direct"]},
-        "workers": {n: {"samples_per_s": point(raw["ray_samples_per_second"][f"{n}xnone"]),
-                        "zero2_samples_per_s": point(raw["ray_samples_per_second"].get(f"{n}xzero2", 0.0)),
+        "baseline": {"samples_per_s": raw["spread"]["direct"], "memory": raw["memory"]["direct"]},
+        "workers": {n: {"samples_per_s": raw["spread"][f"{n}xnone"],
+                        "zero2_samples_per_s": raw["spread"].get(f"{n}xzero2", unmeasured),
                         "memory": raw["memory"][f"{n}xnone"], "zero2_memory": raw["memory"].get(f"{n}xzero2")}
                     for n in workers},
         "ratio": raw["ray_vs_direct"],

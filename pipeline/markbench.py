@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import random
 import resource
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from pipeline.measure import Timer, ratio, spread
 from pipeline.schemas import ANSWERS
 
 NAMES = ["Janet", "Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina"]
@@ -186,16 +186,13 @@ def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) 
     mark_table(table.slice(0, min(batch_size, table.num_rows)), timeout_s)  # warm-up (imports, regex caches)
     rates, cpu_rates = [], []
     for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        for batch in _batches(table, batch_size):
-            mark_table(batch, timeout_s)
-        rates.append(table.num_rows / (time.perf_counter() - start))
-        cpu_rates.append(table.num_rows / (time.process_time() - cpu))
-    return {"rows": table.num_rows, "rows_per_s": _spread(rates), "rows_per_cpu_s": _spread(cpu_rates)}
-
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+        with Timer() as t:
+            for batch in _batches(table, batch_size):
+                mark_table(batch, timeout_s)
+        rates.append(table.num_rows / t.wall)
+        cpu_rates.append(table.num_rows / t.cpu)
+    return {"rows": table.num_rows, "rows_per_s": {**spread(rates), "runs": rates},
+            "rows_per_cpu_s": {**spread(cpu_rates), "runs": cpu_rates}}
 
 
 def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
@@ -204,13 +201,14 @@ def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
 
     names = ["completion", "reference", "kind", "choices", "finish_reason", "error", "question"]
     cols = table.select(names).to_pydict()
-    start, cpu, worst = time.perf_counter(), time.process_time(), 0.0
-    for c, r, k, ch, f, e, q in zip(*(cols[n] for n in names)):
-        row = time.perf_counter()
-        grade_row(c, r, k, ch, f, e, timeout_s, q)
-        worst = max(worst, time.perf_counter() - row)
-    return {"rows": table.num_rows, "rows_per_s": {"median": table.num_rows / (time.perf_counter() - start)},
-            "rows_per_cpu_s": {"median": table.num_rows / (time.process_time() - cpu)}, "worst_row_s": worst}
+    worst = 0.0
+    with Timer() as t:
+        for c, r, k, ch, f, e, q in zip(*(cols[n] for n in names)):
+            row = time.perf_counter()
+            grade_row(c, r, k, ch, f, e, timeout_s, q)
+            worst = max(worst, time.perf_counter() - row)
+    return {"rows": table.num_rows, "rows_per_s": {"median": table.num_rows / t.wall},
+            "rows_per_cpu_s": {"median": table.num_rows / t.cpu}, "worst_row_s": worst}
 
 
 def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
@@ -226,14 +224,13 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
     for comp, ref in list(zip(comps, refs))[:20]:  # warm-up: math-verify's first calls load its grammars
         verify(parse(f"${ref}$"), parse(comp or "0"))
     verdicts = []
-    start, cpu = time.perf_counter(), time.process_time()
-    for comp, ref, err in zip(comps, refs, errors):
-        if err or not comp:
-            verdicts.append(None)
-            continue
-        answer = parse(comp)
-        verdicts.append(bool(verify(parse(f"${ref}$"), answer)) if answer else None)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    with Timer() as t:
+        for comp, ref, err in zip(comps, refs, errors):
+            if err or not comp:
+                verdicts.append(None)
+                continue
+            answer = parse(comp)
+            verdicts.append(bool(verify(parse(f"${ref}$"), answer)) if answer else None)
     both = agree = new_turn = 0
     examples = []
     for mv, correct, reason, comp, ref in zip(verdicts, ours["correct"].to_pylist(), ours["reason"].to_pylist(), comps, refs):
@@ -247,8 +244,8 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
         new_turn += cut_new_turn(comp) != comp.lstrip()
         if len(examples) < 5:
             examples.append({"completion": comp[-200:], "reference": ref, "math_verify": mv, "rules": correct})
-    return {"name": "math-verify parse + verify", "rows": table.num_rows, "rows_per_s": {"median": table.num_rows / seconds},
-            "rows_per_cpu_s": {"median": table.num_rows / cpu_seconds}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
+    return {"name": "math-verify parse + verify", "rows": table.num_rows, "rows_per_s": {"median": table.num_rows / t.wall},
+            "rows_per_cpu_s": {"median": table.num_rows / t.cpu}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
 
 
 SUITE = Path(__file__).resolve().parents[1] / "tests" / "data" / "marker" / "model_outputs.jsonl"
@@ -386,9 +383,9 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
         out["hostile"] = hostile_worst(timeout_s)
     if "numeric" in out["kinds"]:
         numeric = out["kinds"]["numeric"]
-        out["ratio"] = numeric["rows_per_s"]["median"] / out["baseline"]["rows_per_s"]["median"]
-        out["ratio_cpu"] = numeric["rows_per_cpu_s"]["median"] / out["baseline"]["rows_per_cpu_s"]["median"]
-        out["ratio_vs_row_rules"] = numeric["rows_per_s"]["median"] / out["row_rules"]["rows_per_s"]["median"]
+        out["ratio"] = ratio(numeric["rows_per_s"]["median"], out["baseline"]["rows_per_s"]["median"])
+        out["ratio_cpu"] = ratio(numeric["rows_per_cpu_s"]["median"], out["baseline"]["rows_per_cpu_s"]["median"])
+        out["ratio_vs_row_rules"] = ratio(numeric["rows_per_s"]["median"], out["row_rules"]["rows_per_s"]["median"])
     if rss:
         small = max(1, rows // 10)
         out["peak_rss_bytes"] = {small: peak_rss("numeric", small, seed, batch_size), rows: peak_rss("numeric", rows, seed, batch_size)}

@@ -8,7 +8,7 @@ and reports steady-state training samples/s for each. Steady state excludes star
 taken from the trainer's own step timings (`training.worker.StepMetrics`: the time inside each
 optimizer step), leaving out the first `warmup` steps. The headline figure is Ray Train with one
 worker over the direct trainer (goal: at least 0.9). Each run's memory is sampled from the driver
-(`pipeline.genbench.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
+(`pipeline.measure.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
 GPU memory where there is a GPU). Needs a running Ray (the caller's `init_ray`).
 """
 
@@ -112,10 +112,11 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     one CPU thread per worker). Returns {"direct_samples_per_second", "ray_samples_per_second":
     {"<workers>x<deepspeed>": samples/s}, "ray_vs_direct" (median of the per-repeat ratios of
     "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings,
+    "spread": {"direct" | "<workers>x<deepspeed>": `pipeline.measure.spread` of the repeats' samples/s},
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     """
     from cluster.config import TrainConfig
-    from pipeline.genbench import PeakRSS
+    from pipeline.measure import PeakRSS, peak_memory, spread
     from pipeline.rundir import write_table
     from pipeline.tinymodels import resolve_model
 
@@ -146,13 +147,14 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
                     memory[f"{n}x{ds}"].append(rss.mib())
     ratios = [r / d for r, d in zip(ray.get("1xnone", []), direct)]
     ratio = statistics.median(ratios) if ratios else 0.0
+    spreads = {"direct": spread(direct), **{k: spread(v) for k, v in ray.items()}}
     return {
         "model": model, "rows": rows, "steps": steps, "warmup_steps": warmup,
         "per_device_batch_size": per_device_batch_size, "repeats": repeats,
-        "direct_samples_per_second": round(statistics.median(direct), 2),
-        "ray_samples_per_second": {k: round(statistics.median(v), 2) for k, v in ray.items()},
+        "direct_samples_per_second": spreads["direct"]["median"],
+        "ray_samples_per_second": {k: spreads[k]["median"] for k in ray},
         "ray_vs_direct_per_repeat": [round(r, 3) for r in ratios],
         "ray_vs_direct": round(ratio, 3), "goal": GOAL, "meets_goal": ratio >= GOAL,
-        "memory": {key: {k: max((m[k] for m in runs if m[k] is not None), default=None) for k in runs[0]}
-                   for key, runs in memory.items()},
+        "spread": spreads,
+        "memory": {key: peak_memory(runs) for key, runs in memory.items()},
     }

@@ -48,7 +48,8 @@ def test_bench_generate_runs_both_sides_on_the_same_work_and_refuses_a_rate_from
     assert one["engines_running"] == 1
     assert g["ratio_steady"] is None and g["baseline"]["steady_tokens_per_s"]["median"] > 0
     assert g["scheduler_limits"]["max_num_seqs"] > 0 and g["scheduler_limits"]["max_num_batched_tokens"] > 0
-    assert g["engine"]["engine_kwargs"]["enable_chunked_prefill"] is False  # CPU: prompts are never split
+    # The engine arguments both sides ran with, from the stage's builder: on CPU prompts are never split.
+    assert g["engine_kwargs"]["enable_chunked_prefill"] is False
     for memory in (one["memory"], g["baseline"]["memory"]):
         # a vLLM engine (model, KV cache, the engine core process) is far bigger than nothing
         assert memory["driver_peak_rss_mib"] > 50 and memory["workers_peak_rss_mib"] > 300 and memory["gpu_peak_mib"] is None

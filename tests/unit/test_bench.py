@@ -1,5 +1,5 @@
 """The bench command's arithmetic: steady state from batch completions, the memory sampler, spread
-of repeats, the cost model, the table and the scaling plot."""
+and ratios of repeats, the cost model, the table and the scaling plot."""
 
 import subprocess
 import sys
@@ -8,9 +8,9 @@ import time
 import matplotlib.image as mpimg
 from rich.console import Console
 
-from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling, spread
-from cluster.config import EngineConfig, load_config
-from pipeline.genbench import PeakRSS, unsplit_prefill
+from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
+from cluster.config import load_config
+from pipeline.measure import PeakRSS, Timer, peak_memory, ratio, spread
 from pipeline.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
@@ -114,6 +114,25 @@ def test_spread_reports_median_and_range():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
 
 
+def test_a_ratio_with_an_unmeasured_side_is_none():
+    """1,000 / 1,100 = 0.90909... -> 0.909; nothing to compare with a missing or zero baseline."""
+    assert ratio(1000.0, 1100.0) == 0.909 and ratio(1.0, 3.0, 1) == 0.3
+    assert ratio(None, 1100.0) is None and ratio(1000.0, None) is None and ratio(1000.0, 0.0) is None
+
+
+def test_peak_memory_takes_the_largest_figure_of_each_kind_over_runs():
+    runs = [{"driver_peak_rss_mib": 800.0, "workers_peak_rss_mib": None, "worker_max_rss_mib": None, "gpu_peak_mib": None},
+            {"driver_peak_rss_mib": 700.0, "workers_peak_rss_mib": 3000.0, "worker_max_rss_mib": 2500.0, "gpu_peak_mib": None}]
+    assert peak_memory(runs) == {"driver_peak_rss_mib": 800.0, "workers_peak_rss_mib": 3000.0,
+                                 "worker_max_rss_mib": 2500.0, "gpu_peak_mib": None}
+
+
+def test_the_timer_counts_wall_time_apart_from_cpu_time():
+    with Timer() as t:
+        time.sleep(0.2)
+    assert t.wall >= 0.2 and t.cpu < t.wall
+
+
 def test_cost_model_scales_the_measured_per_replica_rate():
     """10,000 prompts x 4 samples x 20 tokens = 800,000 tokens; at 1,000 tokens/s per replica on
     8 replicas that is 100 s, plus 30 s start-up = 130 s = 0.0361 h. Marking 40,000 rows at
@@ -156,11 +175,23 @@ def test_scaling_plot_is_written_also_without_a_steady_rate(tmp_path):
         assert image.shape[0] > 100 and image.shape[1] > 200
 
 
-def test_cpu_engines_never_split_a_prompt_and_gpu_engines_are_left_alone():
-    cpu = unsplit_prefill(EngineConfig(max_model_len=128))
-    assert cpu.engine_kwargs == {"enable_chunked_prefill": False}
-    long = unsplit_prefill(EngineConfig(max_model_len=4096))  # a step must hold the longest prompt
-    assert long.engine_kwargs == {"enable_chunked_prefill": False, "max_num_batched_tokens": 4096}
-    assert unsplit_prefill(EngineConfig(num_gpus=1)).engine_kwargs == {}
-    chosen = EngineConfig(engine_kwargs={"enable_chunked_prefill": True})
-    assert unsplit_prefill(chosen).engine_kwargs == {"enable_chunked_prefill": True}
+def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypatch):
+    """Direct TRL 10, 12, 14 samples/s; Ray Train, 1 worker, DDP 9, 12, 13; ZeRO-2 8 each time.
+    Medians 12 and 12; per-repeat ratios 0.9, 1.0, 0.929 -> median 0.929. The table's spreads are
+    those of the repeats, not a median repeated."""
+    import pipeline.tinymodels
+    import training.bench
+
+    direct, ddp = iter([10.0, 12.0, 14.0]), iter([9.0, 12.0, 13.0])
+    monkeypatch.setattr(pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(training.bench, "direct_in_subprocess", lambda *args: next(direct))
+    monkeypatch.setattr(training.bench, "ray_samples_per_second",
+                        lambda train, *args: next(ddp) if train.deepspeed == "none" else 8.0)
+    from cluster.bench import bench_train_stage
+
+    out = bench_train_stage(load_config(ROOT / "configs" / "local.yaml"), [1], 3, lambda line: None)
+    assert out["baseline"]["samples_per_s"] == {"median": 12.0, "min": 10.0, "max": 14.0, "n": 3}
+    assert out["workers"][1]["samples_per_s"] == {"median": 12.0, "min": 9.0, "max": 13.0, "n": 3}
+    assert out["workers"][1]["zero2_samples_per_s"]["median"] == 8.0
+    assert out["ratio"] == 0.929 and out["ray_vs_direct_per_repeat"] == [0.9, 1.0, 0.929]
+    assert set(out["memory"]) == {"driver_peak_rss_mib", "workers_peak_rss_mib", "worker_max_rss_mib", "gpu_peak_mib"}
