@@ -33,8 +33,8 @@ class Competitor:
     name: str
     model: str  # local path / hub id, or the served model's name for an endpoint
     chat: bool = False
-    engine: Any = None  # cluster.config.EngineConfig
-    endpoint: Any = None  # cluster.config.EndpointConfig
+    engine: Any = None  # pipeline.config.EngineConfig
+    endpoint: Any = None  # pipeline.config.EndpointConfig
     params: int | None = None
     style: "PromptStyle | None" = None  # None: the job's (generate's) prompt style
 

@@ -78,7 +78,7 @@ def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, 
 
     code = (
         "import json, sys, pyarrow.parquet as pq; from pathlib import Path; "
-        "from cluster.config import TrainConfig; from training.bench import direct_samples_per_second as f; "
+        "from training.config import TrainConfig; from training.bench import direct_samples_per_second as f; "
         "a = json.loads(sys.argv[1]); "
         "print(json.dumps(f(TrainConfig(**a['train']), a['model'], pq.read_table(a['data']), a['seed'], a['warmup'], Path(a['work']))))"
     )
@@ -115,10 +115,10 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     "spread": {"direct" | "<workers>x<deepspeed>": `pipeline.measure.spread` of the repeats' samples/s},
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     """
-    from cluster.config import TrainConfig
     from pipeline.measure import PeakRSS, peak_memory, spread
     from pipeline.rundir import write_table
     from pipeline.tinymodels import resolve_model
+    from training.config import TrainConfig
 
     path = resolve_model(model)
     table = synthetic_kto_table(rows, seed)

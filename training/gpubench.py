@@ -217,7 +217,7 @@ def trl_run(variant: str, model_dir: Path, spec: dict, seq_len: int, batch: int,
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from cluster.config import TrainConfig
+    from training.config import TrainConfig
     from training.methods import get_method, method_args, peft_config
     from training.validate import check_memory
     from training.worker import StepMetrics, training_args

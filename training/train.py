@@ -24,7 +24,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.config import ConfigError
+from pipeline.config import ConfigError
 from training.validate import TrainPlan, plan_training
 
 RAY_RUN = "ray_train"

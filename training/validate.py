@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.config import ConfigError
+from pipeline.config import ConfigError
 from training.kto import kto_weights
 from training.methods import get_method, method_args, peft_config
 from training.zero import deepspeed_config, model_state_gib, offloads, zero_stage

@@ -1,0 +1,159 @@
+"""Training's config: method, loss settings, optimizer and step budget, reference model, scale
+(Ray Train + DeepSpeed), checkpoints and metrics; composed into the run config as `train`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import Strict
+
+
+class LoraSettings(Strict):
+    """LoRA adapters (peft): only they are trained; the reference is the base with adapters off."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class OnPolicyConfig(Strict):
+    """How the SFT'd target answers fresh train items in `recipe: sft_then_kto`."""
+
+    samples: int = Field(default=4, ge=1)  # answers per item: right and wrong ones to the same prompt
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    # Items: this many fresh train items from a block of the train split that no round answers
+    # (after the validation items and the `rounds.count` rounds' blocks); None: benchmark.n_train.
+    items: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(Strict):
+    """Training: method, loss settings, optimizer and step budget (shared by every method), reference
+    model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
+
+    method: str = "kto"  # a key of training.methods.METHODS: kto | dpo | sft
+    # `single`: `method` alone. `sft_then_kto`: SFT on the desirable rows for `sft_steps`, the SFT'd
+    # target answers fresh train items (`on_policy`, graded by the same marker), then KTO from the
+    # SFT checkpoint (its reference is the SFT model) on those answers plus the competitors' for
+    # `max_steps`. Compared methods get the recipe's whole budget (sft_steps + max_steps).
+    recipe: Literal["single", "sft_then_kto"] = "single"
+    sft_steps: int = Field(default=256, ge=1)
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
+    nll_weight: float = Field(default=0.0, ge=0)
+    # Baselines trained beside `method` on the same round's data with the same step budget, each
+    # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`).
+    compare: list[str] = Field(default_factory=list)
+    beta: float = Field(default=0.1, gt=0)  # KTO / DPO: strength of the implicit KL penalty
+    # KTO's lambda_D / lambda_U. `fixed`: as given (or undesirable = loss_aversion * desirable);
+    # `auto`: from datasets/stats.json so that lambda_D*n_D/(lambda_U*n_U) is in [1, 4/3].
+    weights: Literal["fixed", "auto"] = "fixed"
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    loss_aversion: float | None = Field(default=None, gt=0)  # lambda_U / lambda_D
+    # Optimizer and budget: the same for every method, so baselines compare like for like.
+    learning_rate: float = Field(default=5e-5, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs when set
+    # KTO's KL reference point pairs each prompt with another completion of the same micro-batch.
+    per_device_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    gradient_checkpointing: bool = False  # memory: recompute activations in the backward pass
+    # Reference model: a frozen copy (default), log-probs computed once before training (no copy in
+    # memory), or with `lora` the base model with the adapters switched off.
+    precompute_ref_log_probs: bool = False
+    lora: LoraSettings | None = None
+    # Scale: one Ray Train worker per GPU (or CPU slot); DeepSpeed ZeRO by name or a JSON file.
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False  # bf16 on GPU, fp32 on CPU
+    gpus_per_worker: float = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # SPREAD: over nodes
+    deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | none (DDP) | path/to/config.json
+    memory_per_worker_gib: float | None = Field(default=None, gt=0)  # memory: checked before training
+    # Checkpoints (Ray Train storage under the run directory) and recovery from failed workers.
+    checkpoint_every: int = Field(default=50, ge=0)  # steps; 0 = none
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=-1)  # worker-group restarts from the last checkpoint
+    resume: bool = Field(default=False, exclude=True)  # set by `lossaverse train --resume`
+    # Metrics: every `logging_steps` to the console, manifest.json and, if asked, TensorBoard.
+    logging_steps: int = Field(default=1, ge=1)
+    report_to: list[Literal["tensorboard"]] = Field(default_factory=list)
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, value: str) -> str:
+        from training.methods import get_method
+
+        get_method(value)
+        return value
+
+    @field_validator("compare")
+    @classmethod
+    def _compare_known(cls, value: list[str]) -> list[str]:
+        from training.methods import get_method
+
+        for method in value:
+            get_method(method)
+        if len(set(value)) != len(value):
+            raise ValueError(f"compare lists a method twice: {value}")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        """`method` first (its model is the run's `model/`), then the other compared methods."""
+        return [self.method] + [m for m in self.compare if m != self.method]
+
+    def for_method(self, method: str) -> "TrainConfig":
+        """These settings with `method` trained (optimizer, budget and scale shared)."""
+        return self.model_copy(update={"method": method, "compare": []})
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_known(cls, value: str) -> str:
+        from training.zero import deepspeed_config
+
+        deepspeed_config(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        from training.zero import deepspeed_config, deepspeed_conflicts
+
+        if self.recipe == "sft_then_kto":
+            if self.method != "kto":
+                raise ValueError(f"recipe sft_then_kto trains KTO after SFT; set train.method: kto (not {self.method!r})")
+            if self.max_steps is None:
+                raise ValueError("recipe sft_then_kto needs train.max_steps (the KTO steps after the sft_steps of SFT), "
+                                 "so that compared methods get the same total budget")
+        if "kto" in self.methods and self.per_device_batch_size < 2:
+            raise ValueError(
+                "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "
+                "prompt with another completion in the micro-batch); set train.per_device_batch_size >= 2"
+            )
+        explicit = self.model_fields_set & {"desirable_weight", "undesirable_weight"}
+        if self.weights == "auto" and explicit:
+            raise ValueError(f"weights: auto sets desirable_weight and undesirable_weight from the data; remove {sorted(explicit)} or use weights: fixed")
+        if self.weights == "fixed" and self.loss_aversion is not None and "undesirable_weight" in explicit:
+            raise ValueError("set loss_aversion (undesirable = loss_aversion x desirable_weight) or undesirable_weight, not both")
+        if self.use_gpu and self.deepspeed == "none":
+            raise ValueError(
+                "train.deepspeed: none with train.use_gpu trains bf16 weights with no fp32 master copy, so at small "
+                "learning rates most AdamW updates round to zero; use deepspeed: zero2 (DeepSpeed keeps fp32 master "
+                "weights) or train on CPU (fp32)"
+            )
+        ds = deepspeed_config(self.deepspeed)
+        if ds is not None:
+            conflicts = deepspeed_conflicts(
+                ds, micro_batch=self.per_device_batch_size, grad_accum=self.gradient_accumulation_steps,
+                workers=self.num_workers, use_gpu=self.use_gpu, learning_rate=self.learning_rate,
+                max_grad_norm=self.max_grad_norm,
+            )
+            if conflicts:
+                raise ValueError(f"DeepSpeed config {self.deepspeed!r} contradicts the trainer: " + "; ".join(conflicts))
+        return self
