@@ -331,8 +331,8 @@ def serve(
     """Serve the trained target behind an OpenAI-compatible API (Ray Serve LLM), and the marker at POST /mark."""
 
     def go():
+        from cluster.serve import plan_for, serve_until_stopped
         from serving.model import describe
-        from serving.run import plan_for, serve_until_stopped
 
         plan = plan_for(target, base, set)  # every check before anything starts
         for line in describe(plan):

@@ -1,10 +1,11 @@
 """The aligned model behind an OpenAI-compatible API: a Ray Serve app built by ray.serve.llm.
 
-`plan_from_config` / `plan_from_model_dir` turn a run config or a model directory into a
+`plan_from_run` / `plan_from_model_dir` turn a run's trained target or a model directory into a
 `ServePlan` (model ids -> sources, engine, limits), checked before anything starts;
 `model_app(plan)` builds the application with `build_openai_app` (one `LLMConfig` per model: the
-trained target, and for A/B the untrained target beside it); `build_app(args)` is the import path
-for `serve run` and a RayService's serveConfigV2 (`serving.model:build_app`).
+trained target, and for A/B the untrained target beside it). A run config is read one layer up:
+`cluster.serve` (`plan_from_config`, and `build_app(args)`, the import path for `serve run` and a
+RayService's serveConfigV2, `cluster.serve:build_app`).
 
 The requests pass through `serving.ingress.CappedIngress` (API key, size, JSON, schema and caps
 on max_tokens, n, best_of, prompts per request and logprobs). ray.serve.llm (and vLLM behind it) is imported only when an app is built, so a plan that
@@ -17,9 +18,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cluster.config import ConfigError, EngineConfig, RayConfig, RunConfig, ServeConfig, apply_overrides, load_config
+from pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
+from serving.config import ServeConfig
 
 
 class ServeError(ConfigError):
@@ -38,16 +40,11 @@ class ServePlan:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def _fields(where: str, exc: ValidationError) -> str:
-    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
-    return f"{where}: " + "; ".join(parts)
-
-
 def _engine(base: dict, over: dict) -> EngineConfig:
     try:
         return EngineConfig.model_validate({**base, **over})
     except ValidationError as exc:
-        raise ServeError(_fields("serve.engine", exc)) from None
+        raise ServeError(errors_in("serve.engine", exc)) from None
 
 
 def _checked(serve: ServeConfig, engine: EngineConfig, models: dict[str, str], ray: RayConfig) -> ServePlan:
@@ -73,18 +70,19 @@ def _checked(serve: ServeConfig, engine: EngineConfig, models: dict[str, str], r
     return ServePlan(serve, engine, models, cap, ray)
 
 
-def plan_from_config(cfg: RunConfig) -> ServePlan:
-    """Serve `<run_dir>/model`, and with `serve.base_model_id` the untrained target beside it."""
+def plan_from_run(serve: ServeConfig, model_dir: Path, target: ModelRef, target_engine: EngineConfig,
+                  ray: RayConfig) -> ServePlan:
+    """Serve a run's trained target at `model_dir`, and with `serve.base_model_id` the untrained
+    `target` beside it; the engine is the target's (`target_engine`) with `serve.engine` on top."""
     from pipeline.tinymodels import resolve_model
 
-    serve = cfg.serve
-    models = {serve.model_id: str((cfg.run_dir / "model").expanduser().resolve())}
+    models = {serve.model_id: str(Path(model_dir).expanduser().resolve())}
     if serve.base_model_id:
-        if cfg.target.endpoint is not None:
+        if target.endpoint is not None:
             raise ServeError("serve.base_model_id: the target is served elsewhere (target.endpoint); A/B needs its weights here")
-        models[serve.base_model_id] = resolve_model(cfg.target.path)
-    engine = _engine(cfg.engine_for(cfg.target).model_dump(), serve.engine)
-    return _checked(serve, engine, models, cfg.ray)
+        models[serve.base_model_id] = resolve_model(target.path)
+    engine = _engine(target_engine.model_dump(), serve.engine)
+    return _checked(serve, engine, models, ray)
 
 
 class _DirSettings(BaseModel):
@@ -104,7 +102,7 @@ def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, ov
     try:
         settings = _DirSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_fields("with a MODEL_DIR, --set takes serve.* and ray.* keys", exc)) from None
+        raise ConfigError(errors_in("with a MODEL_DIR, --set takes serve.* and ray.* keys", exc)) from None
     serve = settings.serve
     if base_model and not serve.base_model_id:
         serve = serve.model_copy(update={"base_model_id": "base" if serve.model_id != "base" else "base-model"})
@@ -164,41 +162,6 @@ def model_app(plan: ServePlan):
             "ingress_deployment_config": {"ray_actor_options": {"num_cpus": plan.serve.ingress_num_cpus}},
         }
     )
-
-
-class ModelAppArgs(BaseModel):
-    """Arguments of `build_app` (the `args` of a serveConfigV2 application): a run config (with
-    `set` overrides) whose `<run_dir>/model` is served, or a `model_dir` (with `set`: serve.* keys)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    config: str | None = None
-    set: list[str] = Field(default_factory=list)
-    model_dir: str | None = None
-    base_model: str | None = None  # with model_dir: served beside it for A/B
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ModelAppArgs":
-        if (self.config is None) == (self.model_dir is None):
-            raise ValueError("give exactly one of `config` (a run config) or `model_dir`")
-        if self.config is not None and self.base_model is not None:
-            raise ValueError("with `config`, A/B serves the config's target: set serve.base_model_id in `set`")
-        return self
-
-
-def plan_from_args(args: dict | None) -> ServePlan:
-    try:
-        a = ModelAppArgs.model_validate(args or {})
-    except ValidationError as exc:
-        raise ServeError(_fields("serving.model:build_app args", exc)) from None
-    if a.config is not None:
-        return plan_from_config(load_config(a.config, a.set))
-    return plan_from_model_dir(a.model_dir, a.base_model, a.set)
-
-
-def build_app(args: dict):
-    """serveConfigV2 / `serve run` entry point: `serving.model:build_app`."""
-    return model_app(plan_from_args(args))
 
 
 def describe(plan: ServePlan) -> list[str]:

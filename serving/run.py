@@ -1,35 +1,16 @@
-"""`lossaverse serve`: start the model app (and the marker) on Ray Serve and keep them up until
-Ctrl-C or SIGTERM, then shut Serve and an embedded Ray down.
+"""Start the model app (and the marker) on the connected Ray's Serve, and stop them; `lossaverse
+serve` (cluster.serve) starts Ray, calls these and keeps the apps up until Ctrl-C or SIGTERM.
 
 Two Serve applications share one HTTP proxy: `lossaverse` (the OpenAI-compatible model API, route
 `/`, so `/v1/...`) and `marker` (route `/mark`). A RayService runs the same two through
-`serving.model:build_app` and `serving.marker:build_app`.
+`cluster.serve:build_app` and `serving.marker:build_app`.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
-from pathlib import Path
-from typing import Callable
-
-from serving.model import ServeError, ServePlan, model_app, plan_from_config, plan_from_model_dir
+from serving.model import ServeError, ServePlan, model_app
 
 MODEL_APP, MARKER_APP = "lossaverse", "marker"
-
-
-def plan_for(target: Path, base: str | None, overrides: list[str]) -> ServePlan:
-    """A run config (YAML file) or a model directory (with config.json) -> what to serve."""
-    from cluster.config import load_config
-
-    target = Path(target)
-    if target.is_dir():
-        if not (target / "config.json").is_file():
-            raise ServeError(f"{target} is a directory without config.json: give a model directory (Hugging Face format) or a run config")
-        return plan_from_model_dir(target, base, overrides)
-    if base is not None:
-        raise ServeError("--base goes with a MODEL_DIR; with a config, set serve.base_model_id to serve the config's target beside the trained one")
-    return plan_from_config(load_config(target, overrides))
 
 
 def start(plan: ServePlan) -> list[str]:
@@ -56,34 +37,7 @@ def start(plan: ServePlan) -> list[str]:
 
 
 def stop() -> None:
+    """Shut Serve and its apps down (Ray itself is the caller's to stop)."""
     from ray import serve
 
-    from cluster.ray_env import shutdown_ray
-
-    try:
-        serve.shutdown()
-    finally:
-        shutdown_ray()
-
-
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
-def serve_until_stopped(plan: ServePlan, address: str | None, report: Callable[[str], None] = print) -> None:
-    """Start Ray and the apps, report the URLs, block until SIGINT/SIGTERM, stop."""
-    from cluster.ray_env import init_ray
-
-    report(init_ray(plan.ray, address))
-    # After ray.init, which installs its own SIGTERM handler: SIGTERM must end in the cleanup below.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
-        for line in start(plan):
-            report(line)
-        report("serving; Ctrl-C to stop")
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        report("stopping ...")
-    finally:
-        stop()
+    serve.shutdown()

@@ -18,11 +18,12 @@ import openai
 import pytest
 
 from cluster.config import ConfigError
+from cluster.serve import build_app, plan_from_args
 from pipeline import synthetic
 from pipeline.mark import mark_row
 from pipeline.prompts import TEMPLATES, render
 from pipeline.tinymodels import resolve_model
-from serving.model import ServeError, build_app, llm_config, plan_from_args, plan_from_model_dir
+from serving.model import ServeError, llm_config, plan_from_model_dir
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.integration

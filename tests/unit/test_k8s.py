@@ -88,7 +88,7 @@ def serve_apps(doc: dict) -> list[dict]:
 
 
 def model_app_config(app_cfg: dict):
-    from serving.model import ModelAppArgs
+    from cluster.serve import ModelAppArgs
 
     args = ModelAppArgs.model_validate(app_cfg.get("args") or {})
     return load_config(in_image(args.config), args.set)
@@ -246,7 +246,7 @@ def test_serve_config_imports_and_takes_its_args(k):
     by_path = {a["import_path"]: a for a in apps}
     assert by_path["serving.marker:build_app"]["route_prefix"] == "/mark"
     MarkerArgs.model_validate(by_path["serving.marker:build_app"].get("args") or {})
-    cfg = model_app_config(by_path["serving.model:build_app"])
+    cfg = model_app_config(by_path["cluster.serve:build_app"])
     assert cfg.output_dir.startswith("/mnt/runs")
 
 
@@ -274,7 +274,7 @@ def test_gpu_overlay_has_the_gpus_its_config_needs():
             if doc["metadata"]["name"] == "lossaverse-train":
                 assert cluster_spec(doc)["workerGroupSpecs"][0]["replicas"] >= 2, "training alone is multi-node"
         else:
-            (model,) = [a for a in serve_apps(doc) if a["import_path"] == "serving.model:build_app"]
+            (model,) = [a for a in serve_apps(doc) if a["import_path"] == "cluster.serve:build_app"]
             cfg = model_app_config(model)
             engine = cfg.engine_for(cfg.target)
             per_replica = engine.bundles_per_replica * engine.num_gpus
