@@ -8,7 +8,7 @@ The check reasons per node, as Ray's scheduler does: a replica is placed whole o
 engine actor, or a STRICT_PACK placement group), bundle by bundle (PACK, SPREAD) or on distinct
 nodes (STRICT_SPREAD), so a replica bigger than any one node is refused while the same total
 spread over several nodes is accepted. On an autoscaling cluster the nodes it can still add count
-too (`ray_nodes`): a plan that fits its maximum, not the nodes alive now, waits for them.
+too (`cluster.ray_env.ray_nodes`): a plan that fits its maximum, not the nodes alive now, waits for them.
 """
 
 from __future__ import annotations
@@ -143,41 +143,3 @@ def check_plan(plan: list[Placement], nodes: list[dict]) -> None:
             f"the nodes cannot hold the generation plan at once although its total fits: {short}. "
             "Lower `concurrency` or the resources per replica so that replicas fill the nodes, or add nodes"
         )
-
-
-def node_groups(ray_cfg=None) -> list[dict]:
-    """The autoscaler's worker node types: [{"name", "resources", "max"}]. From the cluster config
-    that the autoscaler reports to the GCS (autoscaler v2, KubeRay: what Ray Train and Ray Data
-    also read), else from `ray.node_types` in the run config."""
-    import ray
-
-    config = ray._private.state.state.get_cluster_config()
-    groups = [{"name": g.name, "resources": {k: float(v) for k, v in g.resources.items()}, "max": g.max_count}
-              for g in (config.node_group_configs if config else []) if g.max_count != 0]
-    if groups:
-        return groups
-    types = ray_cfg.node_types if ray_cfg is not None else {}
-    return [{"name": n, "resources": dict(t.resources), "max": t.max_workers} for n, t in types.items()]
-
-
-def with_autoscaling(alive: list[dict], groups: list[dict]) -> list[dict]:
-    """`alive` plus the nodes each group can still add (its max less its alive nodes, which are
-    those with the group's resources; -1, no limit, counts as enough for any plan: 64 nodes)."""
-    nodes = list(alive)
-    for g in groups:
-        running = sum(1 for n in alive if all(n.get(k) == v for k, v in g["resources"].items()))
-        limit = 64 if g["max"] < 0 else g["max"]
-        nodes += [dict(g["resources"], pending=1.0) for _ in range(max(0, limit - running))]
-    return nodes
-
-
-def ray_nodes(ray_cfg=None) -> list[dict]:
-    """The resources of the nodes the plan may use: the alive nodes of the connected Ray cluster,
-    plus those its autoscaler can still add (marked `pending`). `ray_cfg` defaults to the config
-    the cluster was connected with (cluster.ray_env.init_ray)."""
-    import ray
-
-    from cluster import ray_env
-
-    alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    return with_autoscaling(alive, node_groups(ray_cfg if ray_cfg is not None else ray_env.connected_config()))

@@ -1,4 +1,5 @@
-"""Where work runs: the one place that calls `ray.init`.
+"""Where work runs: the one place that calls `ray.init`, and the nodes the connected cluster offers
+(`ray_nodes`: those alive, plus those its autoscaler may add).
 
 No address (and no RAY_ADDRESS): an embedded local Ray sized by `ray.num_cpus`. Otherwise connect
 to the given cluster; the resources then come from the cluster itself. A run whose `output_dir`
@@ -54,9 +55,43 @@ def connected_config():
 
 def cluster_nodes(ray_cfg) -> int:
     """How many nodes work may run on: alive now, plus those the autoscaler may add."""
-    from cluster.plan import ray_nodes
-
     return len(ray_nodes(ray_cfg))
+
+
+def node_groups(ray_cfg=None) -> list[dict]:
+    """The autoscaler's worker node types: [{"name", "resources", "max"}]. From the cluster config
+    that the autoscaler reports to the GCS (autoscaler v2, KubeRay: what Ray Train and Ray Data
+    also read), else from `ray.node_types` in the run config."""
+    import ray
+
+    config = ray._private.state.state.get_cluster_config()
+    groups = [{"name": g.name, "resources": {k: float(v) for k, v in g.resources.items()}, "max": g.max_count}
+              for g in (config.node_group_configs if config else []) if g.max_count != 0]
+    if groups:
+        return groups
+    types = ray_cfg.node_types if ray_cfg is not None else {}
+    return [{"name": n, "resources": dict(t.resources), "max": t.max_workers} for n, t in types.items()]
+
+
+def with_autoscaling(alive: list[dict], groups: list[dict]) -> list[dict]:
+    """`alive` plus the nodes each group can still add (its max less its alive nodes, which are
+    those with the group's resources; -1, no limit, counts as enough for any plan: 64 nodes)."""
+    nodes = list(alive)
+    for g in groups:
+        running = sum(1 for n in alive if all(n.get(k) == v for k, v in g["resources"].items()))
+        limit = 64 if g["max"] < 0 else g["max"]
+        nodes += [dict(g["resources"], pending=1.0) for _ in range(max(0, limit - running))]
+    return nodes
+
+
+def ray_nodes(ray_cfg=None) -> list[dict]:
+    """The resources of the nodes the plan may use: the alive nodes of the connected Ray cluster,
+    plus those its autoscaler can still add (marked `pending`). `ray_cfg` defaults to the config
+    the cluster was connected with (`init_ray`)."""
+    import ray
+
+    alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return with_autoscaling(alive, node_groups(ray_cfg if ray_cfg is not None else connected_config()))
 
 
 def filesystem_of(path: str | Path, mounts: str | None = None) -> str:

@@ -100,10 +100,12 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
 
 
 def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callable[..., dict],
-               report: Callable[[str], None], fp: str) -> dict:
+               answer_one: Callable[..., dict], report: Callable[[str], None], fp: str, datasets_fp: str) -> dict:
     """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
-    summary). `train_one(train, model, datasets_dir, out, storage, fp)` trains one method."""
-    from cluster.stages import competitors_of, generate_into, mark_answers, stage_fingerprints
+    summary). The train stage hands in its own steps: `train_one(train, model, datasets_dir, out,
+    storage, fp)` trains one method; `answer_one(players, items, sampling, folder, fp)` generates the
+    players' answers into folder/answers and marks them into folder/marked (the generate and mark
+    stages' code), returning the mark summary. `datasets_fp` is the datasets stage's fingerprint."""
     from pipeline.generate import _tokenizer
 
     folder = run_dir / "recipe"
@@ -113,7 +115,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     # settings: changing beta or the weights re-runs only the KTO step.
     kto_only = {"method", "compare", "recipe", "beta", "weights", "desirable_weight", "undesirable_weight",
                 "loss_aversion", "nll_weight", "on_policy", "precompute_ref_log_probs", "resume"}
-    sft_fp = fingerprint("recipe-sft", stage_fingerprints(cfg)["datasets"], cfg.target.model_dump(mode="json"),
+    sft_fp = fingerprint("recipe-sft", datasets_fp, cfg.target.model_dump(mode="json"),
                          sft_train.model_dump(mode="json", exclude=kto_only))
     sft = _done(sft_dir, sft_fp)
     if sft is None:
@@ -129,10 +131,8 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
         items = on_policy_items(cfg)
         report(f"recipe: the SFT'd target answers {items.num_rows} fresh train items x {cfg.train.on_policy.samples}")
         player = cfg.target.model_copy(update={"path": sft_model, "endpoint": None})  # the target's prompt style
-        competitors = competitors_of(cfg, {ON_POLICY: player})
-        generate_into(cfg, items.select(ITEMS.names), competitors, on_policy_sampling(cfg), op_dir / "answers", op_fp)
-        op = _record(op_dir, op_fp, {**mark_answers(op_dir / "answers", op_dir / "marked", cfg.mark.batch_size, cfg.mark),
-                                     "items": items.num_rows})
+        marked = answer_one({ON_POLICY: player}, items.select(ITEMS.names), on_policy_sampling(cfg), op_dir, op_fp)
+        op = _record(op_dir, op_fp, {**marked, "items": items.num_rows})
 
     data_dir = folder / "datasets"
     data_fp = fingerprint(op_fp, "datasets", cfg.datasets.model_dump())

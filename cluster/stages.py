@@ -116,7 +116,8 @@ def target_prompts(cfg: RunConfig):
 
 def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
     """Print which resources each competitor gets; refuse a plan the cluster cannot hold."""
-    from cluster.plan import PlanError, check_plan, placements, ray_nodes
+    from cluster.plan import PlanError, check_plan, placements
+    from cluster.ray_env import ray_nodes
 
     plan = placements(competitors)
     for p in plan:
@@ -309,10 +310,15 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
         write_json(result["history"], storage / "metrics.json")
         return result
 
+    def answer_one(players: dict, items: pa.Table, sampling, folder: Path, step_fp: str) -> dict:
+        generate_into(cfg, items, competitors_of(cfg, players), sampling, folder / "answers", step_fp)
+        return mark_answers(folder / "answers", folder / "marked", cfg.mark.batch_size, cfg.mark)
+
     if recipe:
         from cluster.recipe import run_recipe
 
-        results["kto"] = run_recipe(cfg, run_dir, model, train_one, report, fp)
+        results["kto"] = run_recipe(cfg, run_dir, model, train_one, answer_one, report, fp,
+                                    stage_fingerprints(cfg)["datasets"])
         budget = cfg.train.sft_steps + cfg.train.max_steps
     for method in cfg.train.methods:
         if method in results:

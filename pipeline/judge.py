@@ -30,7 +30,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.mark import cut_new_turn
+from pipeline.marktext import cut_new_turn
 from pipeline.prompts import LETTERS
 from pipeline.schemas import MARKED, check
 

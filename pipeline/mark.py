@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.markmath import read_math
-from pipeline.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (pipeline.judge, tests)
+from pipeline.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
     READ_CHARS, Reading, _WS, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
 )
 from pipeline.schemas import ANSWERS, MARKED, check

@@ -217,7 +217,7 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
     completion and no error that math-verify parsed and we marked `match` / `mismatch`."""
     from math_verify import parse, verify
 
-    from pipeline.mark import cut_new_turn
+    from pipeline.marktext import cut_new_turn
 
     comps, refs = table["completion"].to_pylist(), table["reference"].to_pylist()
     errors = table["error"].to_pylist()

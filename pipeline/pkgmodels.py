@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.tinymodels import cache_root
+from pipeline.rundir import cache_root, fingerprint
 
 CONVERTER_VERSION = 1
 PYPI_PREFIX = "pypi:"
@@ -207,8 +207,6 @@ def convert_gguf(gguf: Path, out_dir: Path) -> dict:
 
 def converted_dir(pf: PackagedFile) -> Path:
     """Where the conversion of `pf` lives in the cache (the key covers the file and the converter)."""
-    from pipeline.rundir import fingerprint
-
     key = fingerprint(CONVERTER_VERSION, pf.dist, pf.version, pf.member)
     return cache_root() / "pypi" / f"{_normalise(pf.dist)}-{pf.version}" / f"{Path(pf.member).stem}-{key}"
 

@@ -172,6 +172,12 @@ def read_json(path: Path | str, default: Any = None) -> Any:
         return json.loads(f.read())
 
 
+def cache_root() -> Path:
+    """The local cache of built and fetched models (tiny models, packaged models' wheels and
+    conversions): $LOSSAVERSE_CACHE, else ~/.cache/lossaverse."""
+    return Path(os.environ.get("LOSSAVERSE_CACHE", Path.home() / ".cache" / "lossaverse")).expanduser()
+
+
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline import synthetic
 from pipeline.prompts import TEMPLATES, render
-from pipeline.rundir import fingerprint
+from pipeline.rundir import cache_root, fingerprint
 
 BUILDER_VERSION = 3
 PRETRAIN_SEED = 1234  # a stream of its own, apart from the benchmark's train/eval seeds
@@ -30,10 +30,6 @@ TINY_SIZES: dict[str, dict] = {
     "small": {"hidden": 64, "heads": 1, "layers": 1, "intermediate": 128, "steps": 1000, "lr": 4e-3},
     "large": {"hidden": 128, "heads": 2, "layers": 2, "intermediate": 384, "steps": 700, "lr": 3e-3},
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LOSSAVERSE_CACHE", Path.home() / ".cache" / "lossaverse")).expanduser()
 
 
 def _corpus() -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 import pytest
 
 from cluster.config import EngineConfig, RayConfig
-from cluster.plan import PlanError, check_plan, placements, with_autoscaling
+from cluster.plan import PlanError, check_plan, placements
+from cluster.ray_env import with_autoscaling
 from pipeline.generate import Competitor
 
 NODE = {"CPU": 2.0}
