@@ -120,9 +120,7 @@ class RunConfig(Strict):
             try:
                 self.engine_for(ref)
             except ValidationError as exc:
-                e = exc.errors()[0]
-                field = ".".join(str(p) for p in e["loc"])
-                raise ValueError(f"competitors.{name}.engine.{field}: {e['msg']}") from None
+                raise ValueError(f"competitors.{name}.engine.{field_errors(exc)[0]}") from None
         return self
 
     def style_for(self, ref: ModelRef | None = None) -> dict:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from pipeline.config import field_errors
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -90,11 +92,7 @@ def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        parts = []
-        for e in exc.errors()[:10]:
-            field = ".".join(str(p) for p in e["loc"]) or "(body)"
-            parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
         first = ".".join(str(p) for p in exc.errors()[0]["loc"]) or None
-        raise RequestRejected(400, "invalid request: " + "; ".join(parts), param=first) from None
+        raise RequestRejected(400, "invalid request: " + "; ".join(field_errors(exc, "(body)")[:10]), param=first) from None
     except Exception as exc:  # a validator's own error: vLLM's request models raise VLLMValidationError
         raise RequestRejected(400, f"invalid request: {exc}"[:1000], param=getattr(exc, "parameter", None)) from None
