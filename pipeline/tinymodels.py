@@ -153,12 +153,18 @@ def resolve_model(path: str) -> str:
     return str(final)
 
 
-def parameter_count(model_dir: str) -> int:
+def meta_model(model_path: str):
+    """The causal LM that `model_path`'s config describes, built on the meta device: every
+    parameter's shape, no weights read or allocated."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
-    import torch
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """Parameters of `model` (a model, or a path whose config is built with `meta_model`)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = meta_model(str(model))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

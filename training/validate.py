@@ -32,18 +32,15 @@ class TrainPlan:
 
 def parameter_counts(model_path: str, lora: dict | None = None) -> tuple[int, int]:
     """(all parameters, trainable parameters) of a model, built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from pipeline.tinymodels import meta_model, parameter_count
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    total = sum(p.numel() for p in model.parameters())
+    model = meta_model(model_path)
+    total = parameter_count(model)
     if lora is None:
         return total, total
     from peft import get_peft_model
 
-    model = get_peft_model(model, peft_config(lora))
-    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, parameter_count(get_peft_model(model, peft_config(lora)), trainable_only=True)
 
 
 def label_counts(stats_path: Path, table: pa.Table) -> tuple[int, int]:
