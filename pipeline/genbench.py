@@ -56,10 +56,10 @@ def run_baseline(model: str, engine, items, sampling, seed: int) -> dict:
     pass is left out, as the stage has none. start-up = that time less the timed generate."""
     import ray
 
-    from pipeline.generate import PromptStyle, expand_requests
+    from pipeline.generate import expand_requests
     from pipeline.processors import engine_kwargs
 
-    requests = expand_requests(items, "baseline", model, sampling, None, seed, style=PromptStyle())
+    requests = expand_requests(items, "baseline", model, sampling, seed)
     task = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(_vllm_offline)
     start = time.perf_counter()
     with PeakRSS() as rss:

@@ -98,12 +98,12 @@ def sampling_params(sampling, seed: int, item_id: str, sample: int, stop: list[s
     return params
 
 
-def expand_requests(items: pa.Table, competitor: str, model: str, sampling, template: str | None, seed: int,
-                    tokenizer=None, style: PromptStyle | None = None, api: str | None = None) -> list[dict]:
+def expand_requests(items: pa.Table, competitor: str, model: str, sampling, seed: int, tokenizer=None,
+                    style: PromptStyle | None = None, api: str | None = None) -> list[dict]:
     """One request per (item, sample): item columns + competitor, model, sample, prompt,
     sampling_params, and copies the engine stage does not consume: `request_prompt` and `max_tokens`.
     For a chat endpoint (`api="chat"`) the request carries `messages` and the prompt is their JSON."""
-    style = style or PromptStyle(template=template)
+    style = style or PromptStyle()
     rows = []
     for item in check(items, ITEMS, "generate input").to_pylist():
         if api == "chat":
@@ -133,7 +133,7 @@ def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, s
     """`expand_requests` as a Ray Data map over item blocks (runs in the workers, not the driver)."""
     api = competitor.endpoint.api if competitor.endpoint is not None else None
     tokenizer = _tokenizer(competitor.model) if competitor.chat and api is None else None
-    rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, None, seed,
+    rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, seed,
                            tokenizer=tokenizer, style=style, api=api)
     return pa.Table.from_pylist(rows)
 

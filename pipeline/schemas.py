@@ -94,7 +94,3 @@ def check(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     """Return `table` with columns in contract order; raise SchemaError naming what is wrong."""
     check_schema(table.schema, schema, where)
     return table.select(schema.names).cast(schema)
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()

@@ -22,11 +22,11 @@ def _items(n=3):
 
 
 def test_one_request_per_item_and_sample_with_distinct_seeds():
-    reqs = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), None, seed=0)
+    reqs = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), seed=0)
     assert len(reqs) == 12
     assert sorted({r["sample"] for r in reqs}) == [0, 1, 2, 3]
     assert len({r["sampling_params"]["seed"] for r in reqs}) == 12
-    again = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), None, seed=0)
+    again = expand_requests(_items(), "small", "m", SamplingConfig(samples=4, temperature=0.7), seed=0)
     assert [r["sampling_params"]["seed"] for r in reqs] == [r["sampling_params"]["seed"] for r in again]
     assert reqs[0]["prompt"].startswith("Question: ") and reqs[0]["prompt"].endswith("Answer:")
 
@@ -34,12 +34,12 @@ def test_one_request_per_item_and_sample_with_distinct_seeds():
 def test_chat_models_get_their_chat_template():
     tok = build_tokenizer(["hello world 123"])
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
-    reqs = expand_requests(_items(1), "large", "m", SamplingConfig(), None, seed=0, tokenizer=tok)
+    reqs = expand_requests(_items(1), "large", "m", SamplingConfig(), seed=0, tokenizer=tok)
     assert reqs[0]["prompt"].startswith("<|user|>Question: ") and reqs[0]["prompt"].endswith("<|assistant|>")
 
 
 def test_failed_rows_become_error_answers():
-    reqs = expand_requests(_items(2), "small", "m", SamplingConfig(max_tokens=8), None, seed=0)
+    reqs = expand_requests(_items(2), "small", "m", SamplingConfig(max_tokens=8), seed=0)
     outputs = [
         {**reqs[0], "generated_text": " The answer is 3.", "num_generated_tokens": 8},
         {**reqs[1], "__inference_error__": "ValueError: prompt too long"},
@@ -64,7 +64,7 @@ def test_system_prompt_and_few_shot_turns_precede_the_question():
 
 
 def test_chat_endpoint_requests_carry_messages_and_responses_map_to_answers():
-    reqs = expand_requests(_items(1), "large", "served", SamplingConfig(max_tokens=8, stop=["\n"]), None, seed=0, api="chat")
+    reqs = expand_requests(_items(1), "large", "served", SamplingConfig(max_tokens=8, stop=["\n"]), seed=0, api="chat")
     body = http_payload(reqs[0])["payload"]
     assert body["model"] == "served" and body["messages"][-1]["role"] == "user" and "prompt" not in body
     assert body["max_tokens"] == 8 and body["stop"] == ["\n"] and isinstance(body["seed"], int)
@@ -79,12 +79,12 @@ def test_chat_endpoint_requests_carry_messages_and_responses_map_to_answers():
 def test_raw_few_shot_prompts_stop_where_the_next_example_would_begin():
     style = PromptStyle(few_shot=(("What is 1 + 1?", "The answer is 2."),))
     sampling = SamplingConfig(stop=["###"])
-    raw = expand_requests(_items(1), "small", "m", sampling, None, seed=0, style=style)
+    raw = expand_requests(_items(1), "small", "m", sampling, seed=0, style=style)
     assert raw[0]["sampling_params"]["stop"] == ["###", "\n\nQuestion:"]
-    zero_shot = expand_requests(_items(1), "small", "m", SamplingConfig(), None, seed=0)
+    zero_shot = expand_requests(_items(1), "small", "m", SamplingConfig(), seed=0)
     assert "stop" not in zero_shot[0]["sampling_params"]
     tok = build_tokenizer(["hello world 123"])
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
-    chat = expand_requests(_items(1), "large", "m", SamplingConfig(), None, seed=0, tokenizer=tok, style=style)
+    chat = expand_requests(_items(1), "large", "m", SamplingConfig(), seed=0, tokenizer=tok, style=style)
     assert "stop" not in chat[0]["sampling_params"]  # a chat turn ends with the template's own end token
     assert chat[0]["prompt"].startswith("<|user|>Question: What is 1 + 1?\nAnswer:<|assistant|>The answer is 2.<|user|>")

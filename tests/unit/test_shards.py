@@ -17,7 +17,7 @@ def _items(n):
 
 def _outputs(items, competitor, samples):
     """What the processor streams back: request rows plus the engine's output columns."""
-    reqs = expand_requests(items, competitor, "m", SamplingConfig(samples=samples, max_tokens=4), None, seed=0)
+    reqs = expand_requests(items, competitor, "m", SamplingConfig(samples=samples, max_tokens=4), seed=0)
     return [{**r, "generated_text": f" The answer is {r['sample']}.", "num_generated_tokens": 3} for r in reqs]
 
 

@@ -35,7 +35,7 @@ def _fake_stream(calls):
     def stream(shards, competitors, sampling, seed, style):
         calls.append(sum(t.num_rows for t in shards.get("small", [])))
         for table in shards.get("small", []):
-            for r in expand_requests(table, "small", "m", sampling, None, seed):
+            for r in expand_requests(table, "small", "m", sampling, seed):
                 yield {**r, "generated_text": " 7", "num_generated_tokens": 1}
     return stream
 
