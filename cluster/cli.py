@@ -84,9 +84,7 @@ def summary_table(run_dir: Path) -> Table:
     for name in ("negatives", "pairs"):
         if name in ds:
             table.add_row(f"datasets/{name} rows", str(ds[name]))
-    from pipeline.report import eval_results
-
-    results = eval_results(run_dir, manifest.get("config", {}).get("seed", 0))
+    results = read_json(run_dir / "eval" / "results.json")
     split = (results or {}).get("split") or "eval"
     for what, value in eval_rows(results or {}, split):
         table.add_row(what, value)

@@ -485,7 +485,7 @@ def round_summary(cfg: RunConfig) -> dict:
                                           for name, r in models_of(results).items()}}
     stats = read_json(run_dir / "datasets" / "stats.json") or {}
     for name, c in stats.get("competitors", {}).items():
-        entry[f"competitor {name}"] = {"accuracy": c["accuracy"], "ci95": c.get("ci95_bootstrap_items") or c.get("ci95"),
+        entry[f"competitor {name}"] = {"accuracy": c["accuracy"], "ci95": c["ci95_bootstrap_items"],
                                        "answers": c["answers"], "split": "train"}
     trained = f"target-{cfg.train.method}"
     if cfg.round == 1:

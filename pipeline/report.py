@@ -8,15 +8,13 @@ at any time, anywhere the directory is readable:
     eval/transfer/results.json  the same on a second benchmark (evaluate.transfer), if any
     rounds.json                 per-round entries of a multi-round run; the other sources are then
                                 read from the last round's directory (rounds/<k>/)
-    eval/marked/                (only when results.json predates the CI/pairs: recomputed from it)
     datasets/stats.json         competitors' accuracy, label balance, recommended KTO weights
     datasets/kto/, marked/      label balance and reasons for wrong answers per competitor
     checkpoints/metrics.json    training log: a list of per-step dicts (loss, kl, rewards/chosen, ...)
     tune.json                   `lossaverse tune`'s trials: the ablation table and the loss-aversion sweep
 
 Every source is optional; a section or plot whose source is absent is left out. `rounds`, when
-present, is a list of {"round": k, <name>: {"accuracy": a, "ci95": [lo, hi]}, ...} (the model
-entries may also sit under a "models" key).
+present, is a list of {"round": k, <name>: {"accuracy": a, "ci95": [lo, hi]}, ...}.
 """
 
 from __future__ import annotations
@@ -27,11 +25,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import lossaversion
-from pipeline.evalstats import TRANSFER, evaluation_results, model_label, models_of
+from pipeline.evalstats import TRANSFER, model_label, models_of
 from pipeline.rundir import read_json
 
 RIGHT_REASONS = ("match", "llm_equal")  # reasons a right answer carries; every other reason is a wrong one
@@ -76,30 +73,6 @@ def _columns(path: Path, columns: list[str]):
     return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
 
 
-def _metrics(raw) -> list[dict]:
-    if isinstance(raw, dict):  # tolerate {"log_history": [...]} / {"history": [...]}
-        raw = raw.get("log_history") or raw.get("history") or []
-    return [m for m in raw or [] if isinstance(m, dict)]
-
-
-def eval_results(run_dir: Path, seed: int = 0) -> dict | None:
-    """eval/results.json; when it predates CIs and pairs, those recomputed from eval/marked/ (same
-    numbers as the evaluate stage writes, given the run's seed); None without an evaluation."""
-    results = read_json(run_dir / "eval" / "results.json")
-    if results is not None and "pairs" in results:
-        return results
-    # Written before results carried CIs and pairs: recompute them from the stored marked rows.
-    marked = _columns(run_dir / "eval" / "marked", ["id", "competitor", "model", "sample", "correct", "reason", "split"])
-    if marked is not None and "split" in marked.column_names:  # the transfer benchmark's rows are scored apart
-        marked = marked.filter(pc.not_equal(marked["split"], TRANSFER))
-    if marked is None or marked.num_rows == 0:
-        return results
-    recomputed = evaluation_results(marked, seed=seed)
-    if results and "rounds" in results:
-        recomputed["rounds"] = results["rounds"]
-    return recomputed
-
-
 def _competitor_counts(files: RunFiles) -> None:
     """Label balance from datasets/kto (else marked/, else stats.json); wrong reasons from marked/ (else stats.json)."""
     kto = _columns(files.source / "datasets" / "kto", ["competitor", "label"])
@@ -132,12 +105,11 @@ def load_run(run_dir: Path) -> RunFiles:
     if not run_dir.is_dir():
         raise ReportError(f"run directory not found: {run_dir}")
     manifest = read_json(run_dir / "manifest.json", {})
-    seed = int(manifest.get("config", {}).get("seed", 0) or 0)
     rounds = read_json(run_dir / "rounds.json") or []
     last = max((int(r.get("round", 1)) for r in rounds if isinstance(r, dict)), default=1)
     source = run_dir if last == 1 else run_dir / "rounds" / str(last)
-    files = RunFiles(run_dir, manifest, read_json(source / "datasets" / "stats.json"), eval_results(source, seed),
-                     _metrics(read_json(source / "checkpoints" / "metrics.json")), source,
+    files = RunFiles(run_dir, manifest, read_json(source / "datasets" / "stats.json"), read_json(source / "eval" / "results.json"),
+                     read_json(source / "checkpoints" / "metrics.json") or [], source,
                      read_json(source / "eval" / TRANSFER / "results.json"))
     if rounds and files.results is not None:
         files.results = {**files.results, "rounds": rounds}
@@ -225,9 +197,8 @@ def _headline(results: dict) -> list[str]:
     models = models_of(results)
     lines = ["## Headline", "", "| model | accuracy | 95% CI | items | answers |", "|---|---:|---:|---:|---:|"]
     for name, r in models.items():
-        answers = r.get("answers", r.get("n", ""))
         lines.append(f"| {model_label(name)} (`{name}`) | {_pct(r['accuracy'])} | {_ci(r.get('ci95'))} | "
-                     f"{r.get('items', 'n/a')} | {answers} |")
+                     f"{r.get('items', 'n/a')} | {r.get('answers', '')} |")
     pairs = results.get("pairs") or []
     if pairs:
         lines += ["", "| comparison (same items) | difference (points) | 95% CI (points) | McNemar p | better / worse / tied items | verdict |",
@@ -276,8 +247,7 @@ def _competitors(files: RunFiles) -> list[str]:
     if comps:
         lines += ["| competitor | accuracy (train split) | 95% CI (items) | answers |", "|---|---:|---:|---:|"]
         for name, c in comps.items():
-            ci = c.get("ci95_bootstrap_items") or c.get("ci95")
-            lines.append(f"| {name} | {_pct(c['accuracy'])} | {_ci(ci)} | {c['answers']} |")
+            lines.append(f"| {name} | {_pct(c['accuracy'])} | {_ci(c.get('ci95_bootstrap_items'))} | {c['answers']} |")
         agreement = (files.stats or {}).get("agreement") or {}
         if "mcnemar_p" in agreement:
             lines += ["", "Agreement: " + ", ".join(f"{k} {v}" for k, v in agreement.items() if isinstance(v, int))
@@ -380,8 +350,7 @@ def round_entries(rounds: list) -> list[tuple[int, dict[str, dict]]]:
     """[(round number, {name: {"accuracy", "ci95"?}})] from a results `rounds` list, in order."""
     out = []
     for i, r in enumerate(r for r in rounds if isinstance(r, dict)):
-        entries = r.get("models") if isinstance(r.get("models"), dict) else r
-        out.append((int(r.get("round", i + 1)), {k: v for k, v in models_of(entries).items() if _finite(v["accuracy"])}))
+        out.append((int(r.get("round", i + 1)), {k: v for k, v in models_of(r).items() if _finite(v["accuracy"])}))
     return out
 
 

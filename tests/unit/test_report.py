@@ -36,7 +36,7 @@ def rows(competitor: str, split: str, verdicts: list[bool], wrong_reason: str = 
     return out
 
 
-def build_run(run_dir, rounds: bool = True, old_results: bool = False):
+def build_run(run_dir, rounds: bool = True):
     """Train split: large right on 12 of 16, small on 4 of 16 (small's misses: 10 mismatch, 2 truncated).
     Eval split (20 items): base right on e000-e003 and e019 (25.0%), kto on e000-e008 (45.0%):
     diff +20.0 points, discordant b=5, c=1, McNemar p = 2 * 7/64 = 0.21875."""
@@ -57,8 +57,6 @@ def build_run(run_dir, rounds: bool = True, old_results: bool = False):
     if rounds:
         results["rounds"] = [{"round": 1, "target-kto": {"accuracy": 0.45, "ci95": [0.25, 0.65]}, "small": {"accuracy": 0.25}},
                              {"round": 2, "target-kto": {"accuracy": 0.55, "ci95": [0.35, 0.75]}, "small": {"accuracy": 0.45}}]
-    if old_results:  # as written before results carried CIs and pairs
-        results = {name: {k: results[name][k] for k in ("accuracy", "correct", "answers")} for name in ("target-base", "target-kto")}
     write_json(results, run_dir / "eval" / "results.json")
     metrics = [{"step": s, "loss": 0.5 - 0.002 * s, "kl": 0.01 * (s % 7), "rewards/chosen": 0.003 * s,
                 "rewards/rejected": -0.004 * s, "learning_rate": 5e-5 * (1 - s / 40)} for s in range(1, 41)]
@@ -122,10 +120,9 @@ def test_rerender_gives_the_same_report_and_drops_stale_plots(rendered, tmp_path
     assert not (copy / "report" / "stale.png").exists()
 
 
-def test_old_results_are_completed_from_the_stored_marked_rows(tmp_path):
-    run_dir = build_run(tmp_path / "old", rounds=False, old_results=True)
-    files = load_run(run_dir)
-    assert files.results["pairs"][0]["model"] == "target-kto"
+def test_a_run_without_rounds_has_no_rounds_section(tmp_path):
+    run_dir = build_run(tmp_path / "one", rounds=False)
+    assert load_run(run_dir).results["pairs"][0]["model"] == "target-kto"
     render_report(run_dir)
     text = (run_dir / "report.md").read_text()
     assert "| +20.0 |" in text and "| 0.219 |" in text and "## Rounds" not in text
