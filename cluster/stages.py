@@ -279,9 +279,13 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     from training.train import console_line, train_model
     from training.validate import target_parameters
 
+    from training.buildlocks import clear_stale_locks
+
     datasets = _need(run_dir, "datasets", "mark")
     model = resolve_model(cfg.target.path)
     report = REPORT.get()  # taken here: on_log runs on the thread that follows the metrics file
+    for lock in clear_stale_locks():
+        report(f"removed {lock}: a build lock left by a killed training (deepspeed.initialize would wait on it forever)")
     fp = stage_fingerprints(cfg)["train"]
     results: dict[str, dict] = {}
     budget = cfg.train.max_steps

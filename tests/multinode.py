@@ -85,23 +85,30 @@ def _own_address_file(temp_dir: str):
 class MultiNode:
     """A head (1 CPU, the driver's home, never killed) and named worker nodes."""
 
-    def __init__(self, head_cpus: float = 1, object_store_mib: int = 100):
+    def __init__(self, head_cpus: float = 1, object_store_mib: int = 100, dashboard: bool = True):
         from ray.cluster_utils import Cluster
 
         # Short: Ray's Unix socket paths under it must stay within 107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="lvmn-", dir="/tmp")
         self.object_store = object_store_mib * 2**20
-        self.dashboard_port = free_port()
+        self.dashboard_port, self.agent_port = free_port(), free_port()
         self.nodes: dict = {}
         self.pids: set[int] = set()
         # A loopback-only test cluster: no token auth, as for the embedded Ray a driver starts.
         os.environ["RAY_AUTH_MODE"] = "disabled"
+        # A submitted job's entrypoint (`lossaverse ...`) runs in the head's environment: this venv's bin.
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        # Each node's dashboard agent gets a port of its own: on its default (52365), taken by any other
+        # Ray on this machine, the agent lives on without HTTP and the Jobs API finds "no available agent".
+        head = {"num_cpus": head_cpus, "resources": {"head": 1}, "temp_dir": self.temp_dir,
+                "object_store_memory": self.object_store, "include_dashboard": dashboard,
+                "dashboard_agent_listen_port": self.agent_port}
+        if dashboard:  # the Jobs API (`lossaverse submit`) and the state API: about 2 s more to start
+            head.update(dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port)
         with _own_address_file(self.temp_dir):
-            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
-                "num_cpus": head_cpus, "resources": {"head": 1},
-                "temp_dir": self.temp_dir, "object_store_memory": self.object_store,
-                "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port,
-            })
+            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=head)
         self._remember(self.cluster.head_node)
 
     @property
@@ -112,6 +119,22 @@ class MultiNode:
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_jobs_api(self, timeout: float = 120) -> None:
+        """Until the Jobs API can take a submission: the dashboard answers and the head's agent, which
+        runs the jobs, listens (it registers with the dashboard just after)."""
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.dashboard}/api/jobs/", timeout=5).status_code == 200:
+                    with socket.create_connection((self.cluster.head_node.node_ip_address, self.agent_port), timeout=5):
+                        return
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the Jobs API at {self.dashboard} was not ready in {timeout} s")
 
     def _remember(self, node) -> None:
         for procs in node.all_processes.values():
@@ -124,7 +147,11 @@ class MultiNode:
         """Start node `name` (resource `name: 1` plus `resources`) and wait until Ray sees it alive."""
         node = self.cluster.add_node(
             num_cpus=num_cpus, resources={name: 1, **(resources or {})}, labels={"lossaverse/node": name, **(labels or {})},
-            object_store_memory=self.object_store,
+            object_store_memory=self.object_store, dashboard_agent_listen_port=free_port(),
+            # The nodes of one host share the head's session folder. A job's working_dir is unpacked
+            # under runtime_resources/ there; sharing it, any node that drops its copy deletes the
+            # folder the job's driver runs in (transformers' import then fails in os.getcwd()).
+            runtime_env_dir_name=f"runtime_resources_{name}",
         )
         self.nodes[name] = node
         self._remember(node)
