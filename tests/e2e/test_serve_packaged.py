@@ -117,7 +117,7 @@ def _ids(encoded) -> list[int]:
 
 
 def test_the_packaged_target_is_served_beside_the_trained_model(tmp_path, smollm2_dir):
-    from serving.run import plan_for
+    from cluster.serve import plan_for
 
     out = _run_dir_with_model(tmp_path, smollm2_dir)
     plan = plan_for(ROOT / "configs" / "smollm2.yaml", None, [f"output_dir={out}", "serve.base_model_id=base"])
