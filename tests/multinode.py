@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,16 +101,32 @@ class MultiNode:
         bin_dir = os.path.dirname(sys.executable)
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        # DeepSpeed builds its CPU comm op into ~/.cache/torch_extensions; other checkouts on this
+        # machine build it there against their own venv, and every load then rebuilds it (measured:
+        # 300 s, 78 s of gcc). This venv's own folder: built once, then loaded in a second.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
         # Each node's dashboard agent gets a port of its own: on its default (52365), taken by any other
         # Ray on this machine, the agent lives on without HTTP and the Jobs API finds "no available agent".
         head = {"num_cpus": head_cpus, "resources": {"head": 1}, "temp_dir": self.temp_dir,
                 "object_store_memory": self.object_store, "include_dashboard": dashboard,
-                "dashboard_agent_listen_port": self.agent_port}
-        if dashboard:  # the Jobs API (`lossaverse submit`) and the state API: about 2 s more to start
-            head.update(dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port)
-        with _own_address_file(self.temp_dir):
-            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=head)
+                "dashboard_agent_listen_port": self.agent_port,  # dashboard: the Jobs and state APIs, ~2 s more
+                "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port}  # a free port even when off
+        self.cluster = self._retried(lambda: Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=head))
         self._remember(self.cluster.head_node)
+
+    def _retried(self, start):
+        """`start()` a node, a second time if the first fails. On a loaded machine a raylet can give up
+        waiting for its agents (Python processes slow to start) and exit; what it left is killed."""
+        for attempt in (1, 2):
+            try:
+                with _own_address_file(self.temp_dir):
+                    return start()
+            except Exception:
+                self._kill_strays()
+                if attempt == 2:
+                    if not self.pids:
+                        shutil.rmtree(self.temp_dir, ignore_errors=True)
+                    raise
 
     @property
     def address(self) -> str:
@@ -143,9 +160,24 @@ class MultiNode:
     def node_pids(self, node) -> list[int]:
         return [p.process.pid for procs in node.all_processes.values() for p in procs]
 
+    def _kill_strays(self) -> None:
+        """Kill the processes of this cluster (its temp dir is in their command line) that a failed
+        start left without a handle, and what they started."""
+        known = set(descendants(sorted(self.pids)))  # the live nodes' processes and their workers
+        strays = [int(e) for e in os.listdir("/proc") if e.isdigit() and self.temp_dir in cmdline(int(e))]
+        for pid in descendants([p for p in strays if p not in known]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def add(self, name: str, num_cpus: float, resources: dict | None = None, labels: dict | None = None):
         """Start node `name` (resource `name: 1` plus `resources`) and wait until Ray sees it alive."""
-        node = self.cluster.add_node(
+        node = self._retried(lambda: self._add_node(name, num_cpus, resources, labels))
+        self.nodes[name] = node
+        self._remember(node)
+        return node
+
+    def _add_node(self, name: str, num_cpus: float, resources: dict | None, labels: dict | None):
+        return self.cluster.add_node(
             num_cpus=num_cpus, resources={name: 1, **(resources or {})}, labels={"lossaverse/node": name, **(labels or {})},
             object_store_memory=self.object_store, dashboard_agent_listen_port=free_port(),
             # The nodes of one host share the head's session folder. A job's working_dir is unpacked
@@ -153,9 +185,6 @@ class MultiNode:
             # folder the job's driver runs in (transformers' import then fails in os.getcwd()).
             runtime_env_dir_name=f"runtime_resources_{name}",
         )
-        self.nodes[name] = node
-        self._remember(node)
-        return node
 
     def node_id(self, name: str) -> str:
         return self.nodes[name].node_id
@@ -164,6 +193,10 @@ class MultiNode:
         """Whether node `name` runs a worker process whose title contains `title` (e.g. the
         engine actor's class name): workers are children of their node's raylet."""
         return any(title in cmdline(pid) for pid in descendants(self.node_pids(self.nodes[name])))
+
+    def node_of(self, pid: int) -> str | None:
+        """The name of the node whose raylet runs process `pid` (or one of its ancestors)."""
+        return next((name for name, node in self.nodes.items() if pid in descendants(self.node_pids(node))), None)
 
     def kill(self, name: str) -> float:
         """Node `name` dies: SIGKILL to all of its processes and their children at once. Returns
@@ -203,6 +236,40 @@ class MultiNode:
             time.sleep(0.1)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return [p for p in doomed if alive(p)]
+
+
+class Job:
+    """`lossaverse COMMAND CONFIG --address ADDRESS ARGS...` in a child process, its output in a file
+    (a pipe nobody reads while the test polls would fill up and stall the driver)."""
+
+    def __init__(self, command: str, config: Path, address: str, *args: str, env: dict | None = None):
+        from tests.conftest import LOSSAVERSE, ROOT
+
+        self.log = config.with_name(f"{config.stem}.{command}.log")
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([*LOSSAVERSE, command, str(config), "--address", address, *args], cwd=ROOT,
+                                         env={**driver_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float = 900) -> int:
+        """The exit code; a job still running after `timeout` is killed (and gets None)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
 
 
 def driver_env(address: str | None = None) -> dict:

@@ -16,6 +16,7 @@ place. Storage layout (`storage`, normally runs/<name>/checkpoints/):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -94,7 +95,10 @@ def torch_trainer(train, loop_config: dict, storage: Path):
         run_config=RunConfig(
             name=RAY_RUN,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            # A restarted group that cannot be placed (a node lost, none in its place) times out after
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and Ray retries the start without end
+            # (controller_failure_limit -1); the same budget as for failed workers bounds that wait.
+            failure_config=FailureConfig(max_failures=train.max_failures, controller_failure_limit=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
         ),
     )
@@ -149,6 +153,10 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
     tail.start()
     try:
         result = torch_trainer(train, launch_config(plan, train, model, storage, out_tmp, seed), storage).fit()
+    except Exception as exc:  # fit() raises the run's error
+        if (stalled := unplaced(exc, train, storage)) is not None:
+            raise stalled from exc
+        raise
     finally:
         tail.stop.set()
         tail.join()
@@ -159,6 +167,29 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
         shutil.rmtree(out_dir)
     out_tmp.rename(out_dir)
     return summarize(plan, storage, resumed)
+
+
+class WorkersUnplaced(RuntimeError):
+    """The worker group could not be (re)started: the cluster lacks the nodes it needs."""
+
+
+def unplaced(error: Exception, train, storage: Path) -> WorkersUnplaced | None:
+    """`error` as a WorkersUnplaced with the fix, when Ray Train gave up waiting for the workers'
+    placement group (e.g. a node lost and no node in its place); else None."""
+    cause = getattr(error, "controller_failure", None)
+    if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
+        return None
+    wait = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    steps = [json.loads(p.read_text()).get("last_checkpoint_step") for p in (storage / "status").glob("rank*.json")]
+    last = max((s for s in steps if s), default=None)
+    where = f"the last checkpoint (step {last})" if last else "the start"
+    return WorkersUnplaced(
+        f"training stopped: {train.num_workers} workers of {train.cpus_per_worker:g} CPU"
+        f"{f' and {train.gpus_per_worker:g} GPU' if train.use_gpu else ''} each ({train.placement_strategy}) "
+        f"could not be placed in {train.max_failures + 1} tries of {wait} s: the cluster lacks the nodes they need "
+        f"(lost, with none in their place, or never there). Add nodes (or lower train.num_workers), then `lossaverse train CONFIG --resume` "
+        f"continues from {where}"
+    )
 
 
 def summarize(plan: TrainPlan, storage: Path, resumed: bool) -> dict:
