@@ -111,6 +111,11 @@ class MultiNode:
                 "object_store_memory": self.object_store, "include_dashboard": dashboard,
                 "dashboard_agent_listen_port": self.agent_port,  # dashboard: the Jobs and state APIs, ~2 s more
                 "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port}  # a free port even when off
+        # Ray waits 60 s for the dashboard to start, read when ray is imported; its Python start has
+        # taken longer on this loaded machine, and the head then fails. A generous bound instead.
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S, 300)
         self.cluster = self._retried(lambda: Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=head))
         self._remember(self.cluster.head_node)
 
