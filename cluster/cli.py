@@ -52,11 +52,12 @@ def _guard(fn):
     from cluster.submit import SubmitError
     from pipeline.processors import EngineFailed
     from pipeline.rundir import RunDirLocked
+    from training.train import WorkersUnplaced
 
     try:
         return fn()
     except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, ExportError,
-            FileNotFoundError) as exc:
+            WorkersUnplaced, FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 

@@ -80,6 +80,10 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(default=50, ge=0)  # steps; 0 = none
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=1, ge=-1)  # worker-group restarts from the last checkpoint
+    # Seconds Ray Train waits for a (re)started worker group's placement before one failed try
+    # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; None: that variable, else Ray's 60 s). Not part of
+    # the fingerprint: it changes how long a lost node is waited for, not what is trained.
+    start_timeout_s: float | None = Field(default=None, gt=0, exclude=True)
     resume: bool = Field(default=False, exclude=True)  # set by `lossaverse train --resume`
     # Metrics: every `logging_steps` to the console, manifest.json and, if asked, TensorBoard.
     logging_steps: int = Field(default=1, ge=1)

@@ -84,6 +84,8 @@ def torch_trainer(train, loop_config: dict, storage: Path):
 
     from training.worker import train_func
 
+    if train.start_timeout_s is not None:  # read by Ray Train's controller, started from this process
+        os.environ[START_TIMEOUT_ENV] = f"{train.start_timeout_s:g}"
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker
@@ -169,6 +171,9 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
     return summarize(plan, storage, resumed)
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 class WorkersUnplaced(RuntimeError):
     """The worker group could not be (re)started: the cluster lacks the nodes it needs."""
 
@@ -179,7 +184,7 @@ def unplaced(error: Exception, train, storage: Path) -> WorkersUnplaced | None:
     cause = getattr(error, "controller_failure", None)
     if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
         return None
-    wait = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    wait = f"{train.start_timeout_s:g}" if train.start_timeout_s is not None else os.environ.get(START_TIMEOUT_ENV, "60")
     steps = [json.loads(p.read_text()).get("last_checkpoint_step") for p in (storage / "status").glob("rank*.json")]
     last = max((s for s in steps if s), default=None)
     where = f"the last checkpoint (step {last})" if last else "the start"

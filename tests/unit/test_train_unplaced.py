@@ -28,3 +28,17 @@ def test_other_failures_are_left_as_they_are(tmp_path):
     assert unplaced(RuntimeError("worker died"), train, tmp_path) is None
     no_checkpoint = unplaced(ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), train, tmp_path)
     assert str(no_checkpoint).endswith("continues from the start") and "tries of 60 s" in str(no_checkpoint)
+
+
+def test_the_placement_wait_comes_from_the_config(tmp_path, monkeypatch):
+    import os
+
+    from training.train import START_TIMEOUT_ENV, torch_trainer
+
+    monkeypatch.setenv(START_TIMEOUT_ENV, "99")  # the config wins; undone after the test
+    train = TrainConfig(start_timeout_s=15)
+    assert "start_timeout_s" not in train.model_dump()  # not part of the fingerprint
+    torch_trainer(train, {}, tmp_path)
+    assert os.environ[START_TIMEOUT_ENV] == "15"
+    error = unplaced(ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), train, tmp_path)
+    assert "tries of 15 s" in str(error)
