@@ -27,12 +27,14 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     # Its own session: the driver and the embedded Ray it starts are killed together, by process group.
-    driver = subprocess.Popen([*LOSSAVERSE, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen([*LOSSAVERSE, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and len(list(shards.glob("*.parquet"))) < 3:
-            assert driver.poll() is None, "generate finished or failed before it could be interrupted"
+            assert driver.poll() is None, f"generate ended (exit {driver.returncode}) before it could be interrupted: {log.read_text()[-3000:]}"
             time.sleep(0.1)
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
