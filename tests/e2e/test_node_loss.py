@@ -7,7 +7,6 @@ the engine actor on the other `gen_large` node, retries the batches lost with it
 hold exactly one row per (item, competitor, sample).
 """
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import yaml
 
 from pipeline.rundir import read_table
 from pipeline.schemas import ANSWERS
-from tests.conftest import LOSSAVERSE, MULTINODE_NODES, ROOT
-from tests.multinode import driver_env
+from tests.conftest import MULTINODE_NODES, ROOT
+from tests.multinode import Job
 
 pytestmark = pytest.mark.e2e
 
@@ -40,37 +39,8 @@ def write_config(tmp: Path, name: str, shared: bool = True) -> Path:
     return path
 
 
-class Job:
-    """`lossaverse generate CONFIG --address ADDRESS` in a child process, its output in a file (a
-    pipe nobody reads while the test polls would fill up and stall the driver)."""
-
-    def __init__(self, config: Path, address: str):
-        self.log = config.with_suffix(".log")
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([*LOSSAVERSE, "generate", str(config), "--address", address], cwd=ROOT,
-                                         env=driver_env(), stdout=out, stderr=subprocess.STDOUT)
-
-    def poll(self):
-        return self.proc.poll()
-
-    def wait(self, timeout: float = 900) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self.stop()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-
 def start_generate(config: Path, address: str) -> Job:
-    return Job(config, address)
+    return Job("generate", config, address)
 
 
 def engine_nodes(cluster) -> set[str]:
