@@ -178,6 +178,18 @@ class WorkersUnplaced(RuntimeError):
     """The worker group could not be (re)started: the cluster lacks the nodes it needs."""
 
 
+def registered_step(storage: Path) -> int | None:
+    """The step of the last checkpoint Ray Train registered, the one `--resume` starts from; the
+    ranks' own status files only when Ray's snapshot is not there (a rank can save a checkpoint
+    that is never registered, when its group fails before the report completes)."""
+    snapshot = storage / "ray_train" / "checkpoint_manager_snapshot.json"
+    try:
+        steps = [c["metrics"]["step"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = [json.loads(p.read_text()).get("last_checkpoint_step") for p in (storage / "status").glob("rank*.json")]
+    return max((s for s in steps if s), default=None)
+
+
 def unplaced(error: Exception, train, storage: Path) -> WorkersUnplaced | None:
     """`error` as a WorkersUnplaced with the fix, when Ray Train gave up waiting for the workers'
     placement group (e.g. a node lost and no node in its place); else None."""
@@ -185,8 +197,7 @@ def unplaced(error: Exception, train, storage: Path) -> WorkersUnplaced | None:
     if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
         return None
     wait = f"{train.start_timeout_s:g}" if train.start_timeout_s is not None else os.environ.get(START_TIMEOUT_ENV, "60")
-    steps = [json.loads(p.read_text()).get("last_checkpoint_step") for p in (storage / "status").glob("rank*.json")]
-    last = max((s for s in steps if s), default=None)
+    last = registered_step(storage)
     where = f"the last checkpoint (step {last})" if last else "the start"
     return WorkersUnplaced(
         f"training stopped: {train.num_workers} workers of {train.cpus_per_worker:g} CPU"

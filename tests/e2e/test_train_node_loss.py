@@ -201,10 +201,11 @@ def test_no_replacement_node_fails_with_the_fix_after_a_bounded_wait_and_resume_
         code = job.wait(timeout=300)  # two waits of 20 s, and the restarts between them
         failed_after = time.time() - lost["died"]
         out = job.output
-        assert code == 1, out[-3000:]
+        assert code == 2, out[-3000:]  # a user-fixable error: one line on stderr, exit 2
         assert f"could not be placed in 2 tries of {START_TIMEOUT_S} s" in out, out[-3000:]
         last = int(re.search(r"--resume` continues from the last checkpoint \(step (\d+)\)", out)[1])
-        assert last in watch.seen
+        watch.checkpoints()  # under load a later checkpoint can be registered before the lost node's worker dies
+        assert last in watch.seen and last == max(watch.seen)  # the error names Ray's last registered checkpoint
         assert not (tmp_path / "alone" / "model").exists()
     finally:
         cluster.add(lost["name"], num_cpus=2)  # the cluster's shape again, for what follows

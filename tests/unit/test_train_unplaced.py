@@ -42,3 +42,13 @@ def test_the_placement_wait_comes_from_the_config(tmp_path, monkeypatch):
     assert os.environ[START_TIMEOUT_ENV] == "15"
     error = unplaced(ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), train, tmp_path)
     assert "tries of 15 s" in str(error)
+
+
+def test_the_named_checkpoint_is_the_one_ray_registered(tmp_path):
+    (tmp_path / "status").mkdir()
+    (tmp_path / "status" / "rank0.json").write_text(json.dumps({"last_checkpoint_step": 8}))  # saved, never registered
+    (tmp_path / "ray_train").mkdir()
+    (tmp_path / "ray_train" / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"checkpoint_results": [{"metrics": {"step": 4}}]}))
+    error = unplaced(ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), TrainConfig(), tmp_path)
+    assert str(error).endswith("continues from the last checkpoint (step 4)")
