@@ -1,4 +1,4 @@
-"""Imports go one way between the layers, lowest first: pipeline <- training <- serving <- cluster.
+"""Imports go one way between the layers, lowest first: pipeline <- training <- serving <- cluster <- lossaverse.
 
 A module may import its own layer and the layers below it, never one above, not even inside a
 function; and no module imports itself back through others (no import cycles, lazy imports
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERS = ["pipeline", "training", "serving", "cluster"]  # lowest first
+LAYERS = ["pipeline", "training", "serving", "cluster", "lossaverse"]  # lowest first; lossaverse: the Python API
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the four packages."""
+    """Dotted module name -> file, for every module of the layers' packages."""
     out = {}
     for layer in LAYERS:
         for path in sorted((ROOT / layer).rglob("*.py")):
