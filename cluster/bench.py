@@ -168,13 +168,17 @@ def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[
                                                  "rows": max(rows) - max(1, max(rows) // 10)}}}
 
 
-def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: Callable[[str], None]) -> dict:
+def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: Callable[[str], None],
+                      steps: int = 100) -> dict:
     """Ray Train (1 worker, DDP) against TRL's trainer called directly, then each worker count with
-    DDP over gloo and with ZeRO-2, on the config's target model (training.bench)."""
+    DDP over gloo and with ZeRO-2, on the config's target model (training.bench), with the config's
+    LoRA settings and max_length, for `steps` optimizer steps each."""
     from training.bench import bench_train
 
-    report(f"bench train: TRL direct vs Ray Train, workers {workers}, DDP and ZeRO-2")
-    raw = bench_train(cfg.target.path, workers=tuple(workers), repeats=max(1, repeats), seed=cfg.seed)
+    lora = cfg.train.lora.model_dump(mode="json") if cfg.train.lora else None
+    report(f"bench train: TRL direct vs Ray Train, workers {workers}, DDP and ZeRO-2{', LoRA' if lora else ''}, {steps} steps")
+    raw = bench_train(cfg.target.path, workers=tuple(workers), repeats=max(1, repeats), seed=cfg.seed, steps=steps,
+                      lora=lora, max_length=cfg.train.max_length)
     unmeasured = {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0}
     return {
         **raw,
@@ -415,7 +419,8 @@ def bench_table(result: dict):
 
 
 def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[int], workers: list[int], rows: list[int],
-              prompts: int | None, repeats: int, cost: tuple[int, int, int], report: Callable[[str], None]) -> dict:
+              prompts: int | None, repeats: int, cost: tuple[int, int, int], report: Callable[[str], None],
+              train_steps: int = 100) -> dict:
     """Each stage in `stages`, then the cost model; writes bench.json and bench_scaling.png into
     `out_dir` and returns what bench.json holds. `stage_seconds` is each stage's wall time and
     `load_average_end` the machine's load when done (other work on the machine slows every figure)."""
@@ -426,7 +431,7 @@ def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[i
     result: dict = {"machine": machine(), "versions": _versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
     benches = {"generate": lambda: bench_generate(cfg, prompts, replicas, repeats, report),
                "mark": lambda: bench_mark_stage(rows, repeats, cfg.seed, report),
-               "train": lambda: bench_train_stage(cfg, workers, repeats, report)}
+               "train": lambda: bench_train_stage(cfg, workers, repeats, report, train_steps)}
     for stage in STAGES:
         if stage in stages:
             began = time.perf_counter()

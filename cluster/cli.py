@@ -283,6 +283,7 @@ def bench(
     replicas: str = typer.Option("1,2,4", "--replicas", help="generate: engine replica counts to sweep"),
     workers: str = typer.Option("1,2", "--workers", help="train: Ray Train worker counts to sweep"),
     rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
+    steps: int = typer.Option(100, "--steps", min=10, help="train: optimizer steps per run (the first 5 are warm-up)"),
     prompts: Optional[int] = typer.Option(None, "--prompts", min=1,
                                           help="generate: prompts per engine replica (default: 8 engine batches)"),
     repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
@@ -311,7 +312,7 @@ def bench(
             console.print(init_ray(cfg.ray, address))
         try:
             result = run_bench(cfg, stages, target, sweep_r, sweep_w, sweep_rows, prompts, repeats,
-                               (cost_prompts, cost_samples, cost_replicas), console.print)
+                               (cost_prompts, cost_samples, cost_replicas), console.print, train_steps=steps)
         finally:
             shutdown_ray()
         console.print(bench_table(result))

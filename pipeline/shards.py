@@ -151,6 +151,7 @@ class Tally:
 
 
 MIN_WAVES = 3  # completion waves after the first one that a steady-state figure needs
+WAVE_GAP_S = 0.05  # completions closer than this belong to one wave
 
 
 def steady_state(completions: list[tuple[float, int]], min_waves: int = MIN_WAVES) -> dict:
@@ -158,7 +159,7 @@ def steady_state(completions: list[tuple[float, int]], min_waves: int = MIN_WAVE
 
     Batches that complete together (several in flight in one engine, or one per replica) form a
     wave: a completion joins the previous wave when it follows it by less than a quarter of the
-    mean gap between completions. The rate is the tokens of every wave after the first over the
+    mean gap between completions, or by less than `WAVE_GAP_S`. The rate is the tokens of every wave after the first over the
     time from the first wave's last completion to the last completion, so start-up and the first
     wave are left out and no interval is shorter than a wave apart. With fewer than `min_waves`
     waves after the first the figure would rest on one or two gaps (e.g. two batches arriving a
@@ -169,7 +170,9 @@ def steady_state(completions: list[tuple[float, int]], min_waves: int = MIN_WAVE
     if len(done) < 2:
         out["steady_note"] = f"{len(done)} batch(es) completed; a steady-state rate needs {min_waves + 1} waves"
         return out
-    tolerance = 0.25 * (done[-1][0] - done[0][0]) / (len(done) - 1)
+    # At least WAVE_GAP_S: batches in flight together in one engine end within milliseconds of
+    # each other, which is less than a quarter of the mean gap when they all end together.
+    tolerance = max(0.25 * (done[-1][0] - done[0][0]) / (len(done) - 1), WAVE_GAP_S)
     waves = [[done[0]]]
     for prev, cur in zip(done, done[1:]):
         if cur[0] - prev[0] <= tolerance:

@@ -51,17 +51,18 @@ def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, war
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.methods import get_method, method_args
+    from training.methods import get_method, method_args, peft_config
     from training.train import shuffled
     from training.worker import StepMetrics, training_args
 
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # what each worker gets
     metrics = StepMetrics(train.per_device_batch_size * train.gradient_accumulation_steps, None)
+    t = train.model_dump(mode="json")
     trainer = get_method(train.method).trainer(
         AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
-        training_args(train.model_dump(mode="json"), seed, str(work)), method_args(train.method, train),
-        Dataset(shuffled(table, seed)), AutoTokenizer.from_pretrained(model), [metrics], None,
-        train=train.model_dump(mode="json"),
+        training_args(t, seed, str(work)), method_args(train.method, train),
+        Dataset(shuffled(table, seed)), AutoTokenizer.from_pretrained(model), [metrics], peft_config(t["lora"]),
+        train=t,
     )
     trainer.train()
     return steady_samples_per_second(metrics.step_seconds, metrics.global_batch, warmup)
@@ -105,7 +106,8 @@ def ray_samples_per_second(train, model: str, datasets: Path, seed: int, warmup:
 
 def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100, warmup: int = 5,
                 per_device_batch_size: int = 4, workers: tuple[int, ...] = (1, 2),
-                deepspeed: tuple[str, ...] = ("none", "zero2"), repeats: int = 2, seed: int = 0) -> dict:
+                deepspeed: tuple[str, ...] = ("none", "zero2"), repeats: int = 2, seed: int = 0,
+                lora: dict | None = None, max_length: int = 128) -> dict:
     """Samples/s: TRL direct vs Ray Train (1 worker, no DeepSpeed), and per (workers, deepspeed).
 
     Each figure is the median over `repeats` runs of `steps` optimizer steps (KTO, fp32 on CPU,
@@ -114,6 +116,7 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings,
     "spread": {"direct" | "<workers>x<deepspeed>": `pipeline.measure.spread` of the repeats' samples/s},
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
+    `lora` (the `train.lora` settings, as a dict) trains LoRA adapters on both sides, as the run would.
     """
     from pipeline.measure import PeakRSS, peak_memory, spread
     from pipeline.rundir import write_table
@@ -123,7 +126,7 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     path = resolve_model(model)
     table = synthetic_kto_table(rows, seed)
     base = dict(per_device_batch_size=per_device_batch_size, max_steps=steps, checkpoint_every=0,
-                max_length=128, logging_steps=steps, max_failures=0, cpus_per_worker=1)
+                max_length=max_length, logging_steps=steps, max_failures=0, cpus_per_worker=1, lora=lora)
     with tempfile.TemporaryDirectory(prefix="lv-train-bench-") as tmp:
         tmp = Path(tmp)
         write_table(table, tmp / "datasets" / "kto")
@@ -149,7 +152,7 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     ratio = statistics.median(ratios) if ratios else 0.0
     spreads = {"direct": spread(direct), **{k: spread(v) for k, v in ray.items()}}
     return {
-        "model": model, "rows": rows, "steps": steps, "warmup_steps": warmup,
+        "model": model, "lora": lora, "max_length": max_length, "rows": rows, "steps": steps, "warmup_steps": warmup,
         "per_device_batch_size": per_device_batch_size, "repeats": repeats,
         "direct_samples_per_second": spreads["direct"]["median"],
         "ray_samples_per_second": {k: spreads[k]["median"] for k in ray},

@@ -56,6 +56,14 @@ def test_two_batches_a_few_milliseconds_apart_give_no_steady_figure():
     assert steady_state([])["steady_tokens_per_s"] is None
 
 
+def test_batches_ending_microseconds_apart_at_the_end_are_one_wave():
+    """8 batches in flight together in one engine (Ray Data LLM's max_concurrent_batches) all end at
+    114.1 s, microseconds apart: a quarter of their mean gap is below a microsecond, so without a
+    floor each would be its own wave and the rate would read ~20 million tokens/s. One wave: refused."""
+    out = steady_state([(114.1 + i * 1e-6, 1400) for i in range(8)])
+    assert out["steady_tokens_per_s"] is None and out["steady_waves"] == 0 and "1 wave(s)" in out["steady_note"]
+
+
 def test_batches_completing_together_count_as_one_wave():
     """Two batches in flight together finish in pairs, 4 s apart: (10, 10.05), (14, 14.05), (18, 18.05),
     (22, 22.05), 400 tokens each. Pairs are waves; after the first: 6 x 400 = 2400 tokens over
@@ -195,3 +203,24 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
     assert out["workers"][1]["zero2_samples_per_s"]["median"] == 8.0
     assert out["ratio"] == 0.929 and out["ray_vs_direct_per_repeat"] == [0.9, 1.0, 0.929]
     assert set(out["memory"]) == {"driver_peak_rss_mib", "workers_peak_rss_mib", "worker_max_rss_mib", "gpu_peak_mib"}
+
+
+def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
+    """With `train.lora` in the config (configs/smollm2.yaml), the direct TRL run and every Ray
+    Train run get the same LoRA settings and max_length, so the ratio compares like for like."""
+    import pipeline.tinymodels
+    import training.bench
+
+    seen = []
+    monkeypatch.setattr(pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(training.bench, "direct_in_subprocess", lambda train, *args: seen.append(("direct", train)) or 10.0)
+    monkeypatch.setattr(training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
+    from cluster.bench import bench_train_stage
+
+    cfg = load_config(ROOT / "configs" / "smollm2.yaml")
+    out = bench_train_stage(cfg, [1], 1, lambda line: None, steps=20)
+    assert [side for side, _ in seen] == ["direct", "ray", "ray"]  # direct, then DDP and ZeRO-2
+    for _, train in seen:
+        assert train.lora is not None and train.lora.r == 16 and train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        assert train.max_length == 320 and train.max_steps == 20
+    assert out["lora"]["r"] == 16 and out["max_length"] == 320 and out["steps"] == 20 and out["ratio"] == 0.9
