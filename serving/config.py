@@ -21,6 +21,11 @@ class ServeConfig(Strict):
     base_model_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][\w.:-]*$")  # A/B: the untrained target
     host: str = "127.0.0.1"  # 0.0.0.0 to take requests from other machines
     port: int = Field(default=8000, ge=1, le=65535)
+    # Serve's HTTP proxies answer a request not finished in this time with a 408 (Ray's own default
+    # is no limit): a request whose replica's node dies mid-answer ends instead of hanging. End to
+    # end, streamed answers included: keep it above the longest generation serve.max_tokens allows.
+    # None: no limit.
+    request_timeout_s: float | None = Field(default=300, gt=0)
     min_replicas: int = Field(default=1, ge=0)  # per model; 0 lets an idle model scale to zero
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: int = Field(default=8, ge=1)  # autoscaling: in-flight requests per replica

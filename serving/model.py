@@ -125,7 +125,7 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
 
     from pipeline.processors import engine_kwargs
 
-    bundle: dict[str, float] = {"CPU": engine.num_cpus}
+    bundle: dict[str, float] = {"CPU": engine.num_cpus, **engine.resources}  # custom resources pin replicas to nodes
     if engine.num_gpus:
         bundle["GPU"] = engine.num_gpus
     return LLMConfig(

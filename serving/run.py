@@ -20,7 +20,7 @@ def start(plan: ServePlan) -> list[str]:
     from serving.marker import marker_app
 
     s = plan.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     apps = [serve.RunTarget(model_app(plan), name=MODEL_APP, route_prefix="/")]
     if s.marker:
         marker = marker_app(s.max_body_bytes, s.max_mark_answers, s.ingress_num_cpus, api_key_env=s.api_key_env)
