@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,21 @@ def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([*LOSSAVERSE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def stop_serve(proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Stop a `lossaverse serve` child started with start_new_session: SIGTERM (the command shuts
+    Serve, and an embedded Ray, down), then SIGKILL to whatever of its process group is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session")

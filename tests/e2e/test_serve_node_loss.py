@@ -15,8 +15,6 @@ cores: two vLLM CPU engines start (1-3 minutes, more under load), then the repla
 """
 
 import concurrent.futures
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -26,7 +24,7 @@ import httpx
 import pytest
 
 from pipeline.tinymodels import resolve_model
-from tests.conftest import LOSSAVERSE, ROOT
+from tests.conftest import LOSSAVERSE, ROOT, stop_serve
 from tests.multinode import MultiNode, driver_env, free_port
 
 pytestmark = pytest.mark.e2e
@@ -160,16 +158,7 @@ def test_a_lost_replica_node_costs_some_requests_none_hangs_and_a_replacement_ru
     finally:
         if load is not None:
             load.stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the command shuts Serve down on the cluster
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its process group is left
-        except ProcessLookupError:
-            pass
+        stop_serve(proc)  # on the cluster too: the command shuts its Serve apps down
 
     failed = [e for e in results if e[2] != 200]
     share = 1 - len(failed) / len(results)

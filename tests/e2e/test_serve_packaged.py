@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -88,16 +88,7 @@ def server(tmp_path_factory, smollm2_dir):
         print(f"\nserve configs/smollm2.yaml up in {time.perf_counter() - began:.0f}s")
         yield base, proc, log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the command shuts Serve and its embedded Ray down
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its process group is left
-        except ProcessLookupError:
-            pass
+        stop_serve(proc)
 
 
 @pytest.fixture(scope="module")

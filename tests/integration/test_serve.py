@@ -24,7 +24,7 @@ from pipeline.mark import mark_row
 from pipeline.prompts import TEMPLATES, render
 from pipeline.tinymodels import resolve_model
 from serving.model import ServeError, llm_config, plan_from_model_dir
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, stop_serve
 
 pytestmark = pytest.mark.integration
 
@@ -84,15 +84,7 @@ def server(tmp_path_factory):
             time.sleep(2)
         yield base, proc, log
     finally:
-        proc.send_signal(signal.SIGTERM)  # the command shuts Serve and its embedded Ray down
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its process group is left
-        except ProcessLookupError:
-            pass
+        stop_serve(proc)
 
 
 def _message(response: httpx.Response) -> str:
