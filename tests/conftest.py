@@ -21,9 +21,10 @@ def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([*LOSSAVERSE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def stop_serve(proc: subprocess.Popen, timeout: float = 90) -> None:
-    """Stop a `lossaverse serve` child started with start_new_session: SIGTERM (the command shuts
-    Serve, and an embedded Ray, down), then SIGKILL to whatever of its process group is left."""
+def stop_group(proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Stop a child started with start_new_session: SIGTERM (`lossaverse serve` shuts Serve, and an
+    embedded Ray, down; `ray start --block` stops what it started), a bounded wait, then SIGKILL to
+    whatever of its process group is left."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from pipeline.tinymodels import resolve_model
-from tests.conftest import LOSSAVERSE, ROOT, stop_serve
+from tests.conftest import LOSSAVERSE, ROOT, stop_group
 from tests.multinode import MultiNode, driver_env, free_port
 
 pytestmark = pytest.mark.e2e
@@ -158,7 +158,7 @@ def test_a_lost_replica_node_costs_some_requests_none_hangs_and_a_replacement_ru
     finally:
         if load is not None:
             load.stop.set()
-        stop_serve(proc)  # on the cluster too: the command shuts its Serve apps down
+        stop_group(proc)  # on the cluster too: the command shuts its Serve apps down
 
     failed = [e for e in results if e[2] != 200]
     share = 1 - len(failed) / len(results)

@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, stop_serve
+from tests.conftest import ROOT, stop_group
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +88,7 @@ def server(tmp_path_factory, smollm2_dir):
         print(f"\nserve configs/smollm2.yaml up in {time.perf_counter() - began:.0f}s")
         yield base, proc, log
     finally:
-        stop_serve(proc)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="module")

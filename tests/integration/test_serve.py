@@ -24,7 +24,7 @@ from pipeline.mark import mark_row
 from pipeline.prompts import TEMPLATES, render
 from pipeline.tinymodels import resolve_model
 from serving.model import ServeError, llm_config, plan_from_model_dir
-from tests.conftest import ROOT, run_cli, stop_serve
+from tests.conftest import ROOT, run_cli, stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def server(tmp_path_factory):
             time.sleep(2)
         yield base, proc, log
     finally:
-        stop_serve(proc)
+        stop_group(proc)
 
 
 def _message(response: httpx.Response) -> str:

@@ -3,7 +3,6 @@
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from cluster.config import ConfigError, load_config
 from cluster.submit import SubmitError, entrypoint, runtime_env
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +55,7 @@ def dashboard():
             time.sleep(1)
         yield address
     finally:
-        head.terminate()  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(head, timeout=60)  # `ray start --block` stops what it started
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
