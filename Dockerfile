@@ -13,6 +13,7 @@ RUN mkdir -p /home/ray/lossaverse && chown ray:users /home/ray/lossaverse
 USER ray
 WORKDIR /home/ray/lossaverse
 COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users lossaverse lossaverse
 COPY --chown=ray:users cluster cluster
 COPY --chown=ray:users pipeline pipeline
 COPY --chown=ray:users training training

@@ -22,11 +22,11 @@ ForceOpt = typer.Option(False, "--force", help="Re-run stages even if their outp
 
 
 def _execute(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]):
-    from cluster.config import load_config
-    from cluster.ray_env import init_ray, shutdown_ray
-    from cluster.stages import execute, execute_rounds
+    from lossaverse.cluster.config import load_config
+    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+    from lossaverse.cluster.stages import execute, execute_rounds
 
-    from pipeline.rundir import lock_run_dir
+    from lossaverse.pipeline.rundir import lock_run_dir
 
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
@@ -44,15 +44,15 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
 
 def _guard(fn):
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
-    from cluster.config import ConfigError
-    from cluster.stages import StageError
-    from pipeline.benchmarks import BenchmarkError
-    from pipeline.export import ExportError
-    from pipeline.schemas import SchemaError
-    from cluster.submit import SubmitError
-    from pipeline.processors import EngineFailed
-    from pipeline.rundir import RunDirLocked
-    from training.train import WorkersUnplaced
+    from lossaverse.cluster.config import ConfigError
+    from lossaverse.cluster.stages import StageError
+    from lossaverse.pipeline.benchmarks import BenchmarkError
+    from lossaverse.pipeline.export import ExportError
+    from lossaverse.pipeline.schemas import SchemaError
+    from lossaverse.cluster.submit import SubmitError
+    from lossaverse.pipeline.processors import EngineFailed
+    from lossaverse.pipeline.rundir import RunDirLocked
+    from lossaverse.training.train import WorkersUnplaced
 
     try:
         return fn()
@@ -65,7 +65,7 @@ def _guard(fn):
 def summary_table(run_dir: Path) -> Table:
     """The headline numbers of a run, read back from its run directory (a multi-round run: its
     last round's, then one row per round)."""
-    from pipeline.rundir import read_json
+    from lossaverse.pipeline.rundir import read_json
 
     table = Table(title=f"lossaverse run: {run_dir}")
     table.add_column("what")
@@ -107,7 +107,7 @@ def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
     """eval/results.json as summary rows: accuracy [95% CI] per model, then each model's paired
     difference from the untrained target [95% CI] with McNemar's p (the other pairs are in the
     report); `split` names where the items came from."""
-    from pipeline.evalstats import model_label, models_of
+    from lossaverse.pipeline.evalstats import model_label, models_of
 
     rows = []
     for name, r in models_of(results).items():
@@ -140,7 +140,7 @@ CompareOpt = typer.Option(None, "--compare", help="Train these methods side by s
 def run(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt,
         compare: Optional[str] = CompareOpt):
     """Every stage: items, generate, mark, datasets, train, evaluate (`rounds.count` times)."""
-    from cluster.stages import STAGE_NAMES
+    from lossaverse.cluster.stages import STAGE_NAMES
 
     _command(config, set + _compare_set(compare), STAGE_NAMES, force, address)
 
@@ -177,9 +177,9 @@ def mark(
         return
 
     def go():
-        from cluster.config import MarkConfig, RayConfig
-        from cluster.ray_env import init_ray, shutdown_ray
-        from cluster.stages import build_dataset_dir, mark_answers
+        from lossaverse.cluster.config import MarkConfig, RayConfig
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+        from lossaverse.cluster.stages import build_dataset_dir, mark_answers
 
         if out is None:
             raise FileNotFoundError("--answers needs --out DIR for the marked rows and datasets")
@@ -225,9 +225,9 @@ def tune(
     """Choose training settings on the validation items (benchmark.n_validation), never on eval."""
 
     def go():
-        from cluster.ray_env import init_ray, shutdown_ray
-        from cluster.tune import parse_grid, tune as run_tune
-        from cluster.config import load_config
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+        from lossaverse.cluster.tune import parse_grid, tune as run_tune
+        from lossaverse.cluster.config import load_config
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
@@ -256,7 +256,7 @@ def check(config: Path, set: list[str] = SetOpt):
     """Validate a config without running anything."""
 
     def go():
-        from cluster.config import load_config
+        from lossaverse.cluster.config import load_config
 
         cfg = load_config(config, set)
         console.print(f"ok: {config} (run directory {cfg.run_dir})")
@@ -293,7 +293,7 @@ def bench(
     cost_replicas: int = typer.Option(8, "--cost-replicas", help="cost model: engine replicas"),
 ):
     """Benchmark stages against their plain baselines in one run; write bench.json and a scaling plot."""
-    from cluster.bench import STAGES
+    from lossaverse.cluster.bench import STAGES
 
     if stage not in (*STAGES, "all"):
         err.print(f"[red]error:[/] unknown bench stage {stage!r}; valid: {', '.join((*STAGES, 'all'))}")
@@ -302,9 +302,9 @@ def bench(
     sweep_r, sweep_w, sweep_rows = _numbers(replicas, "--replicas"), _numbers(workers, "--workers"), _numbers(rows, "--rows")
 
     def go():
-        from cluster.bench import bench_table, run_bench
-        from cluster.config import load_config
-        from cluster.ray_env import init_ray, shutdown_ray
+        from lossaverse.cluster.bench import bench_table, run_bench
+        from lossaverse.cluster.config import load_config
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
 
         cfg = load_config(config, set)
         target = out or cfg.run_dir / "bench"
@@ -331,8 +331,8 @@ def serve(
     """Serve the trained target behind an OpenAI-compatible API (Ray Serve LLM), and the marker at POST /mark."""
 
     def go():
-        from cluster.serve import plan_for, serve_until_stopped
-        from serving.model import describe
+        from lossaverse.cluster.serve import plan_for, serve_until_stopped
+        from lossaverse.serving.model import describe
 
         plan = plan_for(target, base, set)  # every check before anything starts
         for line in describe(plan):
@@ -363,8 +363,8 @@ def submit(
     """Run CONFIG on a Ray cluster through the Ray Jobs API: stream the logs, print the job id and final status."""
 
     def go():
-        from cluster import submit as jobs
-        from cluster.config import load_config
+        from lossaverse.cluster import submit as jobs
+        from lossaverse.cluster.config import load_config
 
         cfg = load_config(config, set)  # a bad config fails here, before anything is uploaded
         jc = jobs.client(address)
@@ -392,7 +392,7 @@ def jobs_status(job_id: str, address: Optional[str] = JobAddressOpt):
     """The job's status, message and entrypoint."""
 
     def go():
-        from cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs
 
         d = jobs.info(jobs.client(address), job_id)
         console.print(f"{job_id}: {d.status.value}")
@@ -408,7 +408,7 @@ def jobs_logs(job_id: str, address: Optional[str] = JobAddressOpt, follow: bool 
     """The job's logs so far (or, with --follow, until it ends)."""
 
     def go():
-        from cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs
 
         jc = jobs.client(address)
         if follow:
@@ -424,7 +424,7 @@ def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt, wait: float =
     """Stop a running job."""
 
     def go():
-        from cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs
 
         jc = jobs.client(address)
         if not jobs.stop(jc, job_id):
@@ -441,7 +441,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     """Re-render RUN_DIR/report.md and its plots (RUN_DIR/report/*.png) from the stored Parquet and JSON alone."""
 
     def go():
-        from pipeline.report import render_report
+        from lossaverse.pipeline.report import render_report
 
         out = render_report(run_dir)
         console.print(summary_table(run_dir))
@@ -461,7 +461,7 @@ def export(
     """Release RUN_DIR's kto / pairs / negatives as a Hugging Face datasets folder with a dataset card."""
 
     def go():
-        from pipeline.export import export_run
+        from lossaverse.pipeline.export import export_run
 
         counts = export_run(run_dir, out_dir, force)
         console.print(", ".join(f"{name}: {rows} rows" for name, rows in counts.items()))

@@ -6,7 +6,7 @@ serving/config.py: serve); the ones of the run as a whole (rounds, submit) live 
 model forbids unknown keys, so a typo is an error that names the field. Defaults live in the
 models and nowhere else. `load_config(path, overrides)` applies `--set a.b=c` overrides before
 validation, so an override is checked exactly like a value written in the file. The stage
-models are re-exported: `from cluster.config import TrainConfig` works as before.
+models are re-exported: `from lossaverse.cluster.config import TrainConfig` works as before.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipeline.config import (  # noqa: F401 - re-exported: the run config's parts, importable from here
+from lossaverse.pipeline.config import (  # noqa: F401 - re-exported: the run config's parts, importable from here
     BenchmarkConfig,
     ConfigError,
     DatasetsConfig,
@@ -39,8 +39,8 @@ from pipeline.config import (  # noqa: F401 - re-exported: the run config's part
     errors_in,
     field_errors,
 )
-from serving.config import ServeConfig  # noqa: F401 - re-exported
-from training.config import LoraSettings, OnPolicyConfig, TrainConfig  # noqa: F401 - re-exported
+from lossaverse.serving.config import ServeConfig  # noqa: F401 - re-exported
+from lossaverse.training.config import LoraSettings, OnPolicyConfig, TrainConfig  # noqa: F401 - re-exported
 
 
 class RoundsConfig(Strict):
@@ -96,7 +96,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rounds: RoundsConfig = RoundsConfig()
-    # The round this config describes: set by the rounds loop (cluster.stages.execute_rounds).
+    # The round this config describes: set by the rounds loop (lossaverse.cluster.stages.execute_rounds).
     round: int = Field(default=1, ge=1)
     serve: ServeConfig = ServeConfig()
     submit: SubmitConfig = SubmitConfig()
@@ -126,7 +126,7 @@ class RunConfig(Strict):
     def style_for(self, ref: ModelRef | None = None) -> dict:
         """`ref`'s prompt style: its own `prompt_template`, `system_prompt` and `few_shot`, each
         falling back to `generate`'s (`generate`'s alone without `ref`); as keyword arguments of
-        pipeline.generate.PromptStyle."""
+        lossaverse.pipeline.generate.PromptStyle."""
         g = self.generate
 
         def own(field: str, default):

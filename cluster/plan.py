@@ -8,7 +8,7 @@ The check reasons per node, as Ray's scheduler does: a replica is placed whole o
 engine actor, or a STRICT_PACK placement group), bundle by bundle (PACK, SPREAD) or on distinct
 nodes (STRICT_SPREAD), so a replica bigger than any one node is refused while the same total
 spread over several nodes is accepted. On an autoscaling cluster the nodes it can still add count
-too (`cluster.ray_env.ray_nodes`): a plan that fits its maximum, not the nodes alive now, waits for them.
+too (`lossaverse.cluster.ray_env.ray_nodes`): a plan that fits its maximum, not the nodes alive now, waits for them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Placement:
 
 
 def placements(competitors: list) -> list[Placement]:
-    """One Placement per competitor (pipeline.generate.Competitor)."""
+    """One Placement per competitor (lossaverse.pipeline.generate.Competitor)."""
     out = []
     for c in competitors:
         if c.endpoint is not None:

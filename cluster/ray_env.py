@@ -130,7 +130,7 @@ def check_shared_storage(output_dir: str | Path, nodes: int, declared: bool, fs_
     it (Ray Data blocks, Ray Train checkpoints, the served model), so on a cluster that directory
     must be one path that every node mounts. On one machine any path is trivially shared; a
     cluster of several nodes on one host (tests) declares it with `ray.shared_storage`."""
-    from cluster.config import ConfigError
+    from lossaverse.cluster.config import ConfigError
 
     if nodes <= 1 or declared:
         return

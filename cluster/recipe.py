@@ -16,7 +16,7 @@ matches the config:
   into the round's model/ and checkpoints/, as a single-method run would.
 
 Fresh items come from a block of the train split that no round answers: the block after the
-validation items and the `rounds.count` rounds' blocks (`pipeline.benchmarks.load_items` with
+validation items and the `rounds.count` rounds' blocks (`lossaverse.pipeline.benchmarks.load_items` with
 round = rounds.count + round), so they never overlap the competitors' items or the eval split.
 """
 
@@ -29,18 +29,18 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.config import RunConfig, SamplingConfig
-from pipeline.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
-from pipeline.schemas import ITEMS, MARKED
+from lossaverse.cluster.config import RunConfig, SamplingConfig
+from lossaverse.pipeline.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
+from lossaverse.pipeline.schemas import ITEMS, MARKED
 
 ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
 
 
 def on_policy_items(cfg: RunConfig) -> pa.Table:
     """The fresh train items the SFT'd target answers (see the module docstring)."""
-    from pipeline.benchmarks import load_items
+    from lossaverse.pipeline.benchmarks import load_items
 
-    from pipeline.benchmarks import BenchmarkError
+    from lossaverse.pipeline.benchmarks import BenchmarkError
 
     block = cfg.rounds.count + cfg.round
     try:
@@ -73,8 +73,8 @@ def _record(folder: Path, fp: str, result: dict) -> dict:
 
 def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     """recipe/datasets/kto: the competitors' kto rows + the on-policy answers' kto rows, and stats."""
-    from pipeline.build import kto_table, label_counts, recommended_weights
-    from pipeline.divergence import split_shared_prefixes
+    from lossaverse.pipeline.build import kto_table, label_counts, recommended_weights
+    from lossaverse.pipeline.divergence import split_shared_prefixes
 
     own = kto_table(marked)
     divergence = None
@@ -106,7 +106,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     storage, fp)` trains one method; `answer_one(players, items, sampling, folder, fp)` generates the
     players' answers into folder/answers and marks them into folder/marked (the generate and mark
     stages' code), returning the mark summary. `datasets_fp` is the datasets stage's fingerprint."""
-    from pipeline.generate import _tokenizer
+    from lossaverse.pipeline.generate import _tokenizer
 
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"

@@ -1,10 +1,10 @@
 """`lossaverse serve` and the RayService entry point: a run config (or a model directory) -> the
-checked `serving.model.ServePlan`, then Ray, the Serve apps, and their shutdown.
+checked `lossaverse.serving.model.ServePlan`, then Ray, the Serve apps, and their shutdown.
 
 Here, not in serving/, because a run config is composed in this layer: serving/ knows only the
 settings it serves with (`serve`, the engine, `ray`). A RayService runs the model app through
-`cluster.serve:build_app` (args: `config` and `set`, or `model_dir`) and the marker through
-`serving.marker:build_app`.
+`lossaverse.cluster.serve:build_app` (args: `config` and `set`, or `model_dir`) and the marker through
+`lossaverse.serving.marker:build_app`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.config import RunConfig, load_config
-from pipeline.config import errors_in
-from serving.model import ServeError, ServePlan, model_app, plan_from_model_dir, plan_from_run
+from lossaverse.cluster.config import RunConfig, load_config
+from lossaverse.pipeline.config import errors_in
+from lossaverse.serving.model import ServeError, ServePlan, model_app, plan_from_model_dir, plan_from_run
 
 
 def plan_from_config(cfg: RunConfig) -> ServePlan:
@@ -62,14 +62,14 @@ def plan_from_args(args: dict | None) -> ServePlan:
     try:
         a = ModelAppArgs.model_validate(args or {})
     except ValidationError as exc:
-        raise ServeError(errors_in("cluster.serve:build_app args", exc)) from None
+        raise ServeError(errors_in("lossaverse.cluster.serve:build_app args", exc)) from None
     if a.config is not None:
         return plan_from_config(load_config(a.config, a.set))
     return plan_from_model_dir(a.model_dir, a.base_model, a.set)
 
 
 def build_app(args: dict):
-    """serveConfigV2 / `serve run` entry point: `cluster.serve:build_app`."""
+    """serveConfigV2 / `serve run` entry point: `lossaverse.cluster.serve:build_app`."""
     return model_app(plan_from_args(args))
 
 
@@ -80,8 +80,8 @@ def _interrupt(*_):
 def serve_until_stopped(plan: ServePlan, address: str | None, report: Callable[[str], None] = print) -> None:
     """Start Ray and the apps, report the URLs, block until SIGINT/SIGTERM, stop Serve and an
     embedded Ray."""
-    from cluster.ray_env import init_ray, shutdown_ray
-    from serving.run import start, stop
+    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+    from lossaverse.serving.run import start, stop
 
     report(init_ray(plan.ray, address))
     # After ray.init, which installs its own SIGTERM handler: SIGTERM must end in the cleanup below.

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from cluster.config import ConfigError, RunConfig
-from pipeline.evalstats import TRANSFER  # the transfer benchmark's split and results folder
-from pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
-from pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
+from lossaverse.cluster.config import ConfigError, RunConfig
+from lossaverse.pipeline.evalstats import TRANSFER  # the transfer benchmark's split and results folder
+from lossaverse.pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
+from lossaverse.pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
 
 
 RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
@@ -54,7 +54,7 @@ def _need(run_dir: Path, sub: str, stage: str) -> Path:
 
 
 def run_items(cfg: RunConfig, run_dir: Path) -> dict:
-    from pipeline.benchmarks import load_items
+    from lossaverse.pipeline.benchmarks import load_items
 
     items, quarantine = load_items(cfg.benchmark, cfg.seed, cfg.round)
     if items.num_rows == 0:
@@ -74,9 +74,9 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def competitors_of(cfg: RunConfig, refs: dict) -> list:
-    """Config model references -> pipeline.generate.Competitor, local engines resolved."""
-    from pipeline.generate import Competitor
-    from pipeline.tinymodels import resolve_model
+    """Config model references -> lossaverse.pipeline.generate.Competitor, local engines resolved."""
+    from lossaverse.pipeline.generate import Competitor
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     out = []
     for name, ref in refs.items():
@@ -91,7 +91,7 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
 
 def _style(cfg: RunConfig, ref=None):
     """The prompt style of model `ref` (its own settings over `generate`'s), or `generate`'s."""
-    from pipeline.generate import PromptStyle
+    from lossaverse.pipeline.generate import PromptStyle
 
     return PromptStyle(**cfg.style_for(ref))
 
@@ -99,8 +99,8 @@ def _style(cfg: RunConfig, ref=None):
 def target_prompts(cfg: RunConfig):
     """row -> the prompt as the target renders it (its chat template and prompt style), cached per
     item: training rows carry the target's rendering of each prompt, not the competitor's."""
-    from pipeline.generate import _tokenizer, build_prompt
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.generate import _tokenizer, build_prompt
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     style = _style(cfg, cfg.target)
     tokenizer = _tokenizer(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
@@ -116,8 +116,8 @@ def target_prompts(cfg: RunConfig):
 
 def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
     """Print which resources each competitor gets; refuse a plan the cluster cannot hold."""
-    from cluster.plan import PlanError, check_plan, placements
-    from cluster.ray_env import ray_nodes
+    from lossaverse.cluster.plan import PlanError, check_plan, placements
+    from lossaverse.cluster.ray_env import ray_nodes
 
     plan = placements(competitors)
     for p in plan:
@@ -130,7 +130,7 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
 
 def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, out: Path, fp: str) -> dict:
     """Plan, then generate every competitor's answers on `items` into `out` (resumable shards)."""
-    from pipeline.shards import generate_sharded
+    from lossaverse.pipeline.shards import generate_sharded
 
     report = REPORT.get()
     plan_generation(competitors, report)
@@ -170,7 +170,7 @@ def round_players(cfg: RunConfig) -> dict:
 
 
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
-    from pipeline.tinymodels import parameter_count
+    from lossaverse.pipeline.tinymodels import parameter_count
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
     competitors = competitors_of(cfg, round_players(cfg))
@@ -191,7 +191,7 @@ def mark_parquet(src: Path, dst: Path, batch_size: int, mark=None) -> int:
     MarkConfig) adds math-verify's timeout and the optional supervisory LLM."""
     import ray.data
 
-    from pipeline.mark import mark_dataset
+    from lossaverse.pipeline.mark import mark_dataset
 
     tmp = dst.with_name(f"{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -224,8 +224,8 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
         before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
     tokenizer = None
     if cfg.datasets.divergent_negatives:
-        from pipeline.generate import _tokenizer
-        from pipeline.tinymodels import resolve_model
+        from lossaverse.pipeline.generate import _tokenizer
+        from lossaverse.pipeline.tinymodels import resolve_model
 
         tokenizer = _tokenizer(resolve_model(cfg.target.path))
     return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
@@ -241,13 +241,13 @@ def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False,
     answers, with `labels` and the recommended KTO weights counted over everything accumulated.
     With `divergent_tokenizer` (the target's; `datasets.divergent_negatives`), this round's wrong
     kto rows are penalised only from where they depart from a right answer to the same prompt
-    (pipeline.divergence), and stats.json's `divergence` counts the tokens before and after.
+    (lossaverse.pipeline.divergence), and stats.json's `divergence` counts the tokens before and after.
     `prompt_of` (item row -> the target's prompt) renders the training rows' prompts."""
-    from pipeline.build import accumulate, build_datasets
+    from lossaverse.pipeline.build import accumulate, build_datasets
 
     built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed, prompt_of)
     if divergent_tokenizer is not None:
-        from pipeline.divergence import split_shared_prefixes
+        from lossaverse.pipeline.divergence import split_shared_prefixes
 
         built["kto"], counts = split_shared_prefixes(built["kto"], divergent_tokenizer)
         built["stats"] = {**built["stats"], "divergence": counts}
@@ -271,15 +271,15 @@ def trained_dirs(cfg: RunConfig, run_dir: Path, method: str) -> tuple[Path, Path
 
 def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     """Train the target with `train.method` (kto, dpo or sft) on datasets/, or with `train.recipe:
-    sft_then_kto` (cluster.recipe), then each method of `train.compare` from the untrained target on
+    sft_then_kto` (lossaverse.cluster.recipe), then each method of `train.compare` from the untrained target on
     the same data with the same step budget (when `max_steps` is unset, the budget is the steps the
     first method took; with the recipe, its SFT and KTO steps together); checks run before Ray
     Train starts."""
-    from pipeline.tinymodels import resolve_model
-    from training.train import console_line, train_model
-    from training.validate import target_parameters
+    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.training.train import console_line, train_model
+    from lossaverse.training.validate import target_parameters
 
-    from training.buildlocks import clear_stale_locks
+    from lossaverse.training.buildlocks import clear_stale_locks
 
     datasets = _need(run_dir, "datasets", "mark")
     model = resolve_model(cfg.target.path)
@@ -319,7 +319,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
         return mark_answers(folder / "answers", folder / "marked", cfg.mark.batch_size, cfg.mark)
 
     if recipe:
-        from cluster.recipe import run_recipe
+        from lossaverse.cluster.recipe import run_recipe
 
         results["kto"] = run_recipe(cfg, run_dir, model, train_one, answer_one, report, fp,
                                     stage_fingerprints(cfg)["datasets"])
@@ -347,8 +347,8 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
 def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     """The evaluated models: the untrained target (`target-base`), then each trained method
     (`target-kto`, `target-dpo`, ...)."""
-    from pipeline.generate import Competitor
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.generate import Competitor
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     engine = cfg.engine_for(cfg.target)
     style = _style(cfg, cfg.target)
@@ -373,13 +373,13 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     """The target before training and after each method on the eval split (`evaluate.split:
     validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
-    each pair's paired difference and McNemar p (pipeline.evalstats). With `evaluate.transfer`, a
+    each pair's paired difference and McNemar p (lossaverse.pipeline.evalstats). With `evaluate.transfer`, a
     second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
     per model) and scored apart into eval/transfer/results.json. report.md and its plots are
     rendered from the stored files."""
-    from pipeline.benchmarks import load_items
-    from pipeline.evalstats import evaluation_results, models_of
-    from pipeline.report import render_report
+    from lossaverse.pipeline.benchmarks import load_items
+    from lossaverse.pipeline.evalstats import evaluation_results, models_of
+    from lossaverse.pipeline.report import render_report
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
     if items.num_rows == 0:
@@ -478,8 +478,8 @@ def round_summary(cfg: RunConfig) -> dict:
     competitor's accuracy on the round's train items, and the round's `gain`: the trained target
     (`train.method`) against the untrained one in round 1, against the round before's trained
     target from round 2 on (paired on the same eval items)."""
-    from pipeline.evalstats import compare, item_scores, models_of
-    from pipeline.rundir import read_json
+    from lossaverse.pipeline.evalstats import compare, item_scores, models_of
+    from lossaverse.pipeline.rundir import read_json
 
     run_dir = cfg.run_dir
     results = read_json(run_dir / "eval" / "results.json")
@@ -513,7 +513,7 @@ def execute_rounds(cfg: RunConfig, names: list[str], force: bool = False, report
     report is re-rendered; with `rounds.stop_when_no_gain`, a round without a significant gain ends
     the loop. Completed rounds are skipped stage by stage, so an interrupted run continues where it
     stopped."""
-    from pipeline.report import render_report
+    from lossaverse.pipeline.report import render_report
 
     if cfg.rounds.count == 1:
         return execute(cfg, names, force, report)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cluster.config import RunConfig
+from lossaverse.cluster.config import RunConfig
 
 SUBMITTABLE = ("run", "generate", "mark", "train", "evaluate", "check")
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 import yaml
 
-from cluster.config import ConfigError, RunConfig, load_config
-from pipeline.rundir import read_json, write_json
+from lossaverse.cluster.config import ConfigError, RunConfig, load_config
+from lossaverse.pipeline.rundir import read_json, write_json
 
 
 def parse_grid(grid: list[str]) -> dict[str, list]:
@@ -49,9 +49,9 @@ def trial_name(combo: dict) -> str:
 
 
 def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
-    from pipeline.evalstats import item_scores
-    from pipeline.rundir import read_table
-    from pipeline.schemas import MARKED
+    from lossaverse.pipeline.evalstats import item_scores
+    from lossaverse.pipeline.rundir import read_table
+    from lossaverse.pipeline.schemas import MARKED
 
     return item_scores(read_table(trial_dir / "eval" / "marked", MARKED))[model]
 
@@ -59,7 +59,7 @@ def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
 def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, top: Path,
                report: Callable[[str], None]) -> tuple[RunConfig, dict]:
     """Train and evaluate one trial on the validation items; (its config, its entry of tune.json)."""
-    from cluster.stages import execute
+    from lossaverse.cluster.stages import execute
 
     tcfg: RunConfig = load_config(config, overrides + sets + [
         f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation", "evaluate.transfer=null", "train.compare=[]"])
@@ -97,8 +97,8 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     sft_then_kto`, its sft_steps + max_steps), and every trial gets its paired difference against
     each baseline on the same validation items (`vs`), so an ablation reads against SFT as well as
     against the untrained target."""
-    from cluster.stages import execute, stage_fingerprints
-    from pipeline.evalstats import compare
+    from lossaverse.cluster.stages import execute, stage_fingerprints
+    from lossaverse.pipeline.evalstats import compare
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:

@@ -18,19 +18,27 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from cluster.config import RunConfig
+    from lossaverse.cluster.config import RunConfig
 
 __all__ = ["load_config", "run", "mark", "results", "STAGES"]
 
-# Every stage of a run, in order (cluster.stages.STAGE_NAMES).
+# The stages' packages install inside this one (pyproject's package-dir: lossaverse.pipeline, ...). In
+# a source tree (a checkout on PYTHONPATH, or a Ray job's uploaded working_dir) they are the folders
+# beside it at the top of the repository: search there too, so that the tree's own code is imported
+# whether or not the project is installed. (A wheel has them inside: nothing is added.)
+_top = Path(__file__).resolve().parent.parent
+if not (Path(__path__[0]) / "pipeline").is_dir() and (_top / "pipeline" / "__init__.py").is_file():
+    __path__.append(str(_top))
+
+# Every stage of a run, in order (lossaverse.cluster.stages.STAGE_NAMES).
 STAGES = ("items", "generate", "mark", "datasets", "train", "evaluate")
 
 
 def load_config(config: str | Path, overrides: Iterable[str] = ()) -> "RunConfig":
     """Read a YAML run config, apply `KEY=VALUE` overrides (as `--set`), validate it.
 
-    Raises `cluster.config.ConfigError` naming the bad field."""
-    from cluster.config import load_config as _load
+    Raises `lossaverse.cluster.config.ConfigError` naming the bad field."""
+    from lossaverse.cluster.config import load_config as _load
 
     return _load(config, list(overrides))
 
@@ -45,10 +53,10 @@ def run(config: "str | Path | RunConfig", stages: Iterable[str] | None = None, *
     """
     import ray
 
-    from cluster.config import RunConfig
-    from cluster.ray_env import init_ray, shutdown_ray
-    from cluster.stages import STAGE_NAMES, execute, execute_rounds
-    from pipeline.rundir import lock_run_dir
+    from lossaverse.cluster.config import RunConfig
+    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+    from lossaverse.cluster.stages import STAGE_NAMES, execute, execute_rounds
+    from lossaverse.pipeline.rundir import lock_run_dir
 
     if isinstance(config, RunConfig):
         if overrides:
@@ -84,17 +92,17 @@ def mark(rows: "pa.Table | list[dict[str, Any]]", timeout_s: float = 5) -> "pa.T
     `rows`: a `pyarrow.Table` or a list of dicts with `kind` (numeric, math, choice, exact),
     `reference` and `completion`, and optionally `choices` (kind choice), `finish_reason`
     ("length": cut by the token limit), `question` and `id`. Each row is checked first
-    (`serving.marker.Answer`, as `POST /mark` does): a bad row raises ValueError naming its index
+    (`lossaverse.serving.marker.Answer`, as `POST /mark` does): a bad row raises ValueError naming its index
     and field. Returns the input rows, in order, with `correct`, `extracted`, `reason` and
     `marked_by` added.
     """
     import pyarrow as pa
     from pydantic import ValidationError
 
-    from pipeline.config import errors_in
-    from pipeline.mark import mark_table
-    from pipeline.schemas import ANSWERS
-    from serving.marker import Answer
+    from lossaverse.pipeline.config import errors_in
+    from lossaverse.pipeline.mark import mark_table
+    from lossaverse.pipeline.schemas import ANSWERS
+    from lossaverse.serving.marker import Answer
 
     if isinstance(rows, pa.Table):
         table = rows
@@ -129,7 +137,7 @@ def results(run_dir: str | Path) -> dict:
     `tune` where they exist, and `stages` (manifest.json: each finished stage's figures).
 
     Raises FileNotFoundError when `run_dir` holds no finished stage."""
-    from pipeline.rundir import read_json
+    from lossaverse.pipeline.rundir import read_json
 
     top = Path(run_dir)
     manifest = read_json(top / "manifest.json")

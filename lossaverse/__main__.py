@@ -1,6 +1,6 @@
 """`python -m lossaverse ...`: the command line, as the `lossaverse` script."""
 
-from cluster.cli import main
+from lossaverse.cluster.cli import main
 
 if __name__ == "__main__":
     main()

@@ -89,13 +89,13 @@ class ModelRef(Strict):
         if info.data.get("endpoint") is not None:
             return value  # the served model's name, checked by the server
         if value.startswith(TINY_PREFIX):
-            from pipeline.tinymodels import TINY_SIZES
+            from lossaverse.pipeline.tinymodels import TINY_SIZES
 
             size = value[len(TINY_PREFIX):]
             if size not in TINY_SIZES:
                 raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
             return value
-        from pipeline.pkgmodels import is_packaged, parse_reference
+        from lossaverse.pipeline.pkgmodels import is_packaged, parse_reference
 
         if is_packaged(value):
             parse_reference(value)  # syntax and alias only: the wheel is fetched when the model is first used
@@ -137,7 +137,7 @@ class RayConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    """Where items come from. `source` picks a loader from pipeline.benchmarks.LOADERS."""
+    """Where items come from. `source` picks a loader from lossaverse.pipeline.benchmarks.LOADERS."""
 
     source: str = "synthetic"
     name: str = "arith"
@@ -157,12 +157,12 @@ class BenchmarkConfig(Strict):
 
     @model_validator(mode="after")
     def _source_known(self) -> "BenchmarkConfig":
-        from pipeline.benchmarks import LOADERS
+        from lossaverse.pipeline.benchmarks import LOADERS
 
         if self.source not in LOADERS:
             raise ValueError(f"unknown benchmark source {self.source!r}; valid: {sorted(LOADERS)}")
         if self.source == "synthetic":
-            from pipeline.synthetic import FAMILIES
+            from lossaverse.pipeline.synthetic import FAMILIES
 
             if self.name not in FAMILIES:
                 raise ValueError(f"unknown synthetic benchmark name {self.name!r}; valid: {list(FAMILIES)}")

@@ -16,9 +16,9 @@ from collections import Counter
 import pyarrow as pa
 import yaml
 
-from pipeline.build import label_counts
-from pipeline.markversion import marker_info
-from pipeline.schemas import REASONS
+from lossaverse.pipeline.build import label_counts
+from lossaverse.pipeline.markversion import marker_info
+from lossaverse.pipeline.schemas import REASONS
 
 PROJECT_LICENSE = "apache-2.0"  # the project's own synthetic benchmarks and code
 # Licences of Hugging Face benchmarks the configs use, by dataset id (from each dataset's own card).

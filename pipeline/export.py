@@ -29,8 +29,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.datacard import render_card
-from pipeline.rundir import MANIFEST, read_json, read_table, replace_dir
+from lossaverse.pipeline.datacard import render_card
+from lossaverse.pipeline.rundir import MANIFEST, read_json, read_table, replace_dir
 
 DATASETS = ("kto", "pairs", "negatives")
 SPLIT = "train"

@@ -3,9 +3,9 @@
 Pure pieces: `build_prompt` (template, few-shot, chat template), `expand_requests` (one request per
 (item, sample) with its own seed), `answers_from_outputs` (processor output rows, successful or
 failed, -> `answers` rows). The Ray pieces: `processor_for` builds a processor over vLLM engines
-or an OpenAI-compatible endpoint (`pipeline.processors`), and
+or an OpenAI-compatible endpoint (`lossaverse.pipeline.processors`), and
 `stream_answers` unions every competitor's processor into one dataset and yields its rows as they
-finish, for `pipeline.shards` to write. An inference failure is a row with `error` set, never a
+finish, for `lossaverse.pipeline.shards` to write. An inference failure is a row with `error` set, never a
 lost row; an engine that keeps dying stops the job with its own error (`EngineFailed`).
 """
 
@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from pipeline.processors import EngineFailed, engine_error, http_processor, vllm_processor
-from pipeline.processors import engine_kwargs, http_config, vllm_config  # noqa: F401 (part of this module's interface)
-from pipeline.prompts import render, template_for
-from pipeline.schemas import ANSWERS, ITEMS, check
+from lossaverse.pipeline.processors import EngineFailed, engine_error, http_processor, vllm_processor
+from lossaverse.pipeline.processors import engine_kwargs, http_config, vllm_config  # noqa: F401 (part of this module's interface)
+from lossaverse.pipeline.prompts import render, template_for
+from lossaverse.pipeline.schemas import ANSWERS, ITEMS, check
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Competitor:
     name: str
     model: str  # local path / hub id, or the served model's name for an endpoint
     chat: bool = False
-    engine: Any = None  # pipeline.config.EngineConfig
-    endpoint: Any = None  # pipeline.config.EndpointConfig
+    engine: Any = None  # lossaverse.pipeline.config.EngineConfig
+    endpoint: Any = None  # lossaverse.pipeline.config.EndpointConfig
     params: int | None = None
     style: "PromptStyle | None" = None  # None: the job's (generate's) prompt style
 

@@ -139,7 +139,7 @@ def ablation_lines(tune: dict) -> list[str]:
 def kto_settings(files) -> tuple[float, float, float] | None:
     """(beta, lambda_D, lambda_U) the run's KTO was trained with, from its manifest; None if it
     trained no KTO."""
-    from pipeline.rundir import read_json
+    from lossaverse.pipeline.rundir import read_json
 
     cfg = files.manifest.get("config", {})
     train = cfg.get("train", {})

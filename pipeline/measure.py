@@ -1,6 +1,6 @@
 """What every benchmark measures with: the one home of the memory sampler, the timers and the
-arithmetic of repeated measurements, for `pipeline.genbench`, `pipeline.markbench`,
-`training.bench` and `cluster.bench` (pipeline is the lowest layer, so all of them may import it).
+arithmetic of repeated measurements, for `lossaverse.pipeline.genbench`, `lossaverse.pipeline.markbench`,
+`lossaverse.training.bench` and `lossaverse.cluster.bench` (pipeline is the lowest layer, so all of them may import it).
 
 - `PeakRSS`: peak memory of the driver, of the worker processes under it and on the GPU while a
   block runs; `peak_memory`: the largest of each of its figures over several runs.

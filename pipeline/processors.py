@@ -1,7 +1,7 @@
 """Ray Data LLM processors for the generate stage and the supervisory judge: vLLM engines and
 OpenAI-compatible endpoints, with the settings that keep a run going or stop it with a reason.
 
-- `engine_kwargs`: the one builder of vLLM engine arguments (also Ray Serve's, `serving.model`),
+- `engine_kwargs`: the one builder of vLLM engine arguments (also Ray Serve's, `lossaverse.serving.model`),
   chunked prefill off on CPU engines.
 - `vllm_processor`: a pool of exactly `concurrency` engines, each restarted at most
   `max_restarts` times; its rows carry the engine that produced them, and an engine that dies
@@ -22,7 +22,7 @@ _CPU_STEP_TOKENS = 2048
 
 def engine_kwargs(engine, prefix_caching: bool | None = False) -> dict:
     """EngineConfig -> vLLM engine arguments: the one builder behind the generate stage, the
-    supervisory judge's engine and Ray Serve's engine (`serving.model.llm_config`).
+    supervisory judge's engine and Ray Serve's engine (`lossaverse.serving.model.llm_config`).
 
     On CPU (num_gpus 0) chunked prefill is off. vLLM CPU 0.32 fails a seeded request whose prompt
     is split across engine steps ("CPU Generator does not use offset"), every request here is
@@ -123,7 +123,7 @@ def _tagged_engine_udf(competitor: str):
 
     - each output row is tagged by the engine that produced it: `engine_actor` (the replica's
       actor id, kept across restarts) and `engine_pid` (its process, new at each restart), from
-      which `pipeline.shards.Tally` counts the engines that actually ran;
+      which `lossaverse.pipeline.shards.Tally` counts the engines that actually ran;
     - when the engine dies, its own error (read from the end of the replica's log) is left in
       Ray's key-value store before the replica exits, for `stream_answers` to name if the job
       fails: the error Ray Data raises then only says that an actor died.

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from pipeline import lossaversion
-from pipeline.evalstats import TRANSFER, model_label, models_of
-from pipeline.rundir import read_json
+from lossaverse.pipeline import lossaversion
+from lossaverse.pipeline.evalstats import TRANSFER, model_label, models_of
+from lossaverse.pipeline.rundir import read_json
 
 RIGHT_REASONS = ("match", "llm_equal")  # reasons a right answer carries; every other reason is a wrong one
 # Training-log keys per panel, with the reader's name of each line. KTO logs the desirable

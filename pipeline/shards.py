@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.generate import answers_from_outputs
+from lossaverse.pipeline.generate import answers_from_outputs
 
 STATE = "_state.json"
 
@@ -262,7 +262,7 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     Returns per-competitor totals (rows, generated, resumed, tokens, errors, seconds, tokens/s).
     Raises RuntimeError if a shard came out incomplete (it never should: a failed prompt is a row).
     """
-    from pipeline.generate import stream_answers
+    from lossaverse.pipeline.generate import stream_answers
 
     work_dir, final_dir = Path(work_dir), Path(final_dir)
     if not work_dir.exists() and _state_of(final_dir) == fingerprint:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.config import Strict
+from lossaverse.pipeline.config import Strict
 
 
 class ServeConfig(Strict):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from pipeline.config import field_errors
+from lossaverse.pipeline.config import field_errors
 
 M = TypeVar("M", bound=BaseModel)
 

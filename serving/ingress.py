@@ -6,7 +6,7 @@ reaching an engine.
 
 ray.serve.llm has no request-size or field limits of its own (vLLM only refuses what exceeds the
 context), so this subclass is plugged in through `LLMServingArgs.ingress_cls_config`
-(`serving.ingress:CappedIngress`), the hook ray.serve.llm offers for a custom ingress. Routes are
+(`lossaverse.serving.ingress:CappedIngress`), the hook ray.serve.llm offers for a custom ingress. Routes are
 bound by method name, so each route the base class serves is overridden here to check the key.
 """
 
@@ -18,7 +18,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.requests import Request
 
-from serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
+from lossaverse.serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The exam marker as a Ray Serve service: `POST /mark` grades a batch of answers with the same
-code as the mark stage (`pipeline.mark.mark_row`), for evaluation loops outside lossaverse.
+code as the mark stage (`lossaverse.pipeline.mark.mark_row`), for evaluation loops outside lossaverse.
 
 Request: `{"answers": [{"kind", "reference", "completion", "choices"?, "finish_reason"?,
 "question"?, "id"?}, ...]}`. Response: `{"verdicts": [{"id", "correct", "extracted", "reason",
@@ -9,7 +9,7 @@ with a message; a replica never sees an unchecked row. With `api_key_env` (`serv
 request without `Authorization: Bearer <key>` gets 401.
 
 `build_app(args)` is the import path for `serve run` and a RayService's serveConfigV2
-(`serving.marker:build_app`, route_prefix `/mark`).
+(`lossaverse.serving.marker:build_app`, route_prefix `/mark`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
-from serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
+from lossaverse.serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
 
 
 class Answer(BaseModel):
@@ -40,7 +40,7 @@ class Answer(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        from pipeline.mark import GRADERS
+        from lossaverse.pipeline.mark import GRADERS
 
         if value not in GRADERS:
             raise ValueError(f"unknown kind {value!r}; valid: {sorted(GRADERS)}")
@@ -49,7 +49,7 @@ class Answer(BaseModel):
     @field_validator("choices")
     @classmethod
     def _at_most_26_options(cls, value: list[str] | None) -> list[str] | None:
-        from pipeline.prompts import LETTERS
+        from lossaverse.pipeline.prompts import LETTERS
 
         if value is not None and len(value) > len(LETTERS):
             raise ValueError(f"{len(value)} options; the marker reads option letters A-Z, so at most {len(LETTERS)}")
@@ -82,7 +82,7 @@ class MarkerArgs(BaseModel):
 
 def mark_answers(answers: list[Answer]) -> list[dict]:
     """Verdicts of `answers`, in order (pure; the mark stage's per-row grading)."""
-    from pipeline.mark import mark_row
+    from lossaverse.pipeline.mark import mark_row
 
     out = []
     for a in answers:
@@ -135,6 +135,6 @@ def marker_app(max_body_bytes: int, max_answers: int, num_cpus: float, num_repli
 
 
 def build_app(args: dict):
-    """serveConfigV2 / `serve run` entry point: `serving.marker:build_app`."""
+    """serveConfigV2 / `serve run` entry point: `lossaverse.serving.marker:build_app`."""
     a = MarkerArgs.model_validate(args or {})
     return marker_app(a.max_body_bytes, a.max_answers, a.num_cpus, a.num_replicas, a.api_key_env)

@@ -4,10 +4,10 @@
 `ServePlan` (model ids -> sources, engine, limits), checked before anything starts;
 `model_app(plan)` builds the application with `build_openai_app` (one `LLMConfig` per model: the
 trained target, and for A/B the untrained target beside it). A run config is read one layer up:
-`cluster.serve` (`plan_from_config`, and `build_app(args)`, the import path for `serve run` and a
-RayService's serveConfigV2, `cluster.serve:build_app`).
+`lossaverse.cluster.serve` (`plan_from_config`, and `build_app(args)`, the import path for `serve run` and a
+RayService's serveConfigV2, `lossaverse.cluster.serve:build_app`).
 
-The requests pass through `serving.ingress.CappedIngress` (API key, size, JSON, schema and caps
+The requests pass through `lossaverse.serving.ingress.CappedIngress` (API key, size, JSON, schema and caps
 on max_tokens, n, best_of, prompts per request and logprobs). ray.serve.llm (and vLLM behind it) is imported only when an app is built, so a plan that
 fails its checks fails in a second, before any engine code loads.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
-from serving.config import ServeConfig
+from lossaverse.pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
+from lossaverse.serving.config import ServeConfig
 
 
 class ServeError(ConfigError):
@@ -74,7 +74,7 @@ def plan_from_run(serve: ServeConfig, model_dir: Path, target: ModelRef, target_
                   ray: RayConfig) -> ServePlan:
     """Serve a run's trained target at `model_dir`, and with `serve.base_model_id` the untrained
     `target` beside it; the engine is the target's (`target_engine`) with `serve.engine` on top."""
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     models = {serve.model_id: str(Path(model_dir).expanduser().resolve())}
     if serve.base_model_id:
@@ -96,7 +96,7 @@ def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, ov
     """Serve a model directory; `overrides` set `serve.*` and `ray.*` (`serve.engine.kv_cache_gib=0.25`).
     `base_model` (a directory, hub id or `tiny:<size>`) is served beside it for A/B, as
     `serve.base_model_id` (default `base`)."""
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     data = apply_overrides({}, overrides or [])
     try:
@@ -123,7 +123,7 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
     """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
     from ray.serve.llm import LLMConfig
 
-    from pipeline.processors import engine_kwargs
+    from lossaverse.pipeline.processors import engine_kwargs
 
     bundle: dict[str, float] = {"CPU": engine.num_cpus, **engine.resources}  # custom resources pin replicas to nodes
     if engine.num_gpus:
@@ -152,7 +152,7 @@ def model_app(plan: ServePlan):
         {
             "llm_configs": [llm_config(mid, src, plan.engine, plan.serve) for mid, src in plan.models.items()],
             "ingress_cls_config": {
-                "ingress_cls": "serving.ingress:CappedIngress",
+                "ingress_cls": "lossaverse.serving.ingress:CappedIngress",
                 "ingress_extra_kwargs": {
                     "max_tokens": plan.max_tokens, "max_body_bytes": plan.serve.max_body_bytes, "max_n": plan.serve.max_n,
                     "max_prompts": plan.serve.max_prompts, "max_logprobs": plan.serve.max_logprobs,

@@ -1,14 +1,14 @@
 """Start the model app (and the marker) on the connected Ray's Serve, and stop them; `lossaverse
-serve` (cluster.serve) starts Ray, calls these and keeps the apps up until Ctrl-C or SIGTERM.
+serve` (lossaverse.cluster.serve) starts Ray, calls these and keeps the apps up until Ctrl-C or SIGTERM.
 
 Two Serve applications share one HTTP proxy: `lossaverse` (the OpenAI-compatible model API, route
 `/`, so `/v1/...`) and `marker` (route `/mark`). A RayService runs the same two through
-`cluster.serve:build_app` and `serving.marker:build_app`.
+`lossaverse.cluster.serve:build_app` and `lossaverse.serving.marker:build_app`.
 """
 
 from __future__ import annotations
 
-from serving.model import ServeError, ServePlan, model_app
+from lossaverse.serving.model import ServeError, ServePlan, model_app
 
 MODEL_APP, MARKER_APP = "lossaverse", "marker"
 
@@ -17,7 +17,7 @@ def start(plan: ServePlan) -> list[str]:
     """Deploy the apps on the connected Ray (waits until their replicas are up); return the URLs."""
     from ray import serve
 
-    from serving.marker import marker_app
+    from lossaverse.serving.marker import marker_app
 
     s = plan.serve
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSAVERSE = [sys.executable, "-m", "cluster.cli"]
+LOSSAVERSE = [sys.executable, "-m", "lossaverse"]
 
 
 def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:

@@ -2,13 +2,13 @@
 
 `bench_train` trains the same tiny model on the same rows with the same settings
 1. with TRL's trainer called directly in one process (no Ray, no DeepSpeed), and
-2. through Ray Train (`training.train.train_model`) with 1 and 2 workers, DDP over gloo
+2. through Ray Train (`lossaverse.training.train.train_model`) with 1 and 2 workers, DDP over gloo
    (`deepspeed: none`) and DeepSpeed ZeRO-2,
 and reports steady-state training samples/s for each. Steady state excludes start-up: the rate is
-taken from the trainer's own step timings (`training.worker.StepMetrics`: the time inside each
+taken from the trainer's own step timings (`lossaverse.training.worker.StepMetrics`: the time inside each
 optimizer step), leaving out the first `warmup` steps. The headline figure is Ray Train with one
 worker over the direct trainer (goal: at least 0.9). Each run's memory is sampled from the driver
-(`pipeline.measure.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
+(`lossaverse.pipeline.measure.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
 GPU memory where there is a GPU). Needs a running Ray (the caller's `init_ray`).
 """
 
@@ -25,8 +25,8 @@ GOAL = 0.9
 
 def synthetic_kto_table(rows: int, seed: int = 0) -> pa.Table:
     """KTO rows for the benchmark: synthetic problems, the stated answer right on even rows."""
-    from pipeline import synthetic
-    from pipeline.prompts import TEMPLATES, render
+    from lossaverse.pipeline import synthetic
+    from lossaverse.pipeline.prompts import TEMPLATES, render
 
     out = {"prompt": [], "completion": [], "label": []}
     for i, p in enumerate(synthetic.problems("train", rows, seed)):
@@ -51,9 +51,9 @@ def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, war
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.methods import get_method, method_args, peft_config
-    from training.train import shuffled
-    from training.worker import StepMetrics, training_args
+    from lossaverse.training.methods import get_method, method_args, peft_config
+    from lossaverse.training.train import shuffled
+    from lossaverse.training.worker import StepMetrics, training_args
 
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # what each worker gets
     metrics = StepMetrics(train.per_device_batch_size * train.gradient_accumulation_steps, None)
@@ -79,7 +79,7 @@ def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, 
 
     code = (
         "import json, sys, pyarrow.parquet as pq; from pathlib import Path; "
-        "from training.config import TrainConfig; from training.bench import direct_samples_per_second as f; "
+        "from lossaverse.training.config import TrainConfig; from lossaverse.training.bench import direct_samples_per_second as f; "
         "a = json.loads(sys.argv[1]); "
         "print(json.dumps(f(TrainConfig(**a['train']), a['model'], pq.read_table(a['data']), a['seed'], a['warmup'], Path(a['work']))))"
     )
@@ -97,7 +97,7 @@ def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, 
 def ray_samples_per_second(train, model: str, datasets: Path, seed: int, warmup: int, work: Path) -> float:
     import json
 
-    from training.train import train_model
+    from lossaverse.training.train import train_model
 
     train_model(train, model, datasets, work / "model", work / "checkpoints", seed, params=None)
     result = json.loads((work / "checkpoints" / "result.json").read_text())
@@ -114,14 +114,14 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     one CPU thread per worker). Returns {"direct_samples_per_second", "ray_samples_per_second":
     {"<workers>x<deepspeed>": samples/s}, "ray_vs_direct" (median of the per-repeat ratios of
     "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings,
-    "spread": {"direct" | "<workers>x<deepspeed>": `pipeline.measure.spread` of the repeats' samples/s},
+    "spread": {"direct" | "<workers>x<deepspeed>": `lossaverse.pipeline.measure.spread` of the repeats' samples/s},
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     `lora` (the `train.lora` settings, as a dict) trains LoRA adapters on both sides, as the run would.
     """
-    from pipeline.measure import PeakRSS, peak_memory, spread
-    from pipeline.rundir import write_table
-    from pipeline.tinymodels import resolve_model
-    from training.config import TrainConfig
+    from lossaverse.pipeline.measure import PeakRSS, peak_memory, spread
+    from lossaverse.pipeline.rundir import write_table
+    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.training.config import TrainConfig
 
     path = resolve_model(model)
     table = synthetic_kto_table(rows, seed)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import Strict
+from lossaverse.pipeline.config import Strict
 
 
 class LoraSettings(Strict):
@@ -34,7 +34,7 @@ class TrainConfig(Strict):
     """Training: method, loss settings, optimizer and step budget (shared by every method), reference
     model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
 
-    method: str = "kto"  # a key of training.methods.METHODS: kto | dpo | sft
+    method: str = "kto"  # a key of lossaverse.training.methods.METHODS: kto | dpo | sft
     # `single`: `method` alone. `sft_then_kto`: SFT on the desirable rows for `sft_steps`, the SFT'd
     # target answers fresh train items (`on_policy`, graded by the same marker), then KTO from the
     # SFT checkpoint (its reference is the SFT model) on those answers plus the competitors' for
@@ -92,7 +92,7 @@ class TrainConfig(Strict):
     @field_validator("method")
     @classmethod
     def _method_known(cls, value: str) -> str:
-        from training.methods import get_method
+        from lossaverse.training.methods import get_method
 
         get_method(value)
         return value
@@ -100,7 +100,7 @@ class TrainConfig(Strict):
     @field_validator("compare")
     @classmethod
     def _compare_known(cls, value: list[str]) -> list[str]:
-        from training.methods import get_method
+        from lossaverse.training.methods import get_method
 
         for method in value:
             get_method(method)
@@ -120,14 +120,14 @@ class TrainConfig(Strict):
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_known(cls, value: str) -> str:
-        from training.zero import deepspeed_config
+        from lossaverse.training.zero import deepspeed_config
 
         deepspeed_config(value)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        from training.zero import deepspeed_config, deepspeed_conflicts
+        from lossaverse.training.zero import deepspeed_config, deepspeed_conflicts
 
         if self.recipe == "sft_then_kto":
             if self.method != "kto":

@@ -1,19 +1,19 @@
 """The training step on one GPU, without Ray: TRL throughput and MFU, the memory planner, and the
 trainer's overhead over a plain PyTorch loop.
 
-    python -m training.gpubench --size 0.5b --out runs/gpubench     # on a GPU (bf16)
-    python -m training.gpubench --size tiny --out /tmp/gpubench     # anywhere (fp32 on CPU)
+    python -m lossaverse.training.gpubench --size 0.5b --out runs/gpubench     # on a GPU (bf16)
+    python -m lossaverse.training.gpubench --size tiny --out /tmp/gpubench     # anywhere (fp32 on CPU)
 
 Each run builds a Qwen2-architecture model from a config with random weights (no hub; `0.5b` is
 Qwen2-0.5B's shape, 494M parameters with tied embeddings) and trains it on synthetic rows whose
 prompt and completion fill `max_length` exactly (a word-level tokenizer: one word, one token).
 
-1. TRL, configured by the project: `TrainConfig` -> `training.worker.training_args` and
-   `training.methods.method_args` -> `Method.trainer`, timed by `training.worker.StepMetrics`
+1. TRL, configured by the project: `TrainConfig` -> `lossaverse.training.worker.training_args` and
+   `lossaverse.training.methods.method_args` -> `Method.trainer`, timed by `lossaverse.training.worker.StepMetrics`
    (synchronised with the GPU at each step's start and end). Variants: KTO with a frozen reference
    copy, with `precompute_ref_log_probs`, with LoRA, with both; SFT for comparison.
-2. Memory: the peak GPU memory of each run against `training.validate.check_memory` (which calls
-   `training.zero.model_state_gib`) for the same model, batch and method; `null` on CPU. The runs
+2. Memory: the peak GPU memory of each run against `lossaverse.training.validate.check_memory` (which calls
+   `lossaverse.training.zero.model_state_gib`) for the same model, batch and method; `null` on CPU. The runs
    use one GPU without DeepSpeed, where torch's AdamW keeps its two states in the weights' dtype
    (bf16): 2 + 2 + 4 bytes per trainable parameter where the planner counts DeepSpeed's 2 + 2 + 12,
    and the planner leaves out activations. `after_step_gpu_gib` (memory held between steps:
@@ -217,10 +217,10 @@ def trl_run(variant: str, model_dir: Path, spec: dict, seq_len: int, batch: int,
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from training.config import TrainConfig
-    from training.methods import get_method, method_args, peft_config
-    from training.validate import check_memory
-    from training.worker import StepMetrics, training_args
+    from lossaverse.training.config import TrainConfig
+    from lossaverse.training.methods import get_method, method_args, peft_config
+    from lossaverse.training.validate import check_memory
+    from lossaverse.training.worker import StepMetrics, training_args
 
     fields, extra = VARIANTS[variant]
     # Validated as a CPU config, then moved to the GPU: one GPU without DeepSpeed (bf16 weights, as
@@ -380,7 +380,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.gpubench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lossaverse.training.gpubench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--out", type=Path, required=True, help="folder for gpubench.json")
     parser.add_argument("--seq-lens", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,

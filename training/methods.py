@@ -5,7 +5,7 @@ trainer and config that run it. Every method gets the same model, optimizer sett
 budget from `train:`; only `method_args` differ.
 
 - kto: TRL `KTOTrainer` on datasets/kto (prompt, completion, label), unpaired binary feedback,
-  through `training.kto_nll.KTONLLTrainer` (TRL's loss plus `train.nll_weight` x the SFT loss of
+  through `lossaverse.training.kto_nll.KTONLLTrainer` (TRL's loss plus `train.nll_weight` x the SFT loss of
   the desirable rows; with 0, TRL's loss unchanged).
 - dpo: TRL `DPOTrainer` on datasets/pairs (prompt, chosen, rejected), same prompt, one right and one
   wrong answer (Rafailov et al., 2023).
@@ -21,7 +21,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schemas import KTO, PAIRS
+from lossaverse.pipeline.schemas import KTO, PAIRS
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _correct_only(table: pa.Table) -> pa.Table:
 
 METHODS: dict[str, Method] = {
     "kto": Method(
-        "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "training.kto_nll:KTONLLTrainer"), True, 2,
+        "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "lossaverse.training.kto_nll:KTONLLTrainer"), True, 2,
         _all, "datasets/kto is empty: mark some answers first (`lossaverse mark`)",
         lambda train: {"nll_weight": train.get("nll_weight", 0.0)},
     ),

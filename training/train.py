@@ -1,6 +1,6 @@
-"""The driver side of training: Ray Train's TorchTrainer around `training.worker.train_func`.
+"""The driver side of training: Ray Train's TorchTrainer around `lossaverse.training.worker.train_func`.
 
-`train_model` plans (training.validate: data, weights, memory; before any worker starts), lays out
+`train_model` plans (lossaverse.training.validate: data, weights, memory; before any worker starts), lays out
 the storage folder, runs the TorchTrainer with the ScalingConfig, FailureConfig and checkpoint
 settings from the config, prints each logged step as it happens, and moves the final model into
 place. Storage layout (`storage`, normally runs/<name>/checkpoints/):
@@ -25,8 +25,8 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
-from training.validate import TrainPlan, plan_training
+from lossaverse.pipeline.config import ConfigError
+from lossaverse.training.validate import TrainPlan, plan_training
 
 RAY_RUN = "ray_train"
 
@@ -60,7 +60,7 @@ def prepare_storage(storage: Path, fingerprint: str, resume: bool) -> bool:
 
 
 def launch_config(plan: TrainPlan, train, model: str, storage: Path, out_tmp: Path, seed: int) -> dict:
-    """The worker's whole input (training.worker.train_func reads nothing else)."""
+    """The worker's whole input (lossaverse.training.worker.train_func reads nothing else)."""
     return {
         "method": plan.method,
         "method_args": plan.method_args,
@@ -82,7 +82,7 @@ def torch_trainer(train, loop_config: dict, storage: Path):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from training.worker import train_func
+    from lossaverse.training.worker import train_func
 
     if train.start_timeout_s is not None:  # read by Ray Train's controller, started from this process
         os.environ[START_TIMEOUT_ENV] = f"{train.start_timeout_s:g}"

@@ -1,6 +1,6 @@
 """What each Ray Train worker runs: `train_func(config)`, one TRL trainer per worker.
 
-Everything the worker needs comes in `config` (built by training.train.launch_config). Sharding
+Everything the worker needs comes in `config` (built by lossaverse.training.train.launch_config). Sharding
 is the trainer's distributed sampler only (every worker reads the whole Parquet file; no Ray
 dataset shards), so every rank runs the same number of steps; with an uneven row count the sampler
 wraps around to fill the last global batch.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pipeline.rundir import write_json
+from lossaverse.pipeline.rundir import write_json
 
 
 class WorkerStatus:
@@ -116,7 +116,7 @@ class ReportCheckpoints(TrainerCallback):
 
 def training_args(t: dict, seed: int, output_dir: str) -> dict:
     """The TrainingArguments every method shares: same optimizer settings and step budget."""
-    from training.zero import deepspeed_config
+    from lossaverse.training.zero import deepspeed_config
 
     return dict(
         output_dir=output_dir,
@@ -173,8 +173,8 @@ def train_func(config: dict) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import save_final
-    from training.methods import get_method, peft_config
+    from lossaverse.training.export import save_final
+    from lossaverse.training.methods import get_method, peft_config
 
     t = config["train"]
     ctx = ray.train.get_context()

@@ -9,8 +9,8 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors
 
-from pipeline.rundir import read_table
-from pipeline.schemas import ANSWERS
+from lossaverse.pipeline.rundir import read_table
+from lossaverse.pipeline.schemas import ANSWERS
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e

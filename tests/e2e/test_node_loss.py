@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.rundir import read_table
-from pipeline.schemas import ANSWERS
+from lossaverse.pipeline.rundir import read_table
+from lossaverse.pipeline.schemas import ANSWERS
 from tests.conftest import MULTINODE_NODES, ROOT
 from tests.multinode import Job
 

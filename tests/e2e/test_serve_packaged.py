@@ -58,7 +58,7 @@ def _run_dir_with_model(out: Path, model_dir: str) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> str:
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     return resolve_model(REF)  # fetched and converted on first use, then cached
 
@@ -70,7 +70,7 @@ def server(tmp_path_factory, smollm2_dir):
     port = _free_port()
     log = out / "serve.log"
     sets = [f"output_dir={out}", f"serve.port={port}", f"serve.max_tokens={CAP}", "serve.marker=false"]
-    argv = [sys.executable, "-m", "cluster.cli", "serve", str(ROOT / "configs" / "smollm2.yaml")]
+    argv = [sys.executable, "-m", "lossaverse", "serve", str(ROOT / "configs" / "smollm2.yaml")]
     for s in sets:
         argv += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -108,7 +108,7 @@ def _ids(encoded) -> list[int]:
 
 
 def test_the_packaged_target_is_served_beside_the_trained_model(tmp_path, smollm2_dir):
-    from cluster.serve import plan_for
+    from lossaverse.cluster.serve import plan_for
 
     out = _run_dir_with_model(tmp_path, smollm2_dir)
     plan = plan_for(ROOT / "configs" / "smollm2.yaml", None, [f"output_dir={out}", "serve.base_model_id=base"])

@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
-from pipeline.benchmarks import load_items
-from pipeline.generate import Competitor, PromptStyle, _tokenizer
-from pipeline.processors import EngineFailed
-from pipeline.rundir import read_table
-from pipeline.schemas import ANSWERS
-from pipeline.shards import generate_sharded
-from pipeline.tinymodels import resolve_model
+from lossaverse.cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
+from lossaverse.pipeline.benchmarks import load_items
+from lossaverse.pipeline.generate import Competitor, PromptStyle, _tokenizer
+from lossaverse.pipeline.processors import EngineFailed
+from lossaverse.pipeline.rundir import read_table
+from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.shards import generate_sharded
+from lossaverse.pipeline.tinymodels import resolve_model
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from cluster.config import JudgeConfig
-from pipeline.mark import mark_dataset, mark_table
-from pipeline.schemas import ANSWERS, MARKED, check
+from lossaverse.cluster.config import JudgeConfig
+from lossaverse.pipeline.mark import mark_dataset, mark_table
+from lossaverse.pipeline.schemas import ANSWERS, MARKED, check
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,9 @@ injection is never sent to it."""
 import pyarrow as pa
 import pytest
 
-from cluster.config import EngineConfig, JudgeConfig
-from pipeline.mark import mark_dataset, mark_table
-from pipeline.schemas import ANSWERS, MARKED, check
+from lossaverse.cluster.config import EngineConfig, JudgeConfig
+from lossaverse.pipeline.mark import mark_dataset, mark_table
+from lossaverse.pipeline.schemas import ANSWERS, MARKED, check
 
 pytestmark = pytest.mark.integration
 

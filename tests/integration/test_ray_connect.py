@@ -60,7 +60,7 @@ def ray_head():
 
 def test_connects_to_the_given_address(ray_head):
     code = (
-        "import ray; from cluster.config import RayConfig; from cluster.ray_env import init_ray;"
+        "import ray; from lossaverse.cluster.config import RayConfig; from lossaverse.cluster.ray_env import init_ray;"
         f"print(init_ray(RayConfig(num_cpus=1), {ray_head!r})); print(int(ray.cluster_resources()['CPU']))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -17,13 +17,13 @@ import httpx
 import openai
 import pytest
 
-from cluster.config import ConfigError
-from cluster.serve import build_app, plan_from_args
-from pipeline import synthetic
-from pipeline.mark import mark_row
-from pipeline.prompts import TEMPLATES, render
-from pipeline.tinymodels import resolve_model
-from serving.model import ServeError, llm_config, plan_from_model_dir
+from lossaverse.cluster.config import ConfigError
+from lossaverse.cluster.serve import build_app, plan_from_args
+from lossaverse.pipeline import synthetic
+from lossaverse.pipeline.mark import mark_row
+from lossaverse.pipeline.prompts import TEMPLATES, render
+from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.serving.model import ServeError, llm_config, plan_from_model_dir
 from tests.conftest import ROOT, run_cli, stop_group
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     sets = [*CPU_ENGINE, f"serve.port={port}", f"serve.max_tokens={CAP}", f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}",
             f"serve.max_n={MAX_N}", f"serve.max_prompts={MAX_PROMPTS}", f"serve.max_logprobs={MAX_LOGPROBS}", f"serve.api_key_env={KEY_ENV}"]
-    argv = [sys.executable, "-m", "cluster.cli", "serve", resolve_model("tiny:small"), "--base", "tiny:large"]
+    argv = [sys.executable, "-m", "lossaverse", "serve", resolve_model("tiny:small"), "--base", "tiny:large"]
     for s in sets:
         argv += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}

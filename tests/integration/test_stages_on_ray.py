@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from cluster.stages import mark_parquet
-from pipeline.rundir import read_table, write_table
-from pipeline.schemas import ANSWERS, MARKED
+from lossaverse.cluster.stages import mark_parquet
+from lossaverse.pipeline.rundir import read_table, write_table
+from lossaverse.pipeline.schemas import ANSWERS, MARKED
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.config import ConfigError, load_config
-from cluster.submit import SubmitError, entrypoint, runtime_env
+from lossaverse.cluster.config import ConfigError, load_config
+from lossaverse.cluster.submit import SubmitError, entrypoint, runtime_env
 from tests.conftest import ROOT, run_cli, stop_group
 
 pytestmark = pytest.mark.integration

@@ -17,13 +17,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cluster.config import TrainConfig, load_config
-from cluster.stages import execute, stage_fingerprints
-from pipeline.tinymodels import resolve_model
+from lossaverse.cluster.config import TrainConfig, load_config
+from lossaverse.cluster.stages import execute, stage_fingerprints
+from lossaverse.pipeline.tinymodels import resolve_model
 from tests.conftest import ROOT
 from tests.unit.test_train import make_datasets
-from training.train import train_model
-from training.validate import target_parameters
+from lossaverse.training.train import train_model
+from lossaverse.training.validate import target_parameters
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import lossaverse as lv
-from cluster.config import ConfigError
+from lossaverse.cluster.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,10 @@ import time
 import matplotlib.image as mpimg
 from rich.console import Console
 
-from cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
-from cluster.config import load_config
-from pipeline.measure import PeakRSS, Timer, peak_memory, ratio, spread
-from pipeline.shards import MIN_WAVES, Tally, steady_state
+from lossaverse.cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
+from lossaverse.cluster.config import load_config
+from lossaverse.pipeline.measure import PeakRSS, Timer, peak_memory, ratio, spread
+from lossaverse.pipeline.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
 
@@ -187,15 +187,15 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
     """Direct TRL 10, 12, 14 samples/s; Ray Train, 1 worker, DDP 9, 12, 13; ZeRO-2 8 each time.
     Medians 12 and 12; per-repeat ratios 0.9, 1.0, 0.929 -> median 0.929. The table's spreads are
     those of the repeats, not a median repeated."""
-    import pipeline.tinymodels
-    import training.bench
+    import lossaverse.pipeline.tinymodels
+    import lossaverse.training.bench
 
     direct, ddp = iter([10.0, 12.0, 14.0]), iter([9.0, 12.0, 13.0])
-    monkeypatch.setattr(pipeline.tinymodels, "resolve_model", lambda path: path)
-    monkeypatch.setattr(training.bench, "direct_in_subprocess", lambda *args: next(direct))
-    monkeypatch.setattr(training.bench, "ray_samples_per_second",
+    monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda *args: next(direct))
+    monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second",
                         lambda train, *args: next(ddp) if train.deepspeed == "none" else 8.0)
-    from cluster.bench import bench_train_stage
+    from lossaverse.cluster.bench import bench_train_stage
 
     out = bench_train_stage(load_config(ROOT / "configs" / "local.yaml"), [1], 3, lambda line: None)
     assert out["baseline"]["samples_per_s"] == {"median": 12.0, "min": 10.0, "max": 14.0, "n": 3}
@@ -208,14 +208,14 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
 def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
     """With `train.lora` in the config (configs/smollm2.yaml), the direct TRL run and every Ray
     Train run get the same LoRA settings and max_length, so the ratio compares like for like."""
-    import pipeline.tinymodels
-    import training.bench
+    import lossaverse.pipeline.tinymodels
+    import lossaverse.training.bench
 
     seen = []
-    monkeypatch.setattr(pipeline.tinymodels, "resolve_model", lambda path: path)
-    monkeypatch.setattr(training.bench, "direct_in_subprocess", lambda train, *args: seen.append(("direct", train)) or 10.0)
-    monkeypatch.setattr(training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
-    from cluster.bench import bench_train_stage
+    monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda train, *args: seen.append(("direct", train)) or 10.0)
+    monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
+    from lossaverse.cluster.bench import bench_train_stage
 
     cfg = load_config(ROOT / "configs" / "smollm2.yaml")
     out = bench_train_stage(cfg, [1], 1, lambda line: None, steps=20)

@@ -5,9 +5,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import BenchmarkConfig
-from pipeline.benchmarks import BenchmarkError, load_items
-from pipeline.schemas import ITEMS
+from lossaverse.cluster.config import BenchmarkConfig
+from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
+from lossaverse.pipeline.schemas import ITEMS
 
 
 def test_synthetic_is_deterministic_by_seed():

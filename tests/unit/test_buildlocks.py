@@ -3,7 +3,7 @@ import time
 
 from torch.utils.file_baton import FileBaton
 
-from training.buildlocks import clear_stale_locks, extensions_root
+from lossaverse.training.buildlocks import clear_stale_locks, extensions_root
 
 
 def test_a_lock_left_by_a_killed_build_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):

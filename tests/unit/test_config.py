@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config
+from lossaverse.cluster.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_each_model_has_its_own_prompt_style_over_generates():
-    from cluster.config import RunConfig
+    from lossaverse.cluster.config import RunConfig
 
     cfg = RunConfig.model_validate({
         "name": "styles",

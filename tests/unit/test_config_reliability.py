@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from cluster.config import EngineConfig, ServeConfig, TrainConfig
+from lossaverse.cluster.config import EngineConfig, ServeConfig, TrainConfig
 
 
 def test_gpu_training_without_deepspeed_is_refused_as_bf16_without_master_weights():

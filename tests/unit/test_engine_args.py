@@ -2,9 +2,9 @@
 Serve: chunked prefill off on CPU (vLLM CPU 0.32 crashes on a split seeded prompt), engine pools
 pinned to the configured size, restarts bounded."""
 
-from cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
-from pipeline.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
-from pipeline.tinymodels import resolve_model
+from lossaverse.cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
+from lossaverse.pipeline.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
+from lossaverse.pipeline.tinymodels import resolve_model
 
 
 def test_cpu_engines_never_split_a_prompt_and_gpu_engines_keep_vllms_default():
@@ -18,7 +18,7 @@ def test_cpu_engines_never_split_a_prompt_and_gpu_engines_keep_vllms_default():
 
 
 def test_the_stage_the_judge_and_serving_build_the_same_engine_arguments(monkeypatch):
-    from serving.model import llm_config
+    from lossaverse.serving.model import llm_config
 
     engine = EngineConfig(max_model_len=128, kv_cache_gib=0.25)
     built = engine_kwargs(engine)
@@ -28,13 +28,13 @@ def test_the_stage_the_judge_and_serving_build_the_same_engine_arguments(monkeyp
     assert {k: served.get(k) for k in built if k != "enable_prefix_caching"} == {k: v for k, v in built.items() if k != "enable_prefix_caching"}
     assert "enable_prefix_caching" not in served  # serving leaves prefix caching to vLLM
 
-    import pipeline.processors
-    from pipeline import judge
+    import lossaverse.pipeline.processors
+    from lossaverse.pipeline import judge
 
     built = {}
-    monkeypatch.setattr(pipeline.processors, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
+    monkeypatch.setattr(lossaverse.pipeline.processors, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
     cfg = JudgeConfig(enabled=True, model=ModelRef(path="tiny:small"), engine=engine)
-    monkeypatch.setattr("pipeline.tinymodels.resolve_model", lambda path: resolve_model("tiny:small"))
+    monkeypatch.setattr("lossaverse.pipeline.tinymodels.resolve_model", lambda path: resolve_model("tiny:small"))
     judge.processor(cfg)
     assert built["engine"] is engine
 
@@ -56,7 +56,7 @@ def test_the_engines_own_error_is_read_from_its_log():
 
 
 def test_the_manifest_counts_the_engines_that_ran_and_their_restarts():
-    from pipeline.shards import Tally
+    from lossaverse.pipeline.shards import Tally
 
     t = Tally(total=4, engines_asked=2)
     for actor, pid in [("a", 10), ("a", 10), ("a", 11), ("b", 20)]:  # actor a restarted once (a new process)

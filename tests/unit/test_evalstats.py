@@ -6,8 +6,8 @@ import random
 import pyarrow as pa
 import pytest
 
-from pipeline.evalstats import compare, default_order, evaluation_results, item_scores, model_accuracy, model_label, models_of
-from pipeline.schemas import MARKED
+from lossaverse.pipeline.evalstats import compare, default_order, evaluation_results, item_scores, model_accuracy, model_label, models_of
+from lossaverse.pipeline.schemas import MARKED
 
 
 def marked(verdicts: dict[str, list], samples: int = 1) -> pa.Table:

@@ -13,17 +13,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cluster.cli import app
-from cluster.config import load_config
-from cluster.stages import build_dataset_dir, stage_fingerprints
-from pipeline.benchmarks import load_items
-from pipeline.datacard import benchmark_source, size_category
-from pipeline.export import DATASETS, ExportError, export_run
-from pipeline.mark import mark_table
-from pipeline.markversion import marker_version
-from pipeline.prompts import render, template_for
-from pipeline.rundir import Manifest, read_table, write_table
-from pipeline.schemas import ANSWERS
+from lossaverse.cluster.cli import app
+from lossaverse.cluster.config import load_config
+from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
+from lossaverse.pipeline.benchmarks import load_items
+from lossaverse.pipeline.datacard import benchmark_source, size_category
+from lossaverse.pipeline.export import DATASETS, ExportError, export_run
+from lossaverse.pipeline.mark import mark_table
+from lossaverse.pipeline.markversion import marker_version
+from lossaverse.pipeline.prompts import render, template_for
+from lossaverse.pipeline.rundir import Manifest, read_table, write_table
+from lossaverse.pipeline.schemas import ANSWERS
 
 CONFIG = ("name: exp\ncompetitors: {large: {path: 'tiny:large'}, small: {path: 'tiny:small'}}\n"
           "target: {path: 'tiny:small'}\nseed: 7\nbenchmark: {n_train: 12, n_eval: 4}\n")

@@ -1,8 +1,8 @@
 import pyarrow as pa
 
-from cluster.config import BenchmarkConfig, SamplingConfig
-from pipeline.benchmarks import load_items
-from pipeline.generate import (
+from lossaverse.cluster.config import BenchmarkConfig, SamplingConfig
+from lossaverse.pipeline.benchmarks import load_items
+from lossaverse.pipeline.generate import (
     PromptStyle,
     answers_from_outputs,
     build_prompt,
@@ -12,8 +12,8 @@ from pipeline.generate import (
     http_output,
     http_payload,
 )
-from pipeline.schemas import ANSWERS
-from pipeline.tinymodels import build_tokenizer
+from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.tinymodels import build_tokenizer
 
 
 def _items(n=3):

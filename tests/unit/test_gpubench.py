@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from training import gpubench
-from training.gpubench import PLAIN_EXTRA_FORWARDS, VARIANTS, main, mfu
+from lossaverse.training import gpubench
+from lossaverse.training.gpubench import PLAIN_EXTRA_FORWARDS, VARIANTS, main, mfu
 
 GIB = 2**30
 PEAK_TFLOPS = 1.0  # CPU has no known peak; with one given, MFU is computed and can be checked

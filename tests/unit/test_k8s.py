@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ import yaml
 from jsonschema import Draft7Validator
 from typer._click import ClickException  # typer ships its own click
 
-from cluster.cli import app
-from cluster.config import load_config
+from lossaverse.cluster.cli import app
+from lossaverse.cluster.config import load_config
 from tests.conftest import ROOT
 
 SCHEMAS = ROOT / "tests" / "schemas" / "kuberay"
@@ -88,7 +89,7 @@ def serve_apps(doc: dict) -> list[dict]:
 
 
 def model_app_config(app_cfg: dict):
-    from cluster.serve import ModelAppArgs
+    from lossaverse.cluster.serve import ModelAppArgs
 
     args = ModelAppArgs.model_validate(app_cfg.get("args") or {})
     return load_config(in_image(args.config), args.set)
@@ -235,7 +236,7 @@ def test_entrypoints_run_real_commands_on_existing_valid_configs(k):
 def test_serve_config_imports_and_takes_its_args(k):
     import importlib
 
-    from serving.marker import MarkerArgs
+    from lossaverse.serving.marker import MarkerArgs
 
     (doc,) = [d for d in ray_docs(k) if d["kind"] == "RayService"]
     apps = serve_apps(doc)
@@ -244,9 +245,9 @@ def test_serve_config_imports_and_takes_its_args(k):
         module, _, attr = a["import_path"].partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), a["import_path"]
     by_path = {a["import_path"]: a for a in apps}
-    assert by_path["serving.marker:build_app"]["route_prefix"] == "/mark"
-    MarkerArgs.model_validate(by_path["serving.marker:build_app"].get("args") or {})
-    cfg = model_app_config(by_path["cluster.serve:build_app"])
+    assert by_path["lossaverse.serving.marker:build_app"]["route_prefix"] == "/mark"
+    MarkerArgs.model_validate(by_path["lossaverse.serving.marker:build_app"].get("args") or {})
+    cfg = model_app_config(by_path["lossaverse.cluster.serve:build_app"])
     assert cfg.output_dir.startswith("/mnt/runs")
 
 
@@ -274,7 +275,7 @@ def test_gpu_overlay_has_the_gpus_its_config_needs():
             if doc["metadata"]["name"] == "lossaverse-train":
                 assert cluster_spec(doc)["workerGroupSpecs"][0]["replicas"] >= 2, "training alone is multi-node"
         else:
-            (model,) = [a for a in serve_apps(doc) if a["import_path"] == "cluster.serve:build_app"]
+            (model,) = [a for a in serve_apps(doc) if a["import_path"] == "lossaverse.cluster.serve:build_app"]
             cfg = model_app_config(model)
             engine = cfg.engine_for(cfg.target)
             per_replica = engine.bundles_per_replica * engine.num_gpus
@@ -308,6 +309,10 @@ def test_dockerfile_builds_what_the_manifests_use():
         for src in sources.split():
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "configs" in " ".join(copied), "the image must carry configs/ (the manifests name them)"
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {setuptools["package-dir"].get(pkg, pkg.replace(".", "/")) for pkg in setuptools["packages"]}
+    missing = folders - {src for sources in copied for src in sources.split()}
+    assert not missing, f"the image installs the package but lacks its folders {sorted(missing)}"
     extras = set(re.findall(r"^(\w+) = \[", (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0], re.M))
     assert re.search(r"^ARG EXTRA=(\w+)", DOCKERFILE, re.M).group(1) in extras and "cpu" in extras
     users = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.M)

@@ -1,9 +1,9 @@
-"""The NLL term of training.kto_nll: the loss moves by exactly nll_weight x the desirable rows' NLL."""
+"""The NLL term of lossaverse.training.kto_nll: the loss moves by exactly nll_weight x the desirable rows' NLL."""
 
 import pytest
 import torch
 
-from training.kto_nll import desirable_nll
+from lossaverse.training.kto_nll import desirable_nll
 
 
 def test_desirable_nll_by_hand():
@@ -16,7 +16,7 @@ def test_desirable_nll_by_hand():
 
 
 def test_negative_weight_is_refused():
-    from training.kto_nll import KTONLLTrainer
+    from lossaverse.training.kto_nll import KTONLLTrainer
 
     with pytest.raises(ValueError, match="nll_weight must be >= 0"):
         KTONLLTrainer(nll_weight=-1.0)
@@ -27,8 +27,8 @@ def test_trainer_loss_moves_by_the_hand_computed_nll(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import KTOConfig
 
-    from pipeline.tinymodels import build_tokenizer
-    from training.kto_nll import KTONLLTrainer
+    from lossaverse.pipeline.tinymodels import build_tokenizer
+    from lossaverse.training.kto_nll import KTONLLTrainer
 
     prompts = ["Question: 1 + 2?\nAnswer:", "Question: 3 + 4?\nAnswer:"] * 2
     completions = [" 3.", " 8.", " 7.", " 1."]

@@ -1,5 +1,8 @@
 """Imports go one way between the layers, lowest first: pipeline <- training <- serving <- cluster <- lossaverse.
 
+Every layer imports as `lossaverse.<layer>` (`lossaverse` itself is the Python API): the stage folders
+at the top of the repository install under that one name, so no import may name them bare.
+
 A module may import its own layer and the layers below it, never one above, not even inside a
 function; and no module imports itself back through others (no import cycles, lazy imports
 included). The imports are read from the source with `ast`, nothing is imported."""
@@ -14,13 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["pipeline", "training", "serving", "cluster", "lossaverse"]  # lowest first; lossaverse: the Python API
 
 
+STAGE_FOLDERS = LAYERS[:-1]  # top-level folders, installed as lossaverse.<folder>
+
+
 def _modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the layers' packages."""
+    """Dotted (installed) module name -> file, for every module of the layers' packages."""
     out = {}
     for layer in LAYERS:
         for path in sorted((ROOT / layer).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join(("lossaverse", *parts) if layer in STAGE_FOLDERS else parts)] = path
     return out
 
 
@@ -34,9 +41,9 @@ def _project_module(dotted: str) -> str | None:
     return dotted or None
 
 
-def imports_of(name: str) -> set[str]:
-    """The project modules that module `name` imports, anywhere in its source (module level,
-    inside functions, under `if`/`try`)."""
+def imported_names(name: str) -> set[str]:
+    """Every dotted name module `name` imports, anywhere in its source (module level, inside
+    functions, under `if`/`try`), relative imports made absolute."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -48,26 +55,44 @@ def imports_of(name: str) -> set[str]:
             if node.level:  # relative: from the package, `level - 1` packages up
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            # `from pipeline import synthetic` imports the module pipeline.synthetic
+            # `from pipeline import synthetic` imports the module lossaverse.pipeline.synthetic
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
-    return {m for m in map(_project_module, found) if m is not None and m != name}
+    return found
+
+
+def imports_of(name: str) -> set[str]:
+    """The project modules that module `name` imports."""
+    return {m for m in map(_project_module, imported_names(name)) if m is not None and m != name}
 
 
 GRAPH = {name: imports_of(name) for name in MODULES}
 
 
+def layer_name(module: str) -> str:
+    """lossaverse.pipeline.mark -> pipeline; lossaverse, lossaverse.__main__ -> lossaverse."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGE_FOLDERS else "lossaverse"
+
+
 def layer(module: str) -> int:
-    return LAYERS.index(module.split(".")[0])
+    return LAYERS.index(layer_name(module))
 
 
 def test_every_layer_has_modules():
-    assert {m.split(".")[0] for m in MODULES} == set(LAYERS)
+    assert {layer_name(m) for m in MODULES} == set(LAYERS)
+    assert all(m == "lossaverse" or m.startswith("lossaverse.") for m in MODULES)
+
+
+def test_no_import_names_a_stage_folder_bare():
+    """`from pipeline.mark import ...` would only work from a checkout; installed, the one name is lossaverse."""
+    bare = sorted(f"{m} imports {n}" for m in MODULES for n in imported_names(m) if n.split(".")[0] in STAGE_FOLDERS)
+    assert not bare, "import the stages as lossaverse.<layer>: " + "; ".join(bare)
 
 
 def test_function_local_imports_are_seen():
-    """The parse finds imports inside functions: pipeline.mark calls the judge lazily."""
-    assert "pipeline.judge" in GRAPH["pipeline.mark"]
-    assert "serving.model" in GRAPH["cluster.cli"]
+    """The parse finds imports inside functions: lossaverse.pipeline.mark calls the judge lazily."""
+    assert "lossaverse.pipeline.judge" in GRAPH["lossaverse.pipeline.mark"]
+    assert "lossaverse.serving.model" in GRAPH["lossaverse.cluster.cli"]
 
 
 def test_no_import_goes_up_a_layer():
@@ -83,3 +108,15 @@ def test_no_import_cycles():
         tuple(graphlib.TopologicalSorter(GRAPH).static_order())
     except graphlib.CycleError as exc:
         pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_no_test_imports_a_stage_folder_bare():
+    """From the repository root `import pipeline` would still work, and load a second copy of each module
+    beside lossaverse.pipeline (two registries, two config classes): the tests import the installed name."""
+    bare = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            bare += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in STAGE_FOLDERS]
+    assert not bare, "import the stages as lossaverse.<layer>: " + "; ".join(bare)

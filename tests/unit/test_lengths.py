@@ -3,9 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from cluster.config import ConfigError
-from pipeline.tinymodels import build_tokenizer
-from training.validate import check_lengths
+from lossaverse.cluster.config import ConfigError
+from lossaverse.pipeline.tinymodels import build_tokenizer
+from lossaverse.training.validate import check_lengths
 
 PROMPT = "Question: Ann has 3 apples and gets 4 more. How many apples now?\nAnswer:"
 

@@ -5,10 +5,10 @@ import random
 import pyarrow as pa
 import pytest
 
-from pipeline.mark import MARKER_RE2, fast_numeric, grade_row, mark_table
-from pipeline.marktext import _MARKER
-from pipeline.markbench import generate_answers_table
-from pipeline.schemas import ANSWERS
+from lossaverse.pipeline.mark import MARKER_RE2, fast_numeric, grade_row, mark_table
+from lossaverse.pipeline.marktext import _MARKER
+from lossaverse.pipeline.markbench import generate_answers_table
+from lossaverse.pipeline.schemas import ANSWERS
 from tests.unit.test_mark_cases import CASES
 
 FRAGMENTS = [

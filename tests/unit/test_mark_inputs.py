@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from cluster.config import BenchmarkConfig
-from pipeline.benchmarks import load_items
-from pipeline.mark import grade_row
-from pipeline.prompts import LETTERS, render
+from lossaverse.cluster.config import BenchmarkConfig
+from lossaverse.pipeline.benchmarks import load_items
+from lossaverse.pipeline.mark import grade_row
+from lossaverse.pipeline.prompts import LETTERS, render
 
 PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune", "Pluto", "Ceres", "Eris", "Sedna"]
 
@@ -57,8 +57,8 @@ def test_rendering_more_options_than_letters_says_why():
 
 
 def test_mark_refuses_more_than_26_options_naming_the_field():
-    from serving.http import RequestRejected, validate
-    from serving.marker import MarkRequest
+    from lossaverse.serving.http import RequestRejected, validate
+    from lossaverse.serving.marker import MarkRequest
 
     body = {"answers": [{"kind": "choice", "reference": "A", "completion": "A", "choices": [str(i) for i in range(27)]}]}
     with pytest.raises(RequestRejected) as rejected:

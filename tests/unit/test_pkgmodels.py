@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import pkgmodels
-from pipeline.pkgmodels import PackagedModelError, is_packaged, parse_reference, resolve_packaged
+from lossaverse.pipeline import pkgmodels
+from lossaverse.pipeline.pkgmodels import PackagedModelError, is_packaged, parse_reference, resolve_packaged
 
 DIST, VERSION, MEMBER = "fake-model", "0.1.0", "fake_model/Tiny.Q8.gguf"
 REF = f"pypi:{DIST}=={VERSION}/{MEMBER}"
@@ -137,7 +137,7 @@ def test_only_packaged_references_are_claimed(tmp_path):
 
 
 def test_config_accepts_an_alias_without_fetching_and_names_an_unknown_one(tmp_path, monkeypatch):
-    from cluster.config import ConfigError, load_config
+    from lossaverse.cluster.config import ConfigError, load_config
 
     monkeypatch.setattr(pkgmodels, "obtain_wheel", _no_conversion)
     base = "name: t\ncompetitors: {large: {path: 'smollm2:135m-instruct', chat: true}, small: {path: 'tiny:small'}}\n"
@@ -153,7 +153,7 @@ def test_config_accepts_an_alias_without_fetching_and_names_an_unknown_one(tmp_p
 def test_first_use_downloads_and_converts_then_the_cache_answers(index, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.tinymodels import resolve_model
 
     model_dir = Path(resolve_model(REF))  # every caller goes through resolve_model
     assert _cached_wheel(tmp_path).is_file()

@@ -2,10 +2,10 @@
 
 import pytest
 
-from cluster.config import EndpointConfig, EngineConfig, load_config
-from cluster.plan import PlanError, check_plan, placements
-from cluster.stages import competitors_of
-from pipeline.generate import Competitor
+from lossaverse.cluster.config import EndpointConfig, EngineConfig, load_config
+from lossaverse.cluster.plan import PlanError, check_plan, placements
+from lossaverse.cluster.stages import competitors_of
+from lossaverse.pipeline.generate import Competitor
 from tests.conftest import ROOT
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from cluster.config import EngineConfig, RayConfig
-from cluster.plan import PlanError, check_plan, placements
-from cluster.ray_env import with_autoscaling
-from pipeline.generate import Competitor
+from lossaverse.cluster.config import EngineConfig, RayConfig
+from lossaverse.cluster.plan import PlanError, check_plan, placements
+from lossaverse.cluster.ray_env import with_autoscaling
+from lossaverse.pipeline.generate import Competitor
 
 NODE = {"CPU": 2.0}
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.config import ConfigError
-from cluster.ray_env import check_shared_storage, filesystem_of
+from lossaverse.cluster.config import ConfigError
+from lossaverse.cluster.ray_env import check_shared_storage, filesystem_of
 
 MOUNTS = """overlay / overlay rw 0 0
 tmpfs /tmp tmpfs rw 0 0

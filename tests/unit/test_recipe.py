@@ -1,14 +1,14 @@
-"""cluster.recipe: the recipe's datasets and its fresh items, without Ray."""
+"""lossaverse.cluster.recipe: the recipe's datasets and its fresh items, without Ray."""
 
 import pyarrow as pa
 import pytest
 
-from cluster.config import load_config
-from cluster.recipe import on_policy_datasets, on_policy_items
-from pipeline.benchmarks import BenchmarkError, load_items
-from pipeline.build import kto_table
-from pipeline.schemas import MARKED
-from pipeline.tinymodels import build_tokenizer
+from lossaverse.cluster.config import load_config
+from lossaverse.cluster.recipe import on_policy_datasets, on_policy_items
+from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
+from lossaverse.pipeline.build import kto_table
+from lossaverse.pipeline.schemas import MARKED
+from lossaverse.pipeline.tinymodels import build_tokenizer
 from tests.conftest import ROOT
 from tests.unit.test_report import rows
 

@@ -1,7 +1,7 @@
 """The report renders from a run directory's stored Parquet and JSON alone.
 
-The run directory is small but real: Parquet written through pipeline.rundir.write_table under the
-row contracts, stats.json and kto/ built by pipeline.build, results.json by pipeline.evalstats.
+The run directory is small but real: Parquet written through lossaverse.pipeline.rundir.write_table under the
+row contracts, stats.json and kto/ built by lossaverse.pipeline.build, results.json by lossaverse.pipeline.evalstats.
 The expected numbers are worked out by hand below.
 """
 
@@ -14,12 +14,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cluster.cli import app, summary_table
-from pipeline.build import build_datasets
-from pipeline.evalstats import evaluation_results
-from pipeline.report import ReportError, load_run, render_report
-from pipeline.rundir import write_json, write_table
-from pipeline.schemas import ITEMS, MARKED, check
+from lossaverse.cluster.cli import app, summary_table
+from lossaverse.pipeline.build import build_datasets
+from lossaverse.pipeline.evalstats import evaluation_results
+from lossaverse.pipeline.report import ReportError, load_run, render_report
+from lossaverse.pipeline.rundir import write_json, write_table
+from lossaverse.pipeline.schemas import ITEMS, MARKED, check
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -158,7 +158,7 @@ def test_cli_report_and_summary_show_ci_and_paired_test(rendered, tmp_path):
 
 
 def test_the_console_summary_pairs_every_model_with_the_untrained_target_only():
-    from cluster.cli import eval_rows
+    from lossaverse.cluster.cli import eval_rows
 
     marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
                                   + rows("target-sft", "eval", [i < 9 for i in range(20)])

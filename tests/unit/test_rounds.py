@@ -9,16 +9,16 @@ import pyarrow.compute as pc
 import pytest
 from rich.console import Console
 
-from cluster.cli import _compare_set, summary_table
-from cluster.config import BenchmarkConfig, ConfigError, load_config
-from cluster.stages import StageError, round_players, round_summary, stage_fingerprints, trained_dirs
-from pipeline import synthetic
-from pipeline.benchmarks import BenchmarkError, load_items
-from pipeline.build import accumulate, build_datasets
-from pipeline.evalstats import evaluation_results
-from pipeline.report import render_report
-from pipeline.rundir import read_table, write_json, write_table
-from pipeline.schemas import MARKED
+from lossaverse.cluster.cli import _compare_set, summary_table
+from lossaverse.cluster.config import BenchmarkConfig, ConfigError, load_config
+from lossaverse.cluster.stages import StageError, round_players, round_summary, stage_fingerprints, trained_dirs
+from lossaverse.pipeline import synthetic
+from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
+from lossaverse.pipeline.build import accumulate, build_datasets
+from lossaverse.pipeline.evalstats import evaluation_results
+from lossaverse.pipeline.report import render_report
+from lossaverse.pipeline.rundir import read_table, write_json, write_table
+from lossaverse.pipeline.schemas import MARKED
 from tests.conftest import ROOT
 from tests.unit.test_report import rows
 
@@ -171,7 +171,7 @@ def test_transfer_results_get_their_own_report_section(tmp_path):
 
 
 def test_tune_grid_parsing_and_trial_names():
-    from cluster.tune import parse_grid, trial_name
+    from lossaverse.cluster.tune import parse_grid, trial_name
 
     grid = parse_grid(["train.learning_rate=1e-4,2e-3", "train.method=kto,sft"])
     # Values stay as YAML reads them ("1e-4" is a string to YAML 1.1); the config validates them.
@@ -185,8 +185,8 @@ def test_tune_grid_parsing_and_trial_names():
 
 
 def test_verdict_needs_the_ci_and_mcnemar_to_agree_and_models_keep_their_order():
-    from pipeline.evalstats import models_of
-    from pipeline.report import _verdict
+    from lossaverse.pipeline.evalstats import models_of
+    from lossaverse.pipeline.report import _verdict
 
     # 4 discordant items, all one way: the percentile CI excludes zero, the exact test (p = 2/16) does not.
     assert _verdict({"ci95": [0.002, 0.016], "mcnemar_p": 0.125}).startswith("not shown")

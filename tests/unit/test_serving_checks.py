@@ -5,8 +5,8 @@ import pytest
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.requests import Request
 
-from serving.http import RequestRejected, api_key_from_env, check_api_key, validate
-from serving.ingress import Caps, check_caps, prompt_count
+from lossaverse.serving.http import RequestRejected, api_key_from_env, check_api_key, validate
+from lossaverse.serving.ingress import Caps, check_caps, prompt_count
 
 CAPS = Caps(max_tokens=32, max_n=4, max_prompts=3, max_logprobs=2)
 

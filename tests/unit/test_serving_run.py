@@ -4,9 +4,9 @@ proxies, and the custom resources that pin the model replicas to nodes."""
 import pytest
 from ray.serve.config import HTTPOptions
 
-from cluster.config import EngineConfig, ServeConfig
-from serving import run
-from serving.model import ServePlan, llm_config
+from lossaverse.cluster.config import EngineConfig, ServeConfig
+from lossaverse.serving import run
+from lossaverse.serving.model import ServePlan, llm_config
 
 
 def _started(monkeypatch, serve: ServeConfig) -> dict:

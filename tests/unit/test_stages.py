@@ -1,7 +1,7 @@
 import pytest
 
-from cluster.config import load_config
-from cluster.stages import STAGE_NAMES, StageError, check_competitor_sizes, stage_fingerprints
+from lossaverse.cluster.config import load_config
+from lossaverse.cluster.stages import STAGE_NAMES, StageError, check_competitor_sizes, stage_fingerprints
 from tests.conftest import ROOT
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
+from lossaverse.pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 
 def test_wilson_interval_for_8_of_10_matches_the_hand_computation():

@@ -7,18 +7,18 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from cluster.config import ConfigError, TrainConfig, load_config
-from cluster.stages import build_dataset_dir, stage_fingerprints
-from pipeline import synthetic
-from pipeline.prompts import TEMPLATES, render
-from pipeline.rundir import write_table
-from pipeline.schemas import MARKED
+from lossaverse.cluster.config import ConfigError, TrainConfig, load_config
+from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
+from lossaverse.pipeline import synthetic
+from lossaverse.pipeline.prompts import TEMPLATES, render
+from lossaverse.pipeline.rundir import write_table
+from lossaverse.pipeline.schemas import MARKED
 from tests.conftest import ROOT
-from training.kto import kto_weights
-from training.methods import METHODS, get_method
-from training.train import console_line, prepare_storage, shuffled
-from training.validate import check_memory, plan_training
-from training.zero import model_state_gib
+from lossaverse.training.kto import kto_weights
+from lossaverse.training.methods import METHODS, get_method
+from lossaverse.training.train import console_line, prepare_storage, shuffled
+from lossaverse.training.validate import check_memory, plan_training
+from lossaverse.training.zero import model_state_gib
 
 LOCAL = ROOT / "configs" / "local.yaml"
 
@@ -111,7 +111,7 @@ def test_resume_flag_leaves_the_run_fingerprint_and_manifest_alone(tmp_path):
 
 
 def test_train_command_has_resume():
-    from cluster.cli import app
+    from lossaverse.cluster.cli import app
 
     out = CliRunner().invoke(app, ["train", "--help"])
     assert out.exit_code == 0 and "--resume" in out.output
@@ -249,7 +249,7 @@ def test_every_method_is_registered_with_its_dataset():
 
 
 def test_steady_state_rate_leaves_out_the_warmup_steps():
-    from training.bench import steady_samples_per_second
+    from lossaverse.training.bench import steady_samples_per_second
 
     # steps 1-2 are warm-up (slow); steps 3-6 take 0.5 s each: 4 steps x 8 samples / 2 s = 16 samples/s
     timings = [(1, 5.0), (2, 3.0), (3, 0.5), (4, 0.5), (5, 0.5), (6, 0.5)]

@@ -5,8 +5,8 @@ import json
 from ray.train import ControllerError
 from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 
-from cluster.config import TrainConfig
-from training.train import unplaced
+from lossaverse.cluster.config import TrainConfig
+from lossaverse.training.train import unplaced
 
 
 def test_a_placement_timeout_names_the_wait_the_fix_and_the_last_checkpoint(tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_other_failures_are_left_as_they_are(tmp_path):
 def test_the_placement_wait_comes_from_the_config(tmp_path, monkeypatch):
     import os
 
-    from training.train import START_TIMEOUT_ENV, torch_trainer
+    from lossaverse.training.train import START_TIMEOUT_ENV, torch_trainer
 
     monkeypatch.setenv(START_TIMEOUT_ENV, "99")  # the config wins; undone after the test
     train = TrainConfig(start_timeout_s=15)
