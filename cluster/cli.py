@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from lossaverse.cluster.summary import summary_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Turn a benchmark into an aligned model.")
 console = Console(highlight=False)
@@ -23,22 +24,13 @@ ForceOpt = typer.Option(False, "--force", help="Re-run stages even if their outp
 
 def _execute(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]):
     from lossaverse.cluster.config import load_config
-    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
-    from lossaverse.cluster.stages import execute, execute_rounds
-
+    from lossaverse.cluster.rounds import run_stages
     from lossaverse.pipeline.rundir import lock_run_dir
 
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
     start = time.perf_counter()
-    console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
-    try:
-        if cfg.rounds.count > 1 and cfg.round == 1 and set(stages) >= {"train", "evaluate"}:
-            execute_rounds(cfg, stages, force=force, report=console.print)
-        else:
-            execute(cfg, stages, force=force, report=console.print)
-    finally:
-        shutdown_ray()
+    run_stages(cfg, stages, force=force, report=console.print, address=address)
     return cfg, time.perf_counter() - start
 
 
@@ -60,68 +52,6 @@ def _guard(fn):
             WorkersUnplaced, FileNotFoundError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-
-
-def summary_table(run_dir: Path) -> Table:
-    """The headline numbers of a run, read back from its run directory (a multi-round run: its
-    last round's, then one row per round)."""
-    from lossaverse.pipeline.rundir import read_json
-
-    table = Table(title=f"lossaverse run: {run_dir}")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rounds = read_json(run_dir / "rounds.json") or []
-    last = max((r["round"] for r in rounds), default=1)
-    top, run_dir = run_dir, (run_dir if last == 1 else run_dir / "rounds" / str(last))
-    stats_path = run_dir / "datasets" / "stats.json"
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
-        for name, c in stats["competitors"].items():
-            table.add_row(f"competitor {name} accuracy", f"{c['accuracy']:.3f} ({c['correct']}/{c['answers']})")
-        labels = stats["labels"]
-        table.add_row("datasets/kto rows (desirable / undesirable)", f"{labels['total']} ({labels['desirable']} / {labels['undesirable']})")
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
-    ds = manifest.get("stages", {}).get("datasets", {})
-    for name in ("negatives", "pairs"):
-        if name in ds:
-            table.add_row(f"datasets/{name} rows", str(ds[name]))
-    results = read_json(run_dir / "eval" / "results.json")
-    split = (results or {}).get("split") or "eval"
-    for what, value in eval_rows(results or {}, split):
-        table.add_row(what, value)
-    transfer = read_json(run_dir / "eval" / "transfer" / "results.json")
-    if transfer:
-        bench = (manifest.get("config", {}).get("evaluate", {}).get("transfer") or {}).get("name", "transfer")
-        for what, value in eval_rows(transfer, f"transfer: {bench}"):
-            table.add_row(what, value)
-    for r in rounds:
-        g = r["gain"]
-        table.add_row(f"round {r['round']}: gain vs {g['vs']}",
-                      f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] McNemar p={g['mcnemar_p']:.3g}")
-    if rounds:
-        table.add_row("rounds summary", str(top / "rounds.json"))
-    return table
-
-
-def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
-    """eval/results.json as summary rows: accuracy [95% CI] per model, then each model's paired
-    difference from the untrained target [95% CI] with McNemar's p (the other pairs are in the
-    report); `split` names where the items came from."""
-    from lossaverse.pipeline.evalstats import model_label, models_of
-
-    rows = []
-    for name, r in models_of(results).items():
-        ci = f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r.get("ci95") else ""
-        answers = r.get("answers", r.get("n"))
-        items = f", {r['items']} items" if r.get("items", answers) != answers else ""
-        rows.append((f"{model_label(name)} accuracy ({split})", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
-    for p in results.get("pairs") or []:
-        if not p["baseline"].endswith("-base"):
-            continue
-        lo, hi = p["ci95"]
-        rows.append((f"{p['model']} − {p['baseline']} ({split}, paired)",
-                     f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
-    return rows
 
 
 def _command(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]) -> None:

@@ -96,7 +96,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rounds: RoundsConfig = RoundsConfig()
-    # The round this config describes: set by the rounds loop (lossaverse.cluster.stages.execute_rounds).
+    # The round this config describes: set by the rounds loop (lossaverse.cluster.rounds.execute_rounds).
     round: int = Field(default=1, ge=1)
     serve: ServeConfig = ServeConfig()
     submit: SubmitConfig = SubmitConfig()

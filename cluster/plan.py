@@ -64,10 +64,7 @@ def placements(competitors: list) -> list[Placement]:
             out.append(Placement(c.name, c.endpoint.url, c.endpoint.concurrency, 1, {"CPU": 1.0}, "PACK", "endpoint"))
             continue
         e = c.engine
-        bundle = {"CPU": float(e.num_cpus), **{k: float(v) for k, v in e.resources.items()}}
-        if e.num_gpus:
-            bundle["GPU"] = float(e.num_gpus)
-        out.append(Placement(c.name, c.model, e.concurrency, e.bundles_per_replica, bundle, e.placement_strategy, "vllm"))
+        out.append(Placement(c.name, c.model, e.concurrency, e.bundles_per_replica, e.bundle, e.placement_strategy, "vllm"))
     return out
 
 

@@ -50,12 +50,11 @@ def run(config: "str | Path | RunConfig", stages: Iterable[str] | None = None, *
     Finished stages whose config is unchanged are skipped, as with the command line. Ray: a Ray
     this process already started (`ray.init(...)`) is used and left running; otherwise `address`
     (or RAY_ADDRESS) is connected to, or an embedded local Ray is started, and shut down at the end.
+    A run whose every stage is already complete starts no Ray.
     """
-    import ray
-
     from lossaverse.cluster.config import RunConfig
-    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
-    from lossaverse.cluster.stages import STAGE_NAMES, execute, execute_rounds
+    from lossaverse.cluster.rounds import run_stages
+    from lossaverse.cluster.stages import STAGE_NAMES
     from lossaverse.pipeline.rundir import lock_run_dir
 
     if isinstance(config, RunConfig):
@@ -69,16 +68,7 @@ def run(config: "str | Path | RunConfig", stages: Iterable[str] | None = None, *
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid: {list(STAGE_NAMES)}")
     lock_run_dir(cfg.run_dir)
-    ours = not ray.is_initialized()
-    report(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
-    try:
-        if cfg.rounds.count > 1 and cfg.round == 1 and set(names) >= {"train", "evaluate"}:
-            execute_rounds(cfg, names, force=force, report=report)
-        else:
-            execute(cfg, names, force=force, report=report)
-    finally:
-        if ours:
-            shutdown_ray()
+    run_stages(cfg, names, force=force, report=report, address=address)
     return cfg.run_dir
 
 

@@ -209,6 +209,16 @@ class EngineConfig(Strict):
     def bundles_per_replica(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def bundle(self) -> dict[str, float]:
+        """The Ray resources of one bundle (one tensor/pipeline-parallel worker): CPU, GPU when asked
+        for, and the custom resources that pin engines to nodes. The generate stage's engines, Ray
+        Serve's replicas and the placement plan all read it here."""
+        out = {"CPU": float(self.num_cpus), **{k: float(v) for k, v in self.resources.items()}}
+        if self.num_gpus:
+            out["GPU"] = float(self.num_gpus)
+        return out
+
 
 class SamplingConfig(Strict):
     samples: int = Field(default=1, ge=1)  # answers per prompt, each its own row

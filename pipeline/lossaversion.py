@@ -40,13 +40,13 @@ def implied_rewards(metrics: list[dict], beta: float) -> dict[str, list[tuple[in
 
 
 def plot_value_function(beta: float, lambda_d: float, lambda_u: float, metrics: list[dict], path: Path) -> str:
-    from matplotlib.figure import Figure
+    from lossaverse.pipeline.plots import figure, save
 
     points = implied_rewards(metrics, beta)
     zs = [z for pts in points.values() for _, z in pts]
     span = max([6 / beta] + [abs(z) * 1.15 for z in zs])
     grid = [span * (i / 200 - 1) for i in range(401)]
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    fig = figure(7, 4.2)
     ax = fig.add_subplot()
     ax.plot(grid, [value(z, beta, lambda_d, lambda_u) for z in grid], color="#264653", lw=2,
             label=f"v(z): beta {beta:g}, lambda_D {lambda_d:g}, lambda_U {lambda_u:g}")
@@ -63,8 +63,7 @@ def plot_value_function(beta: float, lambda_d: float, lambda_u: float, metrics: 
     ax.set_ylabel("value v(z)")
     ax.set_title(f"KTO value function (loss aversion lambda_U/lambda_D = {lambda_u / lambda_d:.3g})")
     ax.legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=110)
-    return str(path)
+    return save(fig, path)
 
 
 def sweep(tune: dict) -> list[dict]:
@@ -75,7 +74,7 @@ def sweep(tune: dict) -> list[dict]:
 
 def plot_sweep(tune: dict, path: Path) -> str | None:
     """Validation accuracy (95% CI) against lambda_U / lambda_D, one line per other setting."""
-    from matplotlib.figure import Figure
+    from lossaverse.pipeline.plots import figure, save
 
     rows = sweep(tune)
     if len({t["loss_aversion"] for t in rows}) < 2:
@@ -84,7 +83,7 @@ def plot_sweep(tune: dict, path: Path) -> str | None:
     for t in rows:
         rest = [s for s in t["set"] if not s.split("=")[0].endswith(("undesirable_weight", "desirable_weight", "loss_aversion"))]
         groups.setdefault(" ".join(rest) or "trials", []).append(t)
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = figure(7, 4)
     ax = fig.add_subplot()
     for name, ts in groups.items():
         xs = [t["loss_aversion"] for t in ts]
@@ -101,8 +100,7 @@ def plot_sweep(tune: dict, path: Path) -> str | None:
     ax.set_ylabel(f"validation accuracy ({tune.get('items')} items)")
     ax.set_title("KTO accuracy against loss aversion (lossaverse tune, validation items)")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    return str(path)
+    return save(fig, path)
 
 
 def _pts(x: float) -> str:

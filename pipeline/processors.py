@@ -58,16 +58,13 @@ def vllm_config(model_path: str, engine):
     an autoscaling pool from 1 to n, which may run fewer engines than the plan counted on."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    bundle = {"CPU": engine.num_cpus, **engine.resources}  # custom resources pin engines to nodes
-    if engine.num_gpus:
-        bundle["GPU"] = engine.num_gpus
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(engine),
         concurrency=(engine.concurrency, engine.concurrency),
         batch_size=engine.batch_size,
         # Ray Data LLM repeats this bundle tensor_parallel_size * pipeline_parallel_size times.
-        placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
+        placement_group_config={"bundle_per_worker": engine.bundle, "strategy": engine.placement_strategy},
         # Prompts are rendered (and chat-templated) by expand_batch; vLLM tokenizes itself.
         chat_template_stage=False,
         tokenize_stage=False,

@@ -125,15 +125,12 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
 
     from lossaverse.pipeline.processors import engine_kwargs
 
-    bundle: dict[str, float] = {"CPU": engine.num_cpus, **engine.resources}  # custom resources pin replicas to nodes
-    if engine.num_gpus:
-        bundle["GPU"] = engine.num_gpus
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         # The generate stage's builder (chunked prefill off on CPU); prefix caching as vLLM decides.
         engine_kwargs=engine_kwargs(engine, prefix_caching=None),
         # One bundle per tensor/pipeline-parallel worker; ray.serve.llm replicates it tp*pp times.
-        placement_group_config={"bundle_per_worker": bundle, "strategy": engine.placement_strategy},
+        placement_group_config={"bundle_per_worker": engine.bundle, "strategy": engine.placement_strategy},
         deployment_config={
             "autoscaling_config": {
                 "min_replicas": serve.min_replicas,

@@ -43,6 +43,8 @@ def local_ray():
     import ray
 
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if ray.is_initialized():  # auto-started by an earlier test's Ray call (Serve's builders): not ours
+        ray.shutdown()
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

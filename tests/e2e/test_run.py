@@ -159,6 +159,7 @@ def test_rerun_skips_complete_stages(run):
     assert second.returncode == 0, second.stderr[-2000:]
     for stage in ["items", "generate", "mark", "datasets", "train", "evaluate"]:
         assert f"skip {stage}" in second.stdout
+    assert "every stage is complete: Ray not started" in second.stdout  # a rerun that only skips starts no Ray
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

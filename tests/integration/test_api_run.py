@@ -26,5 +26,9 @@ def test_run_one_stage_on_the_callers_ray_then_read_its_results(local_ray, tmp_p
     assert (stage["train"], stage["validation"], stage["eval"]) == (40, 10, 20)
 
     lines.clear()
-    lv.run(cfg, ["items"], report=lines.append)  # finished and unchanged: skipped
+    lv.run(cfg, ["items"], report=lines.append)  # finished and unchanged: skipped, Ray not asked for
+    assert lines[0] == "every stage is complete: Ray not started" and local_ray.is_initialized()
     assert any("items" in line and "skip" in line for line in lines), lines
+    lines.clear()
+    lv.run(cfg, ["items"], force=True, report=lines.append)  # forced: it runs, on the caller's Ray
+    assert lines[0] == "ray: already initialized" and any("done" in line and "items" in line for line in lines), lines

@@ -14,7 +14,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from lossaverse.cluster.cli import app, summary_table
+from lossaverse.cluster.cli import app
+from lossaverse.cluster.summary import summary_table
 from lossaverse.pipeline.build import build_datasets
 from lossaverse.pipeline.evalstats import evaluation_results
 from lossaverse.pipeline.report import ReportError, load_run, render_report
@@ -158,7 +159,7 @@ def test_cli_report_and_summary_show_ci_and_paired_test(rendered, tmp_path):
 
 
 def test_the_console_summary_pairs_every_model_with_the_untrained_target_only():
-    from lossaverse.cluster.cli import eval_rows
+    from lossaverse.cluster.summary import eval_rows
 
     marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
                                   + rows("target-sft", "eval", [i < 9 for i in range(20)])

@@ -9,9 +9,11 @@ import pyarrow.compute as pc
 import pytest
 from rich.console import Console
 
-from lossaverse.cluster.cli import _compare_set, summary_table
+from lossaverse.cluster.cli import _compare_set
+from lossaverse.cluster.summary import summary_table
 from lossaverse.cluster.config import BenchmarkConfig, ConfigError, load_config
-from lossaverse.cluster.stages import StageError, round_players, round_summary, stage_fingerprints, trained_dirs
+from lossaverse.cluster.rounds import round_summary
+from lossaverse.cluster.stages import StageError, round_players, stage_fingerprints, trained_dirs
 from lossaverse.pipeline import synthetic
 from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
 from lossaverse.pipeline.build import accumulate, build_datasets
