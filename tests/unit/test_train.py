@@ -110,11 +110,17 @@ def test_resume_flag_leaves_the_run_fingerprint_and_manifest_alone(tmp_path):
     assert stage_fingerprints(plain) == stage_fingerprints(resumed)
 
 
-def test_train_command_has_resume():
-    from lossaverse.cluster.cli import app
+def test_train_resume_runs_the_train_stage_with_train_resume_set(monkeypatch):
+    """`lossaverse train CONFIG --resume` is the train stage with train.resume=true on top of --set."""
+    import lossaverse.cluster.cli as cli
 
-    out = CliRunner().invoke(app, ["train", "--help"])
-    assert out.exit_code == 0 and "--resume" in out.output
+    calls = []
+    monkeypatch.setattr(cli, "_command", lambda config, overrides, stages, force, address: calls.append((overrides, stages)))
+    out = CliRunner().invoke(cli.app, ["train", str(LOCAL), "--set", "train.max_steps=3", "--resume"])
+    assert out.exit_code == 0, out.output
+    out = CliRunner().invoke(cli.app, ["train", str(LOCAL)])
+    assert out.exit_code == 0, out.output
+    assert calls == [(["train.max_steps=3", "train.resume=true"], ["train"]), ([], ["train"])]
 
 
 # --- KTO weights (Ethayarajh et al. 2024, Sec. 4.2: lambda_D n_D / (lambda_U n_U) in [1, 4/3]) ---
