@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "README.md", "lossaverse", "cluster", "pipeline", "training", "serving"]
 
 
+def fresh_venv(path: Path) -> tuple[Path, Path]:
+    """A venv without pip or packages at `path`: (its python, its site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+    python = path / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    return python, site
+
+
+def see_project_deps(site: Path) -> None:
+    """Let the venv import this venv's packages (the dependencies), not its editable install."""
+    (site / "_project_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(venv python, its site-packages, the names the install added there, the wheel's path)."""
@@ -33,16 +47,12 @@ def installed(tmp_path_factory):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
                    check=True, timeout=300, capture_output=True)
     (wheel,) = (tmp / "dist").glob("lossaverse-*.whl")
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    python, site = fresh_venv(tmp / "venv")
     before = set(p.name for p in site.iterdir())
     subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
                    check=True, timeout=300, capture_output=True)
     added = set(p.name for p in site.iterdir()) - before
-    (site / "_project_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    see_project_deps(site)
     return python, site, added, wheel
 
 
@@ -86,12 +96,8 @@ def test_the_console_script_runs_from_the_install(installed, tmp_path):
 def test_a_source_tree_on_pythonpath_imports_its_own_folders(tmp_path):
     """Not installed (a checkout on PYTHONPATH, a Ray job's uploaded working_dir): lossaverse.pipeline is
     the tree's top-level pipeline/ folder."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    (Path(site) / "_project_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    python, site = fresh_venv(tmp_path / "venv")
+    see_project_deps(site)
     probe = "import lossaverse.pipeline.mark as m, lossaverse.serving.marker as s; print(m.__file__); print(s.__file__)"
     out = subprocess.run([python, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
