@@ -7,7 +7,7 @@ CONFIG ?= configs/local.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test test-unit clean gpu-wheels
+.PHONY: setup run test test-all test-unit clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/lossaverse run $(CONFIG)
 
+# The fast tier (unit and integration, no test marked slow): the one to run between edits.
 test: setup
-	$(BIN)/python -m pytest tests -v --durations=15
+	$(BIN)/python -m pytest tests/unit tests/integration -m "not slow" -v --durations=25
+
+# Everything, unit first: the fast tier, then the slow one (e2e, and the tests that kill engines
+# or workers). CI runs this.
+test-all: setup
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e -v --durations=25
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -v

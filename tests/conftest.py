@@ -13,6 +13,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LOSSAVERSE = [sys.executable, "-m", "lossaverse"]
 
+# The two tiers (README "Tests"). `make test` runs `-m "not slow"`: unit and integration, the one a
+# contributor runs between edits. `make test-all` (CI) runs everything. `slow` is set here alone:
+# every e2e test, and the integration tests that kill engines or training workers.
+SLOW_INTEGRATION = {
+    "tests/integration/test_generate.py::test_an_engine_replica_killed_mid_run_is_replaced_and_no_row_is_lost",
+    "tests/integration/test_generate_faults.py::test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error",
+    "tests/integration/test_train.py::test_killed_workers_resume_and_train_resume_finishes_the_run",
+}
+# pytest-timeout's limit for a slow test, setup included (pyproject sets the fast tier's): the
+# whole-loop fixtures took up to 406 s on 2 cores, so a hang fails in 15 minutes, with the stack.
+SLOW_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath)).relative_to(ROOT).as_posix()
+        if path.startswith("tests/e2e/") or f"{path}::{item.originalname}" in SLOW_INTEGRATION:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
 
 def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run the real `lossaverse` command line in a child process."""
@@ -75,24 +95,3 @@ def http_server(handler):
     finally:
         server.shutdown()
         server.server_close()
-
-
-# The multi-node cluster: a head (1 CPU, where drivers run) and three worker nodes of 2 CPUs, each
-# with a custom resource of its name; node_b and node_d can hold the large competitor's engine
-# (`gen_large`), node_c the small one's (`gen_small`). One per test session, for both tiers.
-MULTINODE_NODES = {"node_b": {"gen_large": 1}, "node_c": {"gen_small": 1}, "node_d": {"gen_large": 1}}
-
-
-@pytest.fixture(scope="session")
-def multinode():
-    """A real multi-raylet Ray cluster on this machine (tests/multinode.py), killed by pid at the end."""
-    from tests.multinode import MultiNode
-
-    cluster = MultiNode(head_cpus=1)
-    try:
-        for name, resources in MULTINODE_NODES.items():
-            cluster.add(name, num_cpus=2, resources=resources)
-        yield cluster
-    finally:
-        left = cluster.shutdown()
-    assert not left, f"processes of the multi-node cluster still alive after its teardown: {left}"

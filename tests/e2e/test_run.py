@@ -20,7 +20,7 @@ from tests.conftest import ROOT, run_cli
 pytestmark = pytest.mark.e2e
 
 N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS, N_TRANSFER = 40, 24, 2, 3, 12
-SFT_STEPS, KTO_STEPS = 12, 8
+SFT_STEPS, KTO_STEPS = 2, 2
 
 
 def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:

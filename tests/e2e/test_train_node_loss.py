@@ -34,7 +34,7 @@ from tests.unit.test_train import make_datasets
 
 pytestmark = pytest.mark.e2e
 
-STEPS, EVERY = 24, 4  # 33 KTO rows, a global batch of 4: a little under 3 epochs, a checkpoint every 4 steps
+STEPS, EVERY = 12, 4  # 33 KTO rows, a global batch of 4: more than an epoch, checkpoints at steps 4 and 8
 NODES = ("train_a", "train_b")
 START_TIMEOUT_S = 20  # Ray Train's wait for a (re)started group's placement, in the no-replacement case
 

@@ -1,10 +1,14 @@
-"""Faults on the multi-node cluster (tests/conftest.py `multinode`): jobs connect by `--address`.
+"""Generation on a multi-node cluster of this module's own (tests/multinode.py), which stops when
+its tests end: jobs connect by `--address` or are submitted through the dashboard.
 
-The generate stage runs on three worker nodes with each competitor pinned by a custom resource:
-`large` to node_b or node_d (`gen_large`), `small` to node_c (`gen_small`). Killing the node that
-holds the large engine, with every one of its processes at once, must cost time only: Ray restarts
-the engine actor on the other `gen_large` node, retries the batches lost with it, and the answers
-hold exactly one row per (item, competitor, sample).
+- `lossaverse submit` through the dashboard address, as a user would: the project is uploaded as the
+  job's working_dir, the job's driver runs on the head and its generate stage places each
+  competitor's engine on the node its resource names (`large` on node_b or node_d, `gen_large`;
+  `small` on node_c, `gen_small`), with exactly one answer row per (item, competitor, sample).
+- A run directory that is not on storage every node mounts is refused with the fix.
+- Killing the node that holds the large engine, with every one of its processes at once, must cost
+  time only: Ray restarts the engine actor on the other `gen_large` node, retries the batches lost
+  with it, and the answers hold exactly one row per (item, competitor, sample).
 """
 
 import json
@@ -13,13 +17,34 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_actors
 
 from lossaverse.pipeline.rundir import read_table
 from lossaverse.pipeline.schemas import ANSWERS
-from tests.conftest import MULTINODE_NODES, ROOT
-from tests.multinode import Job
+from tests.conftest import ROOT, run_cli
+from tests.multinode import Job, MultiNode
 
 pytestmark = pytest.mark.e2e
+
+# The multi-node cluster: a head (1 CPU, where drivers run) and three worker nodes of 2 CPUs, each
+# with a custom resource of its name; node_b and node_d can hold the large competitor's engine
+# (`gen_large`), node_c the small one's (`gen_small`). One for this module's tests, stopped when they end.
+MULTINODE_NODES = {"node_b": {"gen_large": 1}, "node_c": {"gen_small": 1}, "node_d": {"gen_large": 1}}
+
+
+@pytest.fixture(scope="module")
+def multinode():
+    """A real multi-raylet Ray cluster on this machine (tests/multinode.py), killed by pid at the end."""
+    cluster = MultiNode(head_cpus=1)
+    try:
+        for name, resources in MULTINODE_NODES.items():
+            cluster.add(name, num_cpus=2, resources=resources)
+        yield cluster
+    finally:
+        left = cluster.shutdown()
+    assert not left, f"processes of the multi-node cluster still alive after its teardown: {left}"
+
 
 N_TRAIN, SAMPLES, SHARD_ITEMS = 48, 2, 4
 ENGINE = "vLLMEngineStage"  # in the title of the engine actor's worker process
@@ -58,30 +83,47 @@ def assert_conserved(run_dir: Path) -> None:
     assert answers.filter(answers["error"].is_valid()).num_rows == 0
 
 
-@pytest.fixture(scope="module")
-def undisturbed(multinode, tmp_path_factory):
-    """The job on all three nodes, nothing killed: where each engine ran, and its wall time."""
-    tmp = tmp_path_factory.mktemp("gen")
-    start = time.time()
-    job = start_generate(write_config(tmp, "calm"), multinode.address)
-    seen: set[str] = set()
-    try:
-        while job.poll() is None and time.time() < start + 900:
-            seen |= engine_nodes(multinode)
-            time.sleep(0.2)
-    finally:
-        job.stop()
-    out = job.output
-    assert job.poll() == 0, out[-3000:]
-    return {"run_dir": tmp / "calm", "seconds": time.time() - start, "engines_on": seen, "out": out}
+# The submitted job: a smaller one (8 items, one sample each).
+SUBMIT_TRAIN, SUBMIT_SAMPLES = 8, 1
 
 
-def test_engines_run_on_the_nodes_their_resources_name(undisturbed):
-    assert "ray: connected to" in undisturbed["out"]
-    on = undisturbed["engines_on"]
-    assert "node_c" in on  # small: the only gen_small node
-    assert len(on & {"node_b", "node_d"}) == 1  # large: one replica, on a gen_large node
-    assert_conserved(undisturbed["run_dir"])
+def overrides(tmp) -> list[str]:
+    sets = [f"output_dir={tmp}", "name=submitted", "ray.shared_storage=true",  # every node of this host sees tmp
+            f"benchmark.n_train={SUBMIT_TRAIN}", "benchmark.n_validation=0", "benchmark.n_eval=4",
+            f"generate.sampling.samples={SUBMIT_SAMPLES}", "generate.sampling.max_tokens=16", "generate.engine.batch_size=4",
+            "competitors.large.engine.resources={gen_large: 1}", "competitors.small.engine.resources={gen_small: 1}"]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def job_engine_nodes(dashboard: str, job_id: str) -> set[str]:
+    """The node ids of the job's engine actors, from Ray's state API (dead actors included)."""
+    actors = list_actors(address=dashboard, filters=[("job_id", "=", job_id)], detail=True, limit=1000,
+                         raise_on_missing_output=False)
+    return {a.node_id for a in actors if ENGINE in (a.repr_name or "") + a.class_name}
+
+
+def test_a_submitted_generate_job_succeeds_with_its_engines_on_two_nodes(multinode, tmp_path):
+    multinode.wait_jobs_api()
+    start = time.monotonic()
+    out = run_cli("submit", "configs/local.yaml", "--command", "generate", *overrides(tmp_path),
+                  "--address", multinode.dashboard, timeout=900)
+    seconds = time.monotonic() - start
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    job = next(l for l in lines if l.startswith("submitted job ")).split()[-1]
+    assert lines[-1] == f"job {job}: SUCCEEDED"
+    assert f"ray: connected to {multinode.address}" in out.stdout  # the job's driver joined this cluster
+
+    answers = read_table(tmp_path / "submitted" / "answers", ANSWERS)
+    keys = set(zip(answers["competitor"].to_pylist(), answers["id"].to_pylist(), answers["sample"].to_pylist()))
+    assert answers.num_rows == len(keys) == 2 * SUBMIT_TRAIN * SUBMIT_SAMPLES
+    assert answers.filter(answers["error"].is_valid()).num_rows == 0
+
+    details = JobSubmissionClient(multinode.dashboard).get_job_info(job)
+    names = {multinode.node_id(n): n for n in multinode.nodes}
+    on = {names.get(node, node) for node in job_engine_nodes(multinode.dashboard, details.driver_info.id)}
+    assert "node_c" in on and len(on & {"node_b", "node_d"}) == 1 and len(on) == 2, on
+    print(f"submitted generate job: {seconds:.0f} s, engines on {sorted(on)}")
 
 
 def test_a_local_output_dir_on_several_nodes_is_refused_with_the_fix(multinode, tmp_path):
@@ -98,7 +140,7 @@ def generate_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())["stages"]["generate"]["competitors"]
 
 
-def test_losing_the_large_engines_node_mid_generation_costs_time_not_rows(multinode, undisturbed, tmp_path):
+def test_losing_the_large_engines_node_mid_generation_costs_time_not_rows(multinode, tmp_path):
     run_dir = tmp_path / "lost"
     shards = N_TRAIN // SHARD_ITEMS
     start = time.time()
@@ -134,7 +176,5 @@ def test_losing_the_large_engines_node_mid_generation_costs_time_not_rows(multin
     # The large replica's answers came from two processes (the one killed, its restart); small's from one.
     assert summary["large"]["engines_ran"] == 1 and summary["large"]["engine_restarts"] >= 1, summary["large"]
     assert summary["small"]["engine_restarts"] == 0, summary["small"]
-    lost = (end - start) - undisturbed["seconds"]
     print(f"\nnode lost in generation: {written}/{shards} large shards written at the kill; engine back on "
-          f"{survivor} {restarted:.1f} s after it; job {end - start:.1f} s against {undisturbed['seconds']:.1f} s "
-          f"undisturbed: {lost:.1f} s lost")
+          f"{survivor} {restarted:.1f} s after it; job {end - start:.1f} s")
