@@ -86,6 +86,7 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     growth over the last three quarters of the rows. `engine_kwargs`: the vLLM engine arguments
     both sides ran with, from the stage's builder (`lossaverse.pipeline.processors.engine_kwargs`)."""
     from lossaverse.pipeline.genbench import run_baseline, run_stage
+    from lossaverse.pipeline.kvcache import read_hf_config
     from lossaverse.pipeline.processors import engine_kwargs
     from lossaverse.pipeline.tinymodels import resolve_model
 
@@ -121,7 +122,7 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     growth = max(s["driver_growth_mib"] for s in stage[low])  # the largest over repeats
     return {
         "model": model, "prompts_per_replica": prompts, "prompts_per_replica_needed": needed, "max_tokens": sampling.max_tokens,
-        "engine": engine.model_dump(), "engine_kwargs": engine_kwargs(engine), "scheduler_limits": baseline[0]["scheduler_limits"],
+        "engine": engine.model_dump(), "engine_kwargs": engine_kwargs(engine, hf_config=read_hf_config(model)), "scheduler_limits": baseline[0]["scheduler_limits"],
         "baseline": {"steady_tokens_per_s": base_steady, "tokens_per_s": base_e2e,
                      "startup_s": spread([b["startup_s"] for b in baseline]),
                      "engine_s": spread([b["engine_s"] for b in baseline]),

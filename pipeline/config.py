@@ -184,6 +184,11 @@ class EngineConfig(Strict):
 
     concurrency: int = Field(default=1, ge=1)  # engine replicas
     batch_size: int = Field(default=64, ge=1)
+    # Batches Ray Data LLM keeps in flight per replica (its own default, 8): batch_size times this
+    # is what one engine is handed at once (lossaverse.pipeline.kvcache sizes its cache for it).
+    max_concurrent_batches: int = Field(default=8, ge=1)
+    # Sequences the engine runs at once (vLLM's max_num_seqs); None leaves vLLM's default (128 on CPU).
+    max_num_seqs: int | None = Field(default=None, ge=1)
     num_cpus: float = Field(default=1, gt=0)  # per bundle
     num_gpus: float = Field(default=0, ge=0)  # per bundle (1 per tensor/pipeline-parallel worker on GPU)
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -196,7 +201,8 @@ class EngineConfig(Strict):
     dtype: str = "float32"  # CPU: float32 works everywhere; bfloat16 on GPU
     # On CPU this is the share of host memory reserved for the KV cache.
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    # KV cache size set explicitly (vLLM's kv_cache_memory_bytes); on CPU set it, because the
+    # KV cache size set explicitly (vLLM's kv_cache_memory_bytes). None on CPU: sized from the
+    # model for the sequences the engine runs at once (lossaverse.pipeline.kvcache), because the
     # utilization-based sizing subtracts the engine process's RSS and fails for small shares.
     kv_cache_gib: float | None = Field(default=None, gt=0)
     enforce_eager: bool = False  # skip graph compilation: faster start-up, slower steady state
@@ -204,6 +210,14 @@ class EngineConfig(Strict):
     # (Ray Data's own default restarts forever, so an engine that dies on every batch loops).
     max_restarts: int = Field(default=3, ge=0)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
+
+    @property
+    def running_seqs(self) -> int:
+        """Sequences one engine runs at once: what it is handed (batch_size x max_concurrent_batches),
+        at most max_num_seqs (vLLM's CPU default, 128, where unset on CPU)."""
+        limit = self.max_num_seqs or self.engine_kwargs.get("max_num_seqs") or (None if self.num_gpus else 128)
+        in_flight = self.batch_size * self.max_concurrent_batches
+        return min(in_flight, limit) if limit else in_flight
 
     @property
     def bundles_per_replica(self) -> int:

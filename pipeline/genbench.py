@@ -57,13 +57,16 @@ def run_baseline(model: str, engine, items, sampling, seed: int) -> dict:
     import ray
 
     from lossaverse.pipeline.generate import expand_requests
+    from lossaverse.pipeline.kvcache import read_hf_config
     from lossaverse.pipeline.processors import engine_kwargs
 
     requests = expand_requests(items, "baseline", model, sampling, seed)
-    task = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(_vllm_offline)
+    # max_calls=1: the worker process exits with the task, and its engine processes with it; a kept
+    # worker holds the engine's busy processes alive and slows the stage measured after it.
+    task = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, max_calls=1)(_vllm_offline)
     start = time.perf_counter()
     with PeakRSS() as rss:
-        out = ray.get(task.remote(model, engine_kwargs(engine), [r["prompt"] for r in requests],
+        out = ray.get(task.remote(model, engine_kwargs(engine, hf_config=read_hf_config(model)), [r["prompt"] for r in requests],
                                   [r["sampling_params"] for r in requests], min(len(requests), engine.batch_size)))
     seconds = time.perf_counter() - start - out["warmup_s"]
     return {**out, "seconds": round(seconds, 2), "startup_s": round(seconds - out["generate_s"], 2),

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import re
 
+from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
+
 # vLLM's step token budget on CPU when chunked prefill is on (its default); a prompt longer than
 # the budget needs the budget raised once prompts may no longer be split.
 _CPU_STEP_TOKENS = 2048
 
 
-def engine_kwargs(engine, prefix_caching: bool | None = False) -> dict:
+def engine_kwargs(engine, prefix_caching: bool | None = True, hf_config: dict | None = None) -> dict:
     """EngineConfig -> vLLM engine arguments: the one builder behind the generate stage, the
     supervisory judge's engine and Ray Serve's engine (`lossaverse.serving.model.llm_config`).
 
@@ -30,7 +32,10 @@ def engine_kwargs(engine, prefix_caching: bool | None = False) -> dict:
     the engine dies on every batch. With it off the scheduler waits for the next step instead of
     splitting a prompt, so a step's budget must hold the longest prompt: `max_num_batched_tokens`
     is raised to `max_model_len` where that is above vLLM's CPU default. `prefix_caching` None
-    leaves vLLM's default. `engine.engine_kwargs` override everything here.
+    leaves vLLM's default; on, the system turn and worked examples every prompt shares are computed
+    once, not once a request. With `hf_config` (the model's config.json) and no `kv_cache_gib`, a
+    CPU engine's cache is sized from the model for the sequences it runs at once
+    (`lossaverse.pipeline.kvcache.plan_kv`). `engine.engine_kwargs` override everything here.
     """
     kwargs = {
         "max_model_len": engine.max_model_len,
@@ -42,8 +47,12 @@ def engine_kwargs(engine, prefix_caching: bool | None = False) -> dict:
     }
     if prefix_caching is not None:
         kwargs["enable_prefix_caching"] = prefix_caching
+    if engine.max_num_seqs:
+        kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+    elif hf_config is not None and not engine.num_gpus:
+        kwargs["kv_cache_memory_bytes"] = plan_kv(engine, hf_config).cache_bytes
     if not engine.num_gpus:
         kwargs["enable_chunked_prefill"] = False
         if engine.max_model_len > _CPU_STEP_TOKENS:
@@ -60,9 +69,10 @@ def vllm_config(model_path: str, engine):
 
     return vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs(engine),
+        engine_kwargs=engine_kwargs(engine, hf_config=read_hf_config(model_path)),
         concurrency=(engine.concurrency, engine.concurrency),
         batch_size=engine.batch_size,
+        max_concurrent_batches=engine.max_concurrent_batches,
         # Ray Data LLM repeats this bundle tensor_parallel_size * pipeline_parallel_size times.
         placement_group_config={"bundle_per_worker": engine.bundle, "strategy": engine.placement_strategy},
         # Prompts are rendered (and chat-templated) by expand_batch; vLLM tokenizes itself.

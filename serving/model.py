@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lossaverse.pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
+from lossaverse.pipeline.kvcache import read_hf_config
 from lossaverse.serving.config import ServeConfig
 
 
@@ -54,10 +55,12 @@ def _checked(serve: ServeConfig, engine: EngineConfig, models: dict[str, str], r
         if local and not (Path(source).expanduser() / "config.json").is_file():
             what = "trained model" if model_id == serve.model_id else "model"
             raise ServeError(f"no {what} at {source} (no config.json): run `lossaverse train CONFIG` first, or give a model directory")
-    if engine.num_gpus == 0 and engine.kv_cache_gib is None:
+    unsized = [s for s in models.values() if read_hf_config(str(Path(s).expanduser())) is None]
+    if engine.num_gpus == 0 and engine.kv_cache_gib is None and unsized:
         raise ServeError(
-            "serving on CPU (engine num_gpus 0) needs an explicit KV cache size: "
-            "--set serve.engine.kv_cache_gib=0.25 (vLLM's utilization-based sizing fails on CPU)"
+            f"serving {unsized[0]} on CPU (engine num_gpus 0) needs an explicit KV cache size: it has no local "
+            "config.json to size the cache from; --set serve.engine.kv_cache_gib=0.25 (vLLM's utilization-based "
+            "sizing fails on CPU)"
         )
     if serve.api_key_env and not os.environ.get(serve.api_key_env):
         raise ServeError(f"serve.api_key_env is {serve.api_key_env}, but that environment variable is not set: export it (the API key) first")
@@ -128,7 +131,8 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         # The generate stage's builder (chunked prefill off on CPU); prefix caching as vLLM decides.
-        engine_kwargs=engine_kwargs(engine, prefix_caching=None),
+        # A CPU engine without kv_cache_gib gets a cache sized from the model (pipeline/kvcache.py).
+        engine_kwargs=engine_kwargs(engine, prefix_caching=None, hf_config=read_hf_config(source)),
         # One bundle per tensor/pipeline-parallel worker; ray.serve.llm replicates it tp*pp times.
         placement_group_config={"bundle_per_worker": engine.bundle, "strategy": engine.placement_strategy},
         deployment_config={

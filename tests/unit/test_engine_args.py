@@ -64,3 +64,50 @@ def test_the_manifest_counts_the_engines_that_ran_and_their_restarts():
     assert {k: t.summary()[k] for k in ("engines_asked", "engines_ran", "engine_restarts")} == {
         "engines_asked": 2, "engines_ran": 2, "engine_restarts": 1}
     assert "engines_ran" not in Tally(total=1).summary()  # an endpoint: no engines
+
+
+# --- KV-cache sizing (lossaverse.pipeline.kvcache) -------------------------------------------------
+
+SMOLLM2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+
+
+def test_kv_bytes_per_token_worked_by_hand():
+    from lossaverse.pipeline.kvcache import kv_bytes_per_token
+
+    # SmolLM2-135M: head_dim = 576 / 9 = 64; 2 (K, V) * 30 layers * 3 KV heads * 64 * 4 bytes = 46,080.
+    assert kv_bytes_per_token(SMOLLM2, "float32") == 46_080
+    assert kv_bytes_per_token(SMOLLM2, "bfloat16") == 23_040
+    # No num_key_value_heads: every attention head has its own K and V; an explicit head_dim wins.
+    assert kv_bytes_per_token({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}, "float32") == 2 * 2 * 4 * 16 * 4
+    assert kv_bytes_per_token({**SMOLLM2, "head_dim": 128}, "float16") == 2 * 30 * 3 * 128 * 2
+
+
+def test_the_cache_is_sized_for_the_sequences_the_engine_runs_and_a_small_one_is_named():
+    from lossaverse.pipeline.kvcache import plan_kv
+
+    # 8 rows a batch x 8 batches in flight = 64 sequences, 64 <= vLLM's CPU default of 128 running:
+    # 46,080 B x 448 tokens x 64 = 1,321,205,760 B (1.23 GiB).
+    engine = EngineConfig(batch_size=8, max_concurrent_batches=8, max_model_len=448)
+    plan = plan_kv(engine, SMOLLM2)
+    assert (plan.in_flight, plan.running) == (64, 64)
+    assert plan.need_bytes == plan.cache_bytes == 1_321_205_760 and plan.sized and plan.fits
+    assert engine_kwargs(engine, hf_config=SMOLLM2)["kv_cache_memory_bytes"] == 1_321_205_760
+    # The job's old settings: 64 x 8 = 512 handed over, 128 running, in 0.5 GiB: it holds 26 at their longest.
+    old = plan_kv(EngineConfig(batch_size=64, max_model_len=448, kv_cache_gib=0.5), SMOLLM2)
+    assert (old.in_flight, old.running, old.holds_sequences) == (512, 128, 26) and not old.fits
+    assert "it holds 26" in old.describe() and "kv_cache_gib >= 2.46" in old.describe()
+    # An explicit size wins; max_num_seqs caps what runs.
+    assert engine_kwargs(EngineConfig(kv_cache_gib=0.25), hf_config=SMOLLM2)["kv_cache_memory_bytes"] == 2**28
+    assert plan_kv(EngineConfig(batch_size=8, max_num_seqs=16), SMOLLM2).running == 16
+    assert engine_kwargs(EngineConfig(max_num_seqs=16))["max_num_seqs"] == 16
+    # On GPU vLLM sizes its own cache from gpu_memory_utilization.
+    assert "kv_cache_memory_bytes" not in engine_kwargs(EngineConfig(num_gpus=1), hf_config=SMOLLM2)
+
+
+def test_an_unknown_cache_dtype_is_named():
+    import pytest
+
+    from lossaverse.pipeline.kvcache import kv_bytes_per_token
+
+    with pytest.raises(ValueError, match="dtype 'float64': unknown"):
+        kv_bytes_per_token(SMOLLM2, "float64")
