@@ -22,6 +22,7 @@ from lossaverse.cluster.config import ConfigError, RunConfig
 from lossaverse.pipeline.evalstats import TRANSFER  # the transfer benchmark's split and results folder
 from lossaverse.pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
 from lossaverse.pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
+from lossaverse.training.config import RECIPE_BASELINES
 
 
 RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
@@ -115,13 +116,22 @@ def target_prompts(cfg: RunConfig):
 
 
 def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
-    """Print which resources each competitor gets; refuse a plan the cluster cannot hold."""
+    """Print which resources each competitor gets and each engine's KV-cache sizing; refuse a plan
+    the cluster cannot hold. A cache too small for the sequences its engine runs at once is a
+    warning, not a refusal: the engine still answers every row, only slower (preempted sequences
+    have their prompts computed again)."""
     from lossaverse.cluster.plan import PlanError, check_plan, placements
     from lossaverse.cluster.ray_env import ray_nodes
+    from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
 
     plan = placements(competitors)
     for p in plan:
         report(f"plan {p.describe()}")
+    for c in competitors:
+        hf_config = read_hf_config(c.model) if c.engine is not None else None
+        if hf_config is not None:
+            kv = plan_kv(c.engine, hf_config)
+            report(f"plan {c.name}: {'' if kv.fits else '[yellow]warning[/] '}{kv.describe()}")
     try:
         check_plan(plan, ray_nodes() if nodes is None else nodes)
     except PlanError as exc:
@@ -327,6 +337,9 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     for method in cfg.train.methods:
         if method in results:
             continue
+        if method in RECIPE_BASELINES:  # rft: from the recipe's SFT checkpoint, on its KTO step's right answers
+            results[method] = run_rft(cfg, run_dir, results["kto"]["recipe"]["sft_model"], train_one, fp, report)
+            continue
         train = cfg.train.for_method(method).model_copy(update={"recipe": "single"})
         if budget is not None and (recipe or train.max_steps is None):
             train = train.model_copy(update={"max_steps": budget})
@@ -342,6 +355,20 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     if results or recipe:
         first["budget_steps"] = budget
     return first
+
+
+def run_rft(cfg: RunConfig, run_dir: Path, sft_model: str, train_one: Callable[..., dict], fp: str,
+            report: Callable[[str], None]) -> dict:
+    """The RFT baseline of the recipe: the same start (the recipe's SFT checkpoint), the same data
+    (recipe/datasets/kto, whose desirable rows are the competitors' and the on-policy right answers:
+    the SFT method trains on those alone) and the same steps (train.max_steps) as the KTO step, into
+    compare/rft/. Recipe minus RFT is then what the wrong answers added."""
+    method = RECIPE_BASELINES["rft"]
+    train = cfg.train.for_method(method).model_copy(update={"recipe": "single"})
+    out, storage = trained_dirs(cfg, run_dir, "rft")
+    report(f"train rft (SFT from the recipe's SFT model on its right answers, {train.max_steps} steps)")
+    result = train_one(train, sft_model, run_dir / "recipe" / "datasets", out, storage, fingerprint(fp, "rft"))
+    return {**result, "start": sft_model, "data": str((run_dir / "recipe" / "datasets").resolve())}
 
 
 def eval_models(cfg: RunConfig, run_dir: Path) -> list:

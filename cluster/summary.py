@@ -55,7 +55,7 @@ def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
     """eval/results.json as summary rows: accuracy [95% CI] per model, then each model's paired
     difference from the untrained target [95% CI] with McNemar's p (the other pairs are in the
     report); `split` names where the items came from."""
-    from lossaverse.pipeline.evalstats import model_label, models_of
+    from lossaverse.pipeline.evalstats import model_label, models_of, wrong_answers_pair
 
     rows = []
     for name, r in models_of(results).items():
@@ -68,5 +68,9 @@ def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
             continue
         lo, hi = p["ci95"]
         rows.append((f"{p['model']} − {p['baseline']} ({split}, paired)",
+                     f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
+    if (p := wrong_answers_pair(results)) is not None:
+        lo, hi = p["ci95"]
+        rows.append((f"wrong answers added: {p['model']} − {p['baseline']} ({split}, paired)",
                      f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
     return rows

@@ -24,6 +24,7 @@ import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
 from lossaverse.pipeline.rundir import read_json, write_json
+from lossaverse.training.config import RECIPE_BASELINES
 
 
 def parse_grid(grid: list[str]) -> dict[str, list]:
@@ -109,7 +110,8 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     top = cfg.top_dir
     budget = cfg.train.sft_steps + cfg.train.max_steps if cfg.train.recipe == "sft_then_kto" else cfg.train.max_steps
     baselines = {}
-    for method in [m for m in cfg.train.compare if m != cfg.train.method]:
+    # rft starts from a recipe's own SFT checkpoint: each trial is one method, so it is no baseline trial here.
+    for method in [m for m in cfg.train.compare if m != cfg.train.method and m not in RECIPE_BASELINES]:
         sets = [f"train.method={method}", "train.recipe=single"] + ([f"train.max_steps={budget}"] if budget else [])
         bcfg, entry = _run_trial(config, overrides, sets, f"baseline-{method}", top, report)
         baselines[method] = (entry, _trial_scores(bcfg.run_dir, f"target-{method}"))

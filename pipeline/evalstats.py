@@ -150,6 +150,13 @@ def models_of(results: dict) -> dict[str, dict]:
     return {**{n: models[n] for n in order}, **{k: v for k, v in models.items() if k not in order}}
 
 
+def wrong_answers_pair(results: dict) -> dict | None:
+    """The recipe against RFT (`target-kto` - `target-rft`: the same SFT start, the same on-policy
+    samples and steps, RFT without the wrong answers): what the wrong answers added, or None
+    where no RFT baseline was evaluated."""
+    return next((p for p in results.get("pairs") or [] if p["model"] == "target-kto" and p["baseline"] == "target-rft"), None)
+
+
 def model_label(name: str) -> str:
     """A reader's name for an evaluated model: target-base -> "target before training",
     target-kto -> "target after KTO"; any other name as it is."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 
 from lossaverse.pipeline import lossaversion
-from lossaverse.pipeline.evalstats import TRANSFER, model_label, models_of
+from lossaverse.pipeline.evalstats import TRANSFER, model_label, models_of, wrong_answers_pair
 from lossaverse.pipeline.plots import plot_accuracy, plot_competitors, plot_rounds, plot_training, round_entries
 from lossaverse.pipeline.rundir import read_json
 
@@ -196,6 +196,11 @@ def _headline(results: dict) -> list[str]:
         lines.append(f"| {model_label(name)} (`{name}`) | {_pct(r['accuracy'])} | {_ci(r.get('ci95'))} | "
                      f"{r.get('items', 'n/a')} | {r.get('answers', '')} |")
     pairs = results.get("pairs") or []
+    if (w := wrong_answers_pair(results)) is not None:
+        lo, hi = w["ci95"]
+        lines += ["", f"**What the wrong answers added** (the recipe − RFT: the same SFT start, on-policy answers "
+                      f"and steps, RFT on the right answers alone; paired on {w['items']} items): "
+                      f"{_pts(w['diff'])} points [{_pts(lo)}, {_pts(hi)}], McNemar p {_p(w['mcnemar_p'])}: {_verdict(w)}."]
     if pairs:
         lines += ["", "| comparison (same items) | difference (points) | 95% CI (points) | McNemar p | better / worse / tied items | verdict |",
                   "|---|---:|---:|---:|---:|---|"]

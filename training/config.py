@@ -30,6 +30,11 @@ class OnPolicyConfig(Strict):
     items: int | None = Field(default=None, ge=1)
 
 
+# Baselines of the recipe that train an existing method from the recipe's SFT checkpoint:
+# name -> the method trained (lossaverse.training.methods.METHODS).
+RECIPE_BASELINES = {"rft": "sft"}
+
+
 class TrainConfig(Strict):
     """Training: method, loss settings, optimizer and step budget (shared by every method), reference
     model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
@@ -45,7 +50,10 @@ class TrainConfig(Strict):
     # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
     nll_weight: float = Field(default=0.0, ge=0)
     # Baselines trained beside `method` on the same round's data with the same step budget, each
-    # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`).
+    # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`). With the
+    # recipe, `rft` is rejection-sampling fine-tuning (RFT, Yuan et al. 2023; STaR): SFT from the
+    # recipe's SFT checkpoint on the desirable rows of the KTO step's data (the competitors' and the
+    # on-policy right answers) for the KTO step's max_steps: the recipe without its wrong answers.
     compare: list[str] = Field(default_factory=list)
     beta: float = Field(default=0.1, gt=0)  # KTO / DPO: strength of the implicit KL penalty
     # KTO's lambda_D / lambda_U. `fixed`: as given (or undesirable = loss_aversion * desirable);
@@ -103,7 +111,8 @@ class TrainConfig(Strict):
         from lossaverse.training.methods import get_method
 
         for method in value:
-            get_method(method)
+            if method not in RECIPE_BASELINES:
+                get_method(method)
         if len(set(value)) != len(value):
             raise ValueError(f"compare lists a method twice: {value}")
         return value
@@ -129,6 +138,9 @@ class TrainConfig(Strict):
     def _consistent(self) -> "TrainConfig":
         from lossaverse.training.zero import deepspeed_config, deepspeed_conflicts
 
+        if "rft" in self.compare and self.recipe != "sft_then_kto":
+            raise ValueError("train.compare rft starts from the recipe's SFT checkpoint and trains on its on-policy "
+                             "right answers: set train.recipe: sft_then_kto, or drop rft from train.compare")
         if self.recipe == "sft_then_kto":
             if self.method != "kto":
                 raise ValueError(f"recipe sft_then_kto trains KTO after SFT; set train.method: kto (not {self.method!r})")

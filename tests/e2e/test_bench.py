@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_bench_mark_compares_the_rules_with_math_verify_on_the_same_rows(tmp_path):
-    done = run_cli("bench", "mark", str(ROOT / "configs" / "local.yaml"), "--rows", "2000,4000", "--out", str(tmp_path))
+    done = run_cli("bench", "mark", str(ROOT / "configs" / "tiny.yaml"), "--rows", "2000,4000", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert {"machine", "versions", "config", "mark"} <= set(result)
@@ -36,7 +36,7 @@ def test_bench_generate_runs_both_sides_on_the_same_work_and_refuses_a_rate_from
     from their arrivals would divide a batch's tokens by a few milliseconds. The stage and vLLM
     offline answer the same prompts with the same token budget, every run has memory figures, and
     no steady rate (nor a cost estimate on it) is given."""
-    done = run_cli("bench", "generate", str(ROOT / "configs" / "local.yaml"), "--replicas", "1", "--prompts", "64",
+    done = run_cli("bench", "generate", str(ROOT / "configs" / "tiny.yaml"), "--replicas", "1", "--prompts", "64",
                    "--set", "generate.engine.batch_size=32", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     g = json.loads((tmp_path / "bench.json").read_text())["generate"]
@@ -59,5 +59,5 @@ def test_bench_generate_runs_both_sides_on_the_same_work_and_refuses_a_rate_from
 
 
 def test_bench_refuses_an_unknown_stage():
-    done = run_cli("bench", "serve", str(ROOT / "configs" / "local.yaml"))
+    done = run_cli("bench", "serve", str(ROOT / "configs" / "tiny.yaml"))
     assert done.returncode == 2 and "unknown bench stage 'serve'" in done.stderr

@@ -22,7 +22,7 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(tmp_path):
     sets = [f"output_dir={tmp_path}", "name=resume", f"benchmark.n_train={N_TRAIN}", "benchmark.n_eval=4",
             "generate.shard_items=4", "generate.engine.batch_size=4", f"generate.sampling.samples={SAMPLES}",
             "generate.sampling.max_tokens=32", "generate.progress_interval_s=1"]
-    args = ["generate", str(ROOT / "configs" / "local.yaml")] + [x for s in sets for x in ("--set", s)]
+    args = ["generate", str(ROOT / "configs" / "tiny.yaml")] + [x for s in sets for x in ("--set", s)]
     shards = tmp_path / "resume" / "answers.shards"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)

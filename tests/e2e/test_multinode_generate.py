@@ -51,7 +51,7 @@ ENGINE = "vLLMEngineStage"  # in the title of the engine actor's worker process
 
 
 def write_config(tmp: Path, name: str, shared: bool = True) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg.update(name=name, output_dir=str(tmp))
     cfg["ray"] = {"shared_storage": shared}  # every node of this one-host cluster sees tmp
     cfg["benchmark"].update(n_train=N_TRAIN, n_validation=0, n_eval=4)
@@ -105,7 +105,7 @@ def job_engine_nodes(dashboard: str, job_id: str) -> set[str]:
 def test_a_submitted_generate_job_succeeds_with_its_engines_on_two_nodes(multinode, tmp_path):
     multinode.wait_jobs_api()
     start = time.monotonic()
-    out = run_cli("submit", "configs/local.yaml", "--command", "generate", *overrides(tmp_path),
+    out = run_cli("submit", "configs/tiny.yaml", "--command", "generate", *overrides(tmp_path),
                   "--address", multinode.dashboard, timeout=900)
     seconds = time.monotonic() - start
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -43,7 +43,7 @@ SMOL_TRAIN, SMOL_EVAL, SMOL_SAMPLES, SMOL_STEPS = 12, 8, 2, 2
 
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
-    """configs/smollm2.yaml on a small slice: SmolLM2 (chat template, worked examples) and tiny:small
+    """configs/local.yaml on a small slice: SmolLM2 (chat template, worked examples) and tiny:small
     answer, the marker grades, the datasets carry the target's rendering, LoRA KTO trains SmolLM2
     and the merged model answers the eval items in vLLM."""
     from tests.conftest import ROOT, run_cli
@@ -55,7 +55,7 @@ def smol_run(tmp_path_factory):
                  "train.recipe=single", "train.compare=[kto]", f"train.max_steps={SMOL_STEPS}",
                  # One ZeRO-2 worker: LoRA on two ZeRO-2 ranks is covered by tests/integration/test_train.py.
                  "train.num_workers=1"]
-    result = run_cli("run", str(ROOT / "configs" / "smollm2.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=1500)
+    result = run_cli("run", str(ROOT / "configs" / "local.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / "smol"
 

@@ -24,7 +24,7 @@ def _args(tmp) -> list[str]:
     sets = [f"output_dir={tmp}", "name=rounds", f"benchmark.n_train={N_TRAIN}", f"benchmark.n_eval={N_EVAL}",
             "benchmark.n_validation=0", "generate.sampling.samples=1", "rounds=2", "train.recipe=single", "train.compare=[]", "train.max_steps=4",
             "train.num_workers=1", "train.deepspeed=none", "train.checkpoint_every=0", "evaluate.transfer=null"]
-    return [*LOSSAVERSE, "run", str(ROOT / "configs" / "local.yaml")] + [a for s in sets for a in ("--set", s)]
+    return [*LOSSAVERSE, "run", str(ROOT / "configs" / "tiny.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
 def _env() -> dict:

@@ -52,8 +52,10 @@ def run(tmp_path_factory):
         # The default job's recipe (SFT, on-policy answers, KTO from the SFT model) at a few steps.
         f"train.sft_steps={SFT_STEPS}",
         f"train.max_steps={KTO_STEPS}",
+        # The RFT baseline beside SFT: the recipe's SFT start, its KTO step's data and steps.
+        "train.compare=[kto, sft, rft]",
     ]
-    args = ["run", str(ROOT / "configs" / "local.yaml")] + [a for o in overrides for a in ("--set", o)]
+    args = ["run", str(ROOT / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
     first = run_cli(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = run_cli(*args)
@@ -99,17 +101,19 @@ def test_evaluation_reports_before_and_after(run):
     models = models_of(results)
     # The default job's recipe against SFT at the same budget, and the recipe's own SFT step, all
     # against the untrained target; baselines first, so each pair reads "recipe - baseline".
-    assert list(models) == ["target-base", "target-sft", "target-recipe-sft", "target-kto"]
+    assert list(models) == ["target-base", "target-sft", "target-rft", "target-recipe-sft", "target-kto"]
     assert all(r["answers"] == N_EVAL and r["items"] == N_EVAL for r in models.values())
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
-    assert len(results["pairs"]) == 6 and all(0.0 <= p["mcnemar_p"] <= 1.0 for p in results["pairs"])
-    assert {(p["model"], p["baseline"]) for p in results["pairs"]} >= {("target-kto", "target-sft"), ("target-kto", "target-base")}
+    assert len(results["pairs"]) == 10 and all(0.0 <= p["mcnemar_p"] <= 1.0 for p in results["pairs"])
+    assert {(p["model"], p["baseline"]) for p in results["pairs"]} >= {
+        ("target-kto", "target-sft"), ("target-kto", "target-base"), ("target-kto", "target-rft")}
     transfer = json.loads((run["dir"] / "eval" / "transfer" / "results.json").read_text())
-    assert all(r["items"] == N_TRANSFER for r in models_of(transfer).values()) and len(models_of(transfer)) == 4
+    assert all(r["items"] == N_TRANSFER for r in models_of(transfer).values()) and len(models_of(transfer)) == 5
     text = (run["dir"] / "report.md").read_text()
     assert "## Transfer" in text and "and the methods compared with it at the same budget" in text
     assert "## Loss aversion" in text and "(report/value_function.png)" in text
-    for label in ("target after KTO", "target after SFT", "target after the recipe's SFT step", "transfer: arith-reworded"):
+    for label in ("target after KTO", "target after SFT", "target after RFT", "target after the recipe's SFT step",
+                  "transfer: arith-reworded"):
         assert label in run["first"].stdout
 
 
@@ -147,11 +151,34 @@ def test_recipe_chains_sft_on_policy_answers_and_kto(run):
 def test_baselines_share_the_step_budget(run):
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     train = manifest["stages"]["train"]
-    assert set(train["compare"]) == {"sft"}
+    assert set(train["compare"]) == {"sft", "rft"}
     assert train["compare"]["sft"]["steps"] == train["recipe"]["sft"]["steps"] + train["steps"] == train["budget_steps"]
+    assert train["compare"]["rft"]["steps"] == train["steps"]  # RFT: the KTO step's steps, from the same start
     assert (run["dir"] / "compare" / "sft" / "model" / "config.json").is_file()
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"items", "generate", "mark", "datasets", "train", "evaluate"}
+
+
+def test_rft_trains_from_the_recipes_sft_model_on_exactly_the_desirable_rows_of_its_data(run):
+    """RFT (rejection-sampling fine-tuning): the recipe without its wrong answers. Same start as the
+    KTO step (the recipe's SFT model), same data folder, same steps; it trains on the data's
+    desirable rows, every one of them and nothing else."""
+    import pyarrow.parquet as pq
+
+    d = run["dir"]
+    rft = json.loads((d / "manifest.json").read_text())["stages"]["train"]["compare"]["rft"]
+    assert rft["start"] == str((d / "recipe" / "sft" / "model").resolve())
+    assert rft["data"] == str((d / "recipe" / "datasets").resolve())
+    kto = read_table(d / "recipe" / "datasets" / "kto", KTO)
+    desirable = kto.filter(pc.equal(kto["label"], True))
+    trained = pq.read_table(d / "compare" / "rft" / "checkpoints" / "data" / "train.parquet")
+    key = lambda t: sorted(zip(t["prompt"].to_pylist(), t["completion"].to_pylist()))  # noqa: E731
+    assert 0 < desirable.num_rows < kto.num_rows
+    assert key(trained) == key(desirable)  # the right answers, each once; no wrong answer
+    # Trained from the SFT model: its weights moved away from both the SFT start and the base.
+    tuned = load_file(d / "compare" / "rft" / "model" / "model.safetensors")
+    sft = load_file(d / "recipe" / "sft" / "model" / "model.safetensors")
+    assert any(not torch.equal(sft[k], tuned[k]) for k in sft)
 
 
 def test_rerun_skips_complete_stages(run):
@@ -163,7 +190,7 @@ def test_rerun_skips_complete_stages(run):
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
-    out = run_cli("run", str(ROOT / "configs" / "local.yaml"), "--set", f"output_dir={tmp_path}", "--set", "train.betta=1")
+    out = run_cli("run", str(ROOT / "configs" / "tiny.yaml"), "--set", f"output_dir={tmp_path}", "--set", "train.betta=1")
     assert out.returncode == 2
     assert "train.betta: Extra inputs are not permitted" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -1,4 +1,4 @@
-"""`lossaverse serve configs/smollm2.yaml` on the real packaged model, called with the `openai` client.
+"""`lossaverse serve configs/local.yaml` on the real packaged model, called with the `openai` client.
 
 The command serves the run's trained model (`<run_dir>/model`) and, with `serve.base_model_id`,
 the config's target beside it: the packaged reference `smollm2:135m-instruct`, resolved to its
@@ -50,7 +50,7 @@ def _ready(base: str, log: Path) -> bool:
 
 
 def _run_dir_with_model(out: Path, model_dir: str) -> Path:
-    """A run directory of configs/smollm2.yaml under `out` whose trained model is `model_dir`."""
+    """A run directory of configs/local.yaml under `out` whose trained model is `model_dir`."""
     (out / "smollm2").mkdir(parents=True)
     (out / "smollm2" / "model").symlink_to(model_dir, target_is_directory=True)
     return out
@@ -65,12 +65,12 @@ def smollm2_dir() -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_dir):
-    """`lossaverse serve configs/smollm2.yaml` in its own process group, stopped by pid."""
+    """`lossaverse serve configs/local.yaml` in its own process group, stopped by pid."""
     out = _run_dir_with_model(tmp_path_factory.mktemp("runs"), smollm2_dir)
     port = _free_port()
     log = out / "serve.log"
     sets = [f"output_dir={out}", f"serve.port={port}", f"serve.max_tokens={CAP}", "serve.marker=false"]
-    argv = [sys.executable, "-m", "lossaverse", "serve", str(ROOT / "configs" / "smollm2.yaml")]
+    argv = [sys.executable, "-m", "lossaverse", "serve", str(ROOT / "configs" / "local.yaml")]
     for s in sets:
         argv += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -85,7 +85,7 @@ def server(tmp_path_factory, smollm2_dir):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"serve did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(2)
-        print(f"\nserve configs/smollm2.yaml up in {time.perf_counter() - began:.0f}s")
+        print(f"\nserve configs/local.yaml up in {time.perf_counter() - began:.0f}s")
         yield base, proc, log
     finally:
         stop_group(proc)
@@ -109,12 +109,15 @@ def _ids(encoded) -> list[int]:
 
 def test_the_packaged_target_is_served_beside_the_trained_model(tmp_path, smollm2_dir):
     from lossaverse.cluster.serve import plan_for
+    from lossaverse.serving.model import llm_config
 
     out = _run_dir_with_model(tmp_path, smollm2_dir)
-    plan = plan_for(ROOT / "configs" / "smollm2.yaml", None, [f"output_dir={out}", "serve.base_model_id=base"])
+    plan = plan_for(ROOT / "configs" / "local.yaml", None, [f"output_dir={out}", "serve.base_model_id=base"])
     assert list(plan.models) == ["target", "base"]
     assert {Path(src).resolve() for src in plan.models.values()} == {Path(smollm2_dir).resolve()}
-    assert plan.engine.num_gpus == 0 and plan.engine.kv_cache_gib and plan.max_tokens < plan.engine.max_model_len
+    assert plan.engine.num_gpus == 0 and plan.max_tokens < plan.engine.max_model_len
+    # No kv_cache_gib in the config: the CPU engine's cache is sized from the model.
+    assert llm_config("target", plan.models["target"], plan.engine, plan.serve).engine_kwargs["kv_cache_memory_bytes"] > 0
 
 
 def test_chat_completions_apply_the_models_chat_template(server, tokenizer):

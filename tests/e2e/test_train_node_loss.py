@@ -52,7 +52,7 @@ def cluster():
 
 
 def write_config(tmp: Path, name: str) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg.update(name=name, output_dir=str(tmp), ray={"shared_storage": True})  # every node of this host sees tmp
     cfg["train"] = {
         "method": "kto", "recipe": "single", "max_steps": STEPS, "per_device_batch_size": 2, "num_workers": 2,

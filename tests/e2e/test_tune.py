@@ -19,7 +19,7 @@ def tuned(tmp_path_factory):
     sets = [f"output_dir={tmp}", "name=tune", "benchmark.n_train=12", "benchmark.n_validation=12", "benchmark.n_eval=8",
             "generate.sampling.samples=1", "train.recipe=single", "train.compare=[kto, sft]", "train.max_steps=3", "train.num_workers=1",
             "train.deepspeed=none", "train.checkpoint_every=0"]
-    args = ["tune", str(ROOT / "configs" / "local.yaml"), "--grid", "train.learning_rate=1e-5,2e-3"]
+    args = ["tune", str(ROOT / "configs" / "tiny.yaml"), "--grid", "train.learning_rate=1e-5,2e-3"]
     result = run_cli(*args, *[a for s in sets for a in ("--set", s)])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     return tmp / "tune", result.stdout

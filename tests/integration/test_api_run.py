@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_one_stage_on_the_callers_ray_then_read_its_results(local_ray, tmp_path):
-    cfg = lv.load_config(ROOT / "configs" / "local.yaml", [f"output_dir={tmp_path}", "benchmark.n_train=40",
+    cfg = lv.load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path}", "benchmark.n_train=40",
                                                           "benchmark.n_validation=10", "benchmark.n_eval=20"])
     lines: list[str] = []
     run_dir = lv.run(cfg, ["items"], report=lines.append)
-    assert run_dir == tmp_path / "local" and local_ray.is_initialized()  # the caller's Ray, still up
+    assert run_dir == tmp_path / "tiny" and local_ray.is_initialized()  # the caller's Ray, still up
     assert lines[0] == "ray: already initialized"
     items = read_table(run_dir / "items")
     assert items.num_rows == 70 and sorted(set(items["split"].to_pylist())) == ["eval", "train", "validation"]

@@ -23,7 +23,7 @@ from lossaverse.pipeline import synthetic
 from lossaverse.pipeline.mark import mark_row
 from lossaverse.pipeline.prompts import TEMPLATES, render
 from lossaverse.pipeline.tinymodels import resolve_model
-from lossaverse.serving.model import ServeError, llm_config, plan_from_model_dir
+from lossaverse.serving.model import ServeError, _checked, llm_config, plan_from_model_dir
 from tests.conftest import ROOT, run_cli, stop_group
 
 pytestmark = pytest.mark.integration
@@ -353,9 +353,15 @@ def test_sigterm_stops_the_server_and_its_ray(server):
 
 # --- checks before anything starts (no Ray) ------------------------------------------------------
 
-def test_cpu_serving_without_a_kv_cache_size_is_refused():
-    with pytest.raises(ServeError, match="kv_cache_gib"):
-        plan_from_model_dir(resolve_model("tiny:small"))
+def test_cpu_serving_sizes_the_cache_from_a_local_model_and_refuses_a_hub_id_without_a_size():
+    from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
+
+    model = resolve_model("tiny:small")
+    plan = plan_from_model_dir(model)  # no kv_cache_gib: sized from the model's config.json
+    kwargs = llm_config("target", model, plan.engine, plan.serve).engine_kwargs
+    assert kwargs["kv_cache_memory_bytes"] == plan_kv(plan.engine, read_hf_config(model)).cache_bytes > 0
+    with pytest.raises(ServeError, match="HuggingFaceTB/SmolLM2-135M-Instruct on CPU .* kv_cache_gib"):
+        _checked(plan.serve, plan.engine, {"target": "HuggingFaceTB/SmolLM2-135M-Instruct"}, plan.ray)
 
 
 def test_a_cap_that_fills_the_context_is_refused():
@@ -387,12 +393,12 @@ def test_serve_config_builder_takes_a_model_dir_or_a_config(tmp_path):
     app = build_app({"model_dir": resolve_model("tiny:small"), "set": CPU_ENGINE})
     assert isinstance(app, Application)
     with pytest.raises(ServeError, match="exactly one of `config`"):
-        plan_from_args({"config": "configs/local.yaml", "model_dir": "x"})
+        plan_from_args({"config": "configs/tiny.yaml", "model_dir": "x"})
     with pytest.raises(ServeError, match="run `lossaverse train CONFIG` first"):
-        plan_from_args({"config": str(ROOT / "configs/local.yaml"), "set": [f"output_dir={tmp_path}"]})
+        plan_from_args({"config": str(ROOT / "configs/tiny.yaml"), "set": [f"output_dir={tmp_path}"]})
 
 
 def test_cli_refuses_a_run_without_a_trained_model(tmp_path):
-    out = run_cli("serve", "configs/local.yaml", "--set", f"output_dir={tmp_path}", timeout=300)
+    out = run_cli("serve", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}", timeout=300)
     assert out.returncode == 2 and "run `lossaverse train CONFIG` first" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

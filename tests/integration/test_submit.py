@@ -65,32 +65,32 @@ def _job_id(stdout: str) -> str:
 
 
 def test_submit_streams_the_logs_and_reports_success(dashboard):
-    out = run_cli("submit", "configs/local.yaml", "--command", "check", "--address", dashboard, timeout=300)
+    out = run_cli("submit", "configs/tiny.yaml", "--command", "check", "--address", dashboard, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     job = _job_id(out.stdout)
     assert job.startswith("lossaverse-local-")
-    assert "ok: configs/local.yaml" in out.stdout  # the job's own output, streamed back
+    assert "ok: configs/tiny.yaml" in out.stdout  # the job's own output, streamed back
     assert out.stdout.strip().splitlines()[-1] == f"job {job}: SUCCEEDED"
     status = run_cli("jobs", "status", job, "--address", dashboard)
     assert status.returncode == 0 and f"{job}: SUCCEEDED" in status.stdout
-    assert "entrypoint: lossaverse check configs/local.yaml" in status.stdout
+    assert "entrypoint: lossaverse check configs/tiny.yaml" in status.stdout
     logs = run_cli("jobs", "logs", job, "--address", dashboard)
-    assert logs.returncode == 0 and "ok: configs/local.yaml" in logs.stdout
+    assert logs.returncode == 0 and "ok: configs/tiny.yaml" in logs.stdout
 
 
 def test_a_failing_job_exits_1_with_its_status(dashboard):
     """The config is valid here but excluded from the upload, so the job fails on the cluster."""
-    excludes = '[.venv, .git, runs, "**/__pycache__", configs/local.yaml]'
-    out = run_cli("submit", "configs/local.yaml", "--command", "check", "--set", f"submit.excludes={excludes}",
+    excludes = '[.venv, .git, runs, "**/__pycache__", configs/tiny.yaml]'
+    out = run_cli("submit", "configs/tiny.yaml", "--command", "check", "--set", f"submit.excludes={excludes}",
                   "--address", dashboard, timeout=300)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "config file not found: configs/local.yaml" in out.stdout
+    assert "config file not found: configs/tiny.yaml" in out.stdout
     assert f"job {_job_id(out.stdout)}: FAILED" in out.stdout
 
 
 def test_no_wait_returns_at_once_and_stop_stops_the_job(dashboard, tmp_path):
     start = time.monotonic()
-    out = run_cli("submit", "configs/local.yaml", "--no-wait", "--set", f"output_dir={tmp_path}", "--address", dashboard)
+    out = run_cli("submit", "configs/tiny.yaml", "--no-wait", "--set", f"output_dir={tmp_path}", "--address", dashboard)
     assert out.returncode == 0, out.stderr[-2000:]
     job = _job_id(out.stdout)
     stop = run_cli("jobs", "stop", job, "--address", dashboard, timeout=120)
@@ -104,13 +104,13 @@ def test_unknown_job_and_unreachable_cluster_are_one_line_errors(dashboard):
     out = run_cli("jobs", "status", "no-such-job", "--address", dashboard)
     assert out.returncode == 2 and "no job 'no-such-job'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     closed = f"http://127.0.0.1:{_free_port()}"
-    out = run_cli("submit", "configs/local.yaml", "--command", "check", "--address", closed)
+    out = run_cli("submit", "configs/tiny.yaml", "--command", "check", "--address", closed)
     assert out.returncode == 2 and "cannot reach the Ray Jobs API" in out.stderr, out.stderr
 
 
 def test_a_bad_config_is_refused_before_anything_is_submitted(dashboard):
     before = httpx.get(f"{dashboard}/api/jobs/", timeout=10).json()
-    out = run_cli("submit", "configs/local.yaml", "--set", "train.beta=-1", "--address", dashboard)
+    out = run_cli("submit", "configs/tiny.yaml", "--set", "train.beta=-1", "--address", dashboard)
     assert out.returncode == 2 and "train.beta" in out.stderr
     assert len(httpx.get(f"{dashboard}/api/jobs/", timeout=10).json()) == len(before)
 
@@ -118,16 +118,16 @@ def test_a_bad_config_is_refused_before_anything_is_submitted(dashboard):
 # --- the submission itself (no cluster) ----------------------------------------------------------
 
 def test_entrypoint_is_the_command_on_the_uploaded_config_with_quoted_overrides():
-    e = entrypoint("run", ROOT / "configs/local.yaml", ["name=my run", "generate.sampling.samples=4"], ROOT)
-    assert e == "lossaverse run configs/local.yaml --set 'name=my run' --set generate.sampling.samples=4"
+    e = entrypoint("run", ROOT / "configs/tiny.yaml", ["name=my run", "generate.sampling.samples=4"], ROOT)
+    assert e == "lossaverse run configs/tiny.yaml --set 'name=my run' --set generate.sampling.samples=4"
     with pytest.raises(SubmitError, match="outside"):
         entrypoint("run", Path("/etc/hosts"), [], ROOT)
     with pytest.raises(SubmitError, match="cannot submit 'serve'"):
-        entrypoint("serve", ROOT / "configs/local.yaml", [], ROOT)
+        entrypoint("serve", ROOT / "configs/tiny.yaml", [], ROOT)
 
 
 def test_runtime_env_uploads_the_project_without_the_heavy_parts():
-    env = runtime_env(load_config(ROOT / "configs/local.yaml", ["submit.env_vars={LOG_LEVEL: debug}"]), ROOT)
+    env = runtime_env(load_config(ROOT / "configs/tiny.yaml", ["submit.env_vars={LOG_LEVEL: debug}"]), ROOT)
     assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"] and env["env_vars"] == {"LOG_LEVEL": "debug"}
     with pytest.raises(ConfigError, match="look like secrets"):
-        load_config(ROOT / "configs/local.yaml", ["submit.env_vars={HF_TOKEN: abc}"])
+        load_config(ROOT / "configs/tiny.yaml", ["submit.env_vars={HF_TOKEN: abc}"])

@@ -126,7 +126,7 @@ def test_killed_workers_resume_and_train_resume_finishes_the_run(local_ray, tmp_
                  # the settings of `kto_run` (TrainConfig's defaults), whatever the default job tunes
                  "train.compare=[]", "train.beta=0.1", "train.undesirable_weight=1.0", "train.desirable_weight=1.0",
                  "train.recipe=single", "train.max_steps=null"]
-    cfg = load_config(ROOT / "configs" / "local.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     make_datasets(cfg.run_dir)
     storage = cfg.run_dir / "checkpoints"
     killer = Killer(storage, kills=2)
@@ -139,7 +139,7 @@ def test_killed_workers_resume_and_train_resume_finishes_the_run(local_ray, tmp_
     assert all(s["attempt"] == 2 and not s["finished"] for s in second)
     assert not (cfg.run_dir / "model").exists()
 
-    resumed = load_config(ROOT / "configs" / "local.yaml", overrides + ["train.resume=true"])
+    resumed = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["train.resume=true"])
     assert stage_fingerprints(resumed) == stage_fingerprints(cfg)  # --resume does not change the run's identity
     entry = execute(resumed, ["train"], report=lambda line: None).stage("train")
     assert entry["resumed"] is True and entry["attempts"] == 3

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_load_config_validates_and_applies_overrides():
-    cfg = lv.load_config(ROOT / "configs" / "local.yaml", ["benchmark.n_eval=200", "train.beta=0.3"])
-    assert cfg.benchmark.n_eval == 200 and cfg.train.beta == 0.3 and cfg.name == "local"
+    cfg = lv.load_config(ROOT / "configs" / "tiny.yaml", ["benchmark.n_eval=200", "train.beta=0.3"])
+    assert cfg.benchmark.n_eval == 200 and cfg.train.beta == 0.3 and cfg.name == "tiny"
     with pytest.raises(ConfigError, match=r"train\.beta"):
-        lv.load_config(ROOT / "configs" / "local.yaml", ["train.beta=-1"])
+        lv.load_config(ROOT / "configs" / "tiny.yaml", ["train.beta=-1"])
 
 
 def test_mark_grades_rows_in_order_and_keeps_the_callers_columns():
@@ -65,17 +65,17 @@ def test_results_reads_a_run_directory(tmp_path):
 
 
 def test_run_refuses_an_unknown_stage_before_any_work(tmp_path):
-    cfg = lv.load_config(ROOT / "configs" / "local.yaml", [f"output_dir={tmp_path}"])
+    cfg = lv.load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['generation'\]; valid: \['items', 'generate'"):
         lv.run(cfg, ["generation"])
-    assert not (tmp_path / "local").exists()
+    assert not (tmp_path / "tiny").exists()
     assert list(lv.STAGES) == ["items", "generate", "mark", "datasets", "train", "evaluate"]
 
 
 def test_python_dash_m_is_the_command_line(tmp_path):
     """From another directory, `python -m lossaverse check` validates a config like the script does."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "local.yaml").read_text().replace("beta: 0.5", "beta: -0.5"))
+    bad.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("beta: 0.5", "beta: -0.5"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-m", "lossaverse", "check", str(bad)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -146,7 +146,7 @@ def test_cost_model_scales_the_measured_per_replica_rate():
     """10,000 prompts x 4 samples x 20 tokens = 800,000 tokens; at 1,000 tokens/s per replica on
     8 replicas that is 100 s, plus 30 s start-up = 130 s = 0.0361 h. Marking 40,000 rows at
     200,000 rows/s takes 0.2 s, so generation is the bottleneck."""
-    cfg = load_config(ROOT / "configs" / "local.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     cost = cost_model(_generate_result(), cfg, prompts=10_000, samples=4, replicas=8)
     assert cost["generate_hours"] == round(130 / 3600, 3)
     assert cost["replica_hours"] == round(130 / 3600 * 8, 3)
@@ -157,7 +157,7 @@ def test_cost_model_scales_the_measured_per_replica_rate():
 
 
 def test_no_cost_estimate_without_a_steady_rate():
-    cfg = load_config(ROOT / "configs" / "local.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
     cost = cost_model(_generate_result(steady=False), cfg, prompts=10_000, samples=4, replicas=8)
     assert set(cost) == {"note"} and "give more prompts" in cost["note"]
 
@@ -198,7 +198,7 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
                         lambda train, *args: next(ddp) if train.deepspeed == "none" else 8.0)
     from lossaverse.cluster.bench import bench_train_stage
 
-    out = bench_train_stage(load_config(ROOT / "configs" / "local.yaml"), [1], 3, lambda line: None)
+    out = bench_train_stage(load_config(ROOT / "configs" / "tiny.yaml"), [1], 3, lambda line: None)
     assert out["baseline"]["samples_per_s"] == {"median": 12.0, "min": 10.0, "max": 14.0, "n": 3}
     assert out["workers"][1]["samples_per_s"] == {"median": 12.0, "min": 9.0, "max": 13.0, "n": 3}
     assert out["workers"][1]["zero2_samples_per_s"]["median"] == 8.0
@@ -207,7 +207,7 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
 
 
 def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
-    """With `train.lora` in the config (configs/smollm2.yaml), the direct TRL run and every Ray
+    """With `train.lora` in the config (configs/local.yaml), the direct TRL run and every Ray
     Train run get the same LoRA settings and max_length, so the ratio compares like for like."""
     import lossaverse.pipeline.tinymodels
     import lossaverse.training.bench
@@ -218,7 +218,7 @@ def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
     monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
     from lossaverse.cluster.bench import bench_train_stage
 
-    cfg = load_config(ROOT / "configs" / "smollm2.yaml")
+    cfg = load_config(ROOT / "configs" / "local.yaml")
     out = bench_train_stage(cfg, [1], 1, lambda line: None, steps=20)
     assert [side for side, _ in seen] == ["direct", "ray", "ray"]  # direct, then DDP and ZeRO-2
     for _, train in seen:

@@ -253,7 +253,7 @@ def test_serve_config_imports_and_takes_its_args(k):
 
 def test_a_bad_entrypoint_is_caught():
     with pytest.raises(pytest.fail.Exception, match="No such option: --sett"):
-        parse_entrypoint("lossaverse run configs/local.yaml --sett x=1")
+        parse_entrypoint("lossaverse run configs/tiny.yaml --sett x=1")
 
 
 def _gpus_needed_by_the_pipeline(cfg) -> float:

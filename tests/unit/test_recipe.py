@@ -16,7 +16,7 @@ PROMPT = "Q: What is 0 + 1?\nA:"
 
 
 def cfg(*sets):
-    return load_config(ROOT / "configs" / "local.yaml", ["benchmark.n_train=8", "benchmark.n_validation=4", "benchmark.n_eval=4", *sets])
+    return load_config(ROOT / "configs" / "tiny.yaml", ["benchmark.n_train=8", "benchmark.n_validation=4", "benchmark.n_eval=4", *sets])
 
 
 def test_fresh_items_are_the_block_after_every_round_and_the_validation_items():
@@ -59,3 +59,14 @@ def test_divergent_negatives_apply_to_the_on_policy_rows():
     assert wrong["prompt"] == PROMPT + " The answer is " and wrong["completion"] == "0."
     assert stats["divergence"]["split_rows"] == 1
     assert stats["divergence"]["penalised_tokens_after"] == 2 < stats["divergence"]["penalised_tokens_before"]
+
+
+def test_rft_is_a_baseline_of_the_recipe_only():
+    from lossaverse.cluster.config import ConfigError
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.compare=[kto, sft, rft]"])
+    assert cfg.train.methods == ["kto", "sft", "rft"]
+    with pytest.raises(ConfigError, match="train.compare rft starts from the recipe's SFT checkpoint.*set train.recipe: sft_then_kto"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.recipe=single", "train.compare=[kto, rft]"])
+    with pytest.raises(ConfigError, match="unknown training method 'rtf'"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.compare=[kto, rtf]"])

@@ -170,3 +170,24 @@ def test_the_console_summary_pairs_every_model_with_the_untrained_target_only():
     assert names == ["target before training accuracy (eval)", "target after SFT accuracy (eval)",
                      "target after KTO accuracy (eval)", "target-sft − target-base (eval, paired)",
                      "target-kto − target-base (eval, paired)"]
+
+
+def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added():
+    """20 items: RFT right on the first 9, the recipe on the first 12; 3 items the recipe alone
+    gets right, none the other way: +15.0 points, McNemar exact p = 2 * 0.5^3 = 0.25."""
+    from lossaverse.cluster.summary import eval_rows
+    from lossaverse.pipeline.report import _headline
+
+    marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
+                                  + rows("target-rft", "eval", [i < 9 for i in range(20)])
+                                  + rows("target-kto", "eval", [i < 12 for i in range(20)]), schema=MARKED)
+    results = evaluation_results(marked, ["target-base", "target-rft", "target-kto"], seed=0)
+    text = "\n".join(_headline(results))
+    assert "**What the wrong answers added** (the recipe − RFT" in text and "paired on 20 items): +15.0 points" in text
+    assert "McNemar p 0.250" in text
+    rows_ = dict(eval_rows(results))
+    assert rows_["wrong answers added: target-kto − target-rft (eval, paired)"].startswith("+0.150 [")
+    # No RFT evaluated: no such line.
+    without = evaluation_results(marked.filter(pa.compute.not_equal(marked["competitor"], "target-rft")), seed=0)
+    assert "wrong answers added" not in "\n".join(_headline(without))
+    assert not any("wrong answers added" in what for what, _ in eval_rows(without))

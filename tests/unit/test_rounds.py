@@ -24,7 +24,7 @@ from lossaverse.pipeline.schemas import MARKED
 from tests.conftest import ROOT
 from tests.unit.test_report import rows
 
-LOCAL = ROOT / "configs" / "local.yaml"
+LOCAL = ROOT / "configs" / "tiny.yaml"
 
 
 def _split_ids(items: pa.Table, split: str) -> list[str]:

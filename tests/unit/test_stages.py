@@ -14,8 +14,8 @@ def test_equal_or_inverted_competitors_are_refused():
 
 
 def test_fingerprints_change_downstream_only():
-    base = load_config(ROOT / "configs" / "local.yaml")
-    changed = load_config(ROOT / "configs" / "local.yaml", ["train.beta=0.3"])
+    base = load_config(ROOT / "configs" / "tiny.yaml")
+    changed = load_config(ROOT / "configs" / "tiny.yaml", ["train.beta=0.3"])
     a, b = stage_fingerprints(base), stage_fingerprints(changed)
     split = STAGE_NAMES.index("train")
     assert all(a[s] == b[s] for s in STAGE_NAMES[:split])

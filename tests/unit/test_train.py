@@ -20,7 +20,7 @@ from lossaverse.training.train import console_line, prepare_storage, shuffled
 from lossaverse.training.validate import check_memory, plan_training
 from lossaverse.training.zero import model_state_gib
 
-LOCAL = ROOT / "configs" / "local.yaml"
+LOCAL = ROOT / "configs" / "tiny.yaml"
 
 
 def marked(items: int, large_right: bool = True, small_right: bool = False, error_row: bool = True) -> pa.Table:
