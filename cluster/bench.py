@@ -404,6 +404,10 @@ def bench_table(result: dict):
         if "ratio" in t:
             table.add_row("train", "Ray Train (1 worker) vs TRL direct", f"{t['ray_samples_per_second'].get('1xnone', 0):.1f}",
                           f"{t['baseline']['samples_per_s']['median']:.1f}", f"{t['ratio']:.2f}")
+        if (m := (t.get("mfu") or {}).get("1xnone")) and (d := t["mfu"].get("direct")):
+            table.add_row("train", f"GFLOP/s (KTO, {m['tokens_per_sample']:g} tokens/sample) vs the fp32 matmul peak "
+                          f"{m['peak_flops'] / 1e9:.1f}: MFU, Ray Train (1 worker) / TRL direct",
+                          f"{m['achieved_flops'] / 1e9:.2f} ({m['mfu']:.1%})", f"{d['achieved_flops'] / 1e9:.2f} ({d['mfu']:.1%})", "")
         _memory_rows(table, "train", t["memory"])
     cost = result.get("cost")
     if cost and "note" in cost:

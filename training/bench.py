@@ -148,6 +148,7 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
                             TrainConfig(num_workers=n, deepspeed=ds, **base), path, tmp / "datasets", seed, warmup,
                             tmp / f"ray-{n}-{ds}-{i}"))
                     memory[f"{n}x{ds}"].append(rss.mib())
+    machine = model_flops(path, table, lora, max_length, base["cpus_per_worker"])
     ratios = [r / d for r, d in zip(ray.get("1xnone", []), direct)]
     ratio = statistics.median(ratios) if ratios else 0.0
     spreads = {"direct": spread(direct), **{k: spread(v) for k, v in ray.items()}}
@@ -160,4 +161,32 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
         "ray_vs_direct": round(ratio, 3), "goal": GOAL, "meets_goal": ratio >= GOAL,
         "spread": spreads,
         "memory": {key: peak_memory(runs) for key, runs in memory.items()},
+        # Model FLOPs utilisation (lossaverse.training.flops) against the matmul peak of the worker's threads.
+        "mfu": {key: machine(spreads[key]["median"]) for key in ("direct", *ray) if spreads[key]["median"]},
+        "matmul_peak_flops": machine(None)["peak_flops"],
     }
+
+
+def model_flops(model: str, table: pa.Table, lora: dict | None, max_length: int, threads: int):
+    """samples/s -> `lossaverse.training.flops.mfu` of a KTO run of `model` on `table` (the bench's
+    rows; tokens per sample: prompt + completion, cut at max_length), against a matmul peak on
+    `threads` threads measured once here; None -> the same dict without a run (the peak alone)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lossaverse.training.flops import flops_per_token, matmul_peak, mfu
+    from lossaverse.training.methods import peft_config
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lengths = [min(max_length, len(tokenizer(p + c)["input_ids"])) for p, c in
+               zip(table["prompt"].to_pylist(), table["completion"].to_pylist())]
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    params = sum(p.numel() for p in net.parameters())
+    lora_params = 0
+    if lora:
+        from peft import get_peft_model
+
+        lora_params = sum(p.numel() for p in get_peft_model(net, peft_config(lora)).parameters() if p.requires_grad)
+    per_token = flops_per_token("kto", params, lora_params)
+    peak = matmul_peak(threads=threads)
+    return lambda samples_per_second: mfu(samples_per_second or 0.0, sum(lengths) / len(lengths), per_token, peak)

@@ -193,6 +193,7 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
 
     direct, ddp = iter([10.0, 12.0, 14.0]), iter([9.0, 12.0, 13.0])
     monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.training.bench, "model_flops", lambda *args: lambda sps: {"peak_flops": 1e9, "sps": sps})
     monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda *args: next(direct))
     monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second",
                         lambda train, *args: next(ddp) if train.deepspeed == "none" else 8.0)
@@ -214,6 +215,7 @@ def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
 
     seen = []
     monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.training.bench, "model_flops", lambda *args: lambda sps: {"peak_flops": 1e9, "sps": sps})
     monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda train, *args: seen.append(("direct", train)) or 10.0)
     monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
     from lossaverse.cluster.bench import bench_train_stage
@@ -225,3 +227,49 @@ def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
         assert train.lora is not None and train.lora.r == 16 and train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
         assert train.max_length == 320 and train.max_steps == 20
     assert out["lora"]["r"] == 16 and out["max_length"] == 320 and out["steps"] == 20 and out["ratio"] == 0.9
+
+
+def test_training_flops_per_token_worked_by_hand():
+    """N = 1,000 parameters, L = 10 LoRA parameters.
+    SFT, full: 6N = 6,000. SFT, LoRA: 4N + 6L = 4,060 (no weight gradients for the frozen N).
+    KTO, full: 6N + 2N (the KL sequence's forward) + 4N (the reference on both) = 12,000.
+    KTO, LoRA: 4,060 + 2,000 + 4,000 = 10,060; reference precomputed: 4,060 + 2,000 = 6,060."""
+    import pytest
+
+    from lossaverse.training.flops import flops_per_token, mfu
+
+    assert flops_per_token("sft", 1000) == 6000
+    assert flops_per_token("sft", 1000, 10) == 4060
+    assert flops_per_token("kto", 1000) == 12000
+    assert flops_per_token("kto", 1000, 10) == 10060
+    assert flops_per_token("kto", 1000, 10, precomputed_reference=True) == 6060
+    with pytest.raises(ValueError, match="method 'dpo': not written"):
+        flops_per_token("dpo", 1000)
+    # 2 samples/s x 100 tokens x 12,000 FLOPs = 2.4 MFLOP/s: 24% of a 10 MFLOP/s peak.
+    m = mfu(2.0, 100.0, 12000, 1e7)
+    assert m["achieved_flops"] == 2.4e6 and m["mfu"] == pytest.approx(0.24)
+
+
+def test_the_matmul_peak_probe_measures_a_plausible_rate():
+    from lossaverse.training.flops import matmul_peak
+
+    peak = matmul_peak(n=256, repeats=3, threads=1)
+    assert 1e8 < peak < 1e13  # 0.1 GFLOP/s to 10 TFLOP/s for one fp32 thread
+
+
+def test_model_flops_counts_the_models_parameters_and_its_lora_adapters():
+    from transformers import AutoModelForCausalLM
+
+    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.training.bench import model_flops, synthetic_kto_table
+
+    path = resolve_model("tiny:small")
+    table = synthetic_kto_table(8)
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    full = model_flops(path, table, None, 64, 1)(2.0)
+    assert full["flops_per_token"] == 12 * n and 0 < full["tokens_per_sample"] <= 64
+    import pytest
+
+    assert full["achieved_flops"] == pytest.approx(2.0 * full["tokens_per_sample"] * 12 * n, rel=1e-2) and 0 < full["mfu"] < 1
+    lora = model_flops(path, table, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}, 64, 1)(2.0)
+    assert 10 * n < lora["flops_per_token"] < 12 * n  # 10N + 6L, L a small share of N
