@@ -174,7 +174,7 @@ def model_flops(model: str, table: pa.Table, lora: dict | None, max_length: int,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lossaverse.training.flops import flops_per_token, matmul_peak, mfu
+    from lossaverse.training.flops import extra_forwards, flops_per_token, matmul_peak, mfu
     from lossaverse.training.methods import peft_config
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -187,6 +187,6 @@ def model_flops(model: str, table: pa.Table, lora: dict | None, max_length: int,
         from peft import get_peft_model
 
         lora_params = sum(p.numel() for p in get_peft_model(net, peft_config(lora)).parameters() if p.requires_grad)
-    per_token = flops_per_token("kto", params, lora_params)
+    per_token = flops_per_token(params, extra_forwards("kto"), lora_params)
     peak = matmul_peak(threads=threads)
     return lambda samples_per_second: mfu(samples_per_second or 0.0, sum(lengths) / len(lengths), per_token, peak)

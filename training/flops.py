@@ -21,15 +21,21 @@ from __future__ import annotations
 import time
 
 
-def flops_per_token(method: str, params: int, lora_params: int = 0, precomputed_reference: bool = False) -> int:
-    """Training FLOPs per token of a sequence (module docstring). `lora_params` > 0: LoRA."""
-    one_pass = 4 * params + 6 * lora_params if lora_params else 6 * params
+def extra_forwards(method: str, precomputed_reference: bool = False) -> int:
+    """Forwards without gradients per sequence besides the training pass (module docstring): SFT
+    none; KTO the policy on the KL sequence, and the reference on both unless precomputed."""
     if method == "sft":
-        return one_pass
+        return 0
     if method == "kto":
-        reference = 0 if precomputed_reference else 4 * params
-        return one_pass + 2 * params + reference
+        return 1 if precomputed_reference else 3
     raise ValueError(f"FLOP count for method {method!r}: not written; valid: kto, sft")
+
+
+def flops_per_token(params: int, forwards: int, lora_params: int = 0) -> int:
+    """Training FLOPs per token of a sequence: one training pass (6N, or 4N + 6L with LoRA) and
+    `forwards` forwards without gradients (2N each; `extra_forwards`)."""
+    one_pass = 4 * params + 6 * lora_params if lora_params else 6 * params
+    return one_pass + 2 * params * forwards
 
 
 def matmul_peak(n: int = 1024, repeats: int = 5, threads: int | None = None) -> float:

@@ -23,7 +23,7 @@ prompt and completion fill `max_length` exactly (a word-level tokenizer: one wor
    two forwards, AdamW), in the same call; TRL's step time over the plain loop's.
 
 MFU (`mfu`): model FLOPs per second over the chip's dense bf16 peak, with N parameters,
-(6 + 2 * extra_forwards) * N * tokens/s: 6N per token for the policy's forward and backward, 2N per
+(6 + 2 * extra_forwards) * N * tokens/s (lossaverse.training.flops, the count `bench train` uses too): 6N per token for the policy's forward and backward, 2N per
 token for each forward without gradients (KTO: the policy on the KL pairs, the reference on the
 batch and on the KL pairs, so 3; with precomputed reference log-probs 1; SFT 0). tokens/s counts the
 batch's tokens (prompt and completion). The formula leaves out attention's sequence-length term,
@@ -46,6 +46,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lossaverse.training.flops import extra_forwards, flops_per_token
+
 # Qwen2-0.5B's architecture (its config.json on the hub), random weights.
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6)
@@ -67,7 +69,7 @@ VARIANTS: dict[str, tuple[dict, int]] = {
     "kto_lora_precompute": ({"method": "kto", "lora": {}, "precompute_ref_log_probs": True}, 1),
     "sft": ({"method": "sft"}, 0),
 }
-PLAIN_EXTRA_FORWARDS = {"kto": 3, "sft": 0}
+PLAIN_EXTRA_FORWARDS = {method: extra_forwards(method) for method in ("kto", "sft")}
 PLANNER_TOLERANCE = 0.25  # the estimate should be within +-25% of the measured peak
 
 
@@ -79,7 +81,7 @@ def mfu(params: int, tokens_per_second: float, extra_forwards: int, peak_flops: 
     """
     if not peak_flops:
         return None
-    return (6 + 2 * extra_forwards) * params * tokens_per_second / peak_flops
+    return flops_per_token(params, extra_forwards) * tokens_per_second / peak_flops
 
 
 def device_peak_flops(device: str, override_tflops: float | None = None) -> float | None:

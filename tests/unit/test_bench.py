@@ -236,15 +236,15 @@ def test_training_flops_per_token_worked_by_hand():
     KTO, LoRA: 4,060 + 2,000 + 4,000 = 10,060; reference precomputed: 4,060 + 2,000 = 6,060."""
     import pytest
 
-    from lossaverse.training.flops import flops_per_token, mfu
+    from lossaverse.training.flops import extra_forwards, flops_per_token, mfu
 
-    assert flops_per_token("sft", 1000) == 6000
-    assert flops_per_token("sft", 1000, 10) == 4060
-    assert flops_per_token("kto", 1000) == 12000
-    assert flops_per_token("kto", 1000, 10) == 10060
-    assert flops_per_token("kto", 1000, 10, precomputed_reference=True) == 6060
+    assert flops_per_token(1000, extra_forwards("sft")) == 6000
+    assert flops_per_token(1000, extra_forwards("sft"), 10) == 4060
+    assert flops_per_token(1000, extra_forwards("kto")) == 12000
+    assert flops_per_token(1000, extra_forwards("kto"), 10) == 10060
+    assert flops_per_token(1000, extra_forwards("kto", precomputed_reference=True), 10) == 6060
     with pytest.raises(ValueError, match="method 'dpo': not written"):
-        flops_per_token("dpo", 1000)
+        extra_forwards("dpo")
     # 2 samples/s x 100 tokens x 12,000 FLOPs = 2.4 MFLOP/s: 24% of a 10 MFLOP/s peak.
     m = mfu(2.0, 100.0, 12000, 1e7)
     assert m["achieved_flops"] == 2.4e6 and m["mfu"] == pytest.approx(0.24)
