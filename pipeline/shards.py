@@ -117,13 +117,19 @@ class Tally:
             entry[0], entry[1], entry[2] = now, entry[1] + tokens, entry[2] + 1
 
     def line(self, name: str) -> str:
-        elapsed = (self.end or time.perf_counter()) - self.start
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        per_row = elapsed / self.done if self.done else 0.0
-        eta = per_row * (self.total - self.done)
+        """The progress line. Rates run from the first answer on: the engines' start-up before it
+        would turn one early answer into an ETA of days. No ETA until two batches have come back."""
+        now = self.end or time.perf_counter()
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"generate {name}: {self.done}/{self.total} prompts ({pct:.0f}%), {rate:,.0f} tokens/s, "
-                f"{self.errors} errors, ETA {eta:.0f}s")
+        head = f"generate {name}: {self.done}/{self.total} prompts ({pct:.0f}%)"
+        if self.first is None:
+            return f"{head}, engines starting ({now - self.start:.0f}s)"
+        running = now - self.first
+        if len(self.batches) < 2 and self.done < self.total or running <= 0:
+            return f"{head}, first answers after {self.first - self.start:.0f}s, {self.errors} errors"
+        rows, tokens = self.done / running, self.tokens / running
+        eta = (self.total - self.done) / rows if rows else 0.0
+        return f"{head}, {rows:,.1f} rows/s, {tokens:,.0f} tokens/s, {self.errors} errors, ETA {eta:.0f}s"
 
     def summary(self) -> dict:
         """Totals, start-up (time to the first answer) and the steady-state figures of

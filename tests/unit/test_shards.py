@@ -69,3 +69,18 @@ def test_missing_rows_names_a_short_shard(tmp_path):
 
     store.write("small", 0, answers_from_outputs(rows[:3]))
     assert missing_rows(store, {"small": shards}, 1) == ["small-00000.parquet: 3 rows (3 distinct), expected 4"]
+
+
+def test_the_progress_line_counts_from_the_first_answer_not_from_the_engines_start():
+    """Engines take 100 s to start; then 4 batches of 8 rows (10 tokens each) come back 1 s apart.
+    From the first answer (t=100) to t=104: 32 rows / 4 s = 8 rows/s, 320 tokens / 4 s = 80
+    tokens/s, 480 rows left: ETA 60 s. Counted from the engines' start it would be 13,000 s after
+    the first row, the "ETA 248217s" of a slow start."""
+    t = Tally(total=512, start=0.0)
+    assert "engines starting" in t.line("large")
+    t.first, t.end = 100.0, 100.0
+    t.done, t.tokens, t.batches = 1, 10, {"b0": [100.0, 10, 1]}
+    assert t.line("large") == "generate large: 1/512 prompts (0%), first answers after 100s, 0 errors"  # no ETA yet
+    t.done, t.tokens, t.end = 32, 320, 104.0
+    t.batches = {f"b{i}": [101.0 + i, 80, 8] for i in range(4)}
+    assert t.line("large") == "generate large: 32/512 prompts (6%), 8.0 rows/s, 80 tokens/s, 0 errors, ETA 60s"
