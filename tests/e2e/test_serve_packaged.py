@@ -51,8 +51,8 @@ def _ready(base: str, log: Path) -> bool:
 
 def _run_dir_with_model(out: Path, model_dir: str) -> Path:
     """A run directory of configs/local.yaml under `out` whose trained model is `model_dir`."""
-    (out / "smollm2").mkdir(parents=True)
-    (out / "smollm2" / "model").symlink_to(model_dir, target_is_directory=True)
+    (out / "local").mkdir(parents=True)
+    (out / "local" / "model").symlink_to(model_dir, target_is_directory=True)
     return out
 
 

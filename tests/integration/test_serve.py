@@ -360,7 +360,7 @@ def test_cpu_serving_sizes_the_cache_from_a_local_model_and_refuses_a_hub_id_wit
     plan = plan_from_model_dir(model)  # no kv_cache_gib: sized from the model's config.json
     kwargs = llm_config("target", model, plan.engine, plan.serve).engine_kwargs
     assert kwargs["kv_cache_memory_bytes"] == plan_kv(plan.engine, read_hf_config(model)).cache_bytes > 0
-    with pytest.raises(ServeError, match="HuggingFaceTB/SmolLM2-135M-Instruct on CPU .* kv_cache_gib"):
+    with pytest.raises(ServeError, match="HuggingFaceTB/SmolLM2-135M-Instruct on CPU .*serve.engine.kv_cache_gib=0.25"):
         _checked(plan.serve, plan.engine, {"target": "HuggingFaceTB/SmolLM2-135M-Instruct"}, plan.ray)
 
 

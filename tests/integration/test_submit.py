@@ -68,7 +68,7 @@ def test_submit_streams_the_logs_and_reports_success(dashboard):
     out = run_cli("submit", "configs/tiny.yaml", "--command", "check", "--address", dashboard, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     job = _job_id(out.stdout)
-    assert job.startswith("lossaverse-local-")
+    assert job.startswith("lossaverse-tiny-")
     assert "ok: configs/tiny.yaml" in out.stdout  # the job's own output, streamed back
     assert out.stdout.strip().splitlines()[-1] == f"job {job}: SUCCEEDED"
     status = run_cli("jobs", "status", job, "--address", dashboard)
