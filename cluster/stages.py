@@ -363,12 +363,12 @@ def run_rft(cfg: RunConfig, run_dir: Path, sft_model: str, train_one: Callable[.
     (recipe/datasets/kto, whose desirable rows are the competitors' and the on-policy right answers:
     the SFT method trains on those alone) and the same steps (train.max_steps) as the KTO step, into
     compare/rft/. Recipe minus RFT is then what the wrong answers added."""
-    method = RECIPE_BASELINES["rft"]
-    train = cfg.train.for_method(method).model_copy(update={"recipe": "single"})
+    train = cfg.train.for_method(RECIPE_BASELINES["rft"]).model_copy(update={"recipe": "single"})
+    data = (run_dir / "recipe" / "datasets").resolve()
     out, storage = trained_dirs(cfg, run_dir, "rft")
     report(f"train rft (SFT from the recipe's SFT model on its right answers, {train.max_steps} steps)")
-    result = train_one(train, sft_model, run_dir / "recipe" / "datasets", out, storage, fingerprint(fp, "rft"))
-    return {**result, "start": sft_model, "data": str((run_dir / "recipe" / "datasets").resolve())}
+    result = train_one(train, sft_model, data, out, storage, fingerprint(fp, "rft"))
+    return {**result, "start": sft_model, "data": str(data)}
 
 
 def eval_models(cfg: RunConfig, run_dir: Path) -> list:

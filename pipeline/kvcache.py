@@ -22,7 +22,8 @@ from pathlib import Path
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1}
 # Ray Data LLM's own default for batches in flight per engine replica (vLLMEngineProcessorConfig).
 RAY_DATA_CONCURRENT_BATCHES = 8
-# vLLM's minimum cache on CPU when sized from the model: a few blocks' worth is never useful.
+# The smallest cache sized from the model: a tiny model's need (kilobytes) is below what one
+# engine step's blocks take, and 64 MiB of host RAM costs nothing.
 MIN_CACHE_BYTES = 64 * 2**20
 
 
@@ -88,9 +89,7 @@ class KVPlan:
 def plan_kv(engine, hf_config: dict) -> KVPlan:
     """KVPlan of an EngineConfig (lossaverse.pipeline.config) for the model of `hf_config`."""
     per_token = kv_bytes_per_token(hf_config, engine.dtype)
-    in_flight = engine.batch_size * engine.max_concurrent_batches
-    running = engine.running_seqs
-    need = per_token * engine.max_model_len * running
+    shape = (per_token, engine.max_model_len, engine.batch_size * engine.max_concurrent_batches, engine.running_seqs)
     if engine.kv_cache_gib:
-        return KVPlan(per_token, engine.max_model_len, in_flight, running, int(engine.kv_cache_gib * 2**30), False)
-    return KVPlan(per_token, engine.max_model_len, in_flight, running, max(need, MIN_CACHE_BYTES), True)
+        return KVPlan(*shape, int(engine.kv_cache_gib * 2**30), False)
+    return KVPlan(*shape, max(KVPlan(*shape, 0, True).need_bytes, MIN_CACHE_BYTES), True)
