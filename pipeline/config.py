@@ -212,6 +212,11 @@ class EngineConfig(Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vLLM argument
 
     @property
+    def kv_cache_bytes(self) -> int | None:
+        """kv_cache_gib in bytes (vLLM's kv_cache_memory_bytes), None where unset."""
+        return int(self.kv_cache_gib * 2**30) if self.kv_cache_gib else None
+
+    @property
     def running_seqs(self) -> int:
         """Sequences one engine runs at once: what it is handed (batch_size x max_concurrent_batches),
         at most max_num_seqs (vLLM's CPU default, 128, where unset on CPU)."""

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1}
-# Ray Data LLM's own default for batches in flight per engine replica (vLLMEngineProcessorConfig).
-RAY_DATA_CONCURRENT_BATCHES = 8
 # The smallest cache sized from the model: a tiny model's need (kilobytes) is below what one
 # engine step's blocks take, and 64 MiB of host RAM costs nothing.
 MIN_CACHE_BYTES = 64 * 2**20
@@ -91,5 +89,5 @@ def plan_kv(engine, hf_config: dict) -> KVPlan:
     per_token = kv_bytes_per_token(hf_config, engine.dtype)
     shape = (per_token, engine.max_model_len, engine.batch_size * engine.max_concurrent_batches, engine.running_seqs)
     if engine.kv_cache_gib:
-        return KVPlan(*shape, int(engine.kv_cache_gib * 2**30), False)
+        return KVPlan(*shape, engine.kv_cache_bytes, False)
     return KVPlan(*shape, max(KVPlan(*shape, 0, True).need_bytes, MIN_CACHE_BYTES), True)

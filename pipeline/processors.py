@@ -50,7 +50,7 @@ def engine_kwargs(engine, prefix_caching: bool | None = True, hf_config: dict | 
     if engine.max_num_seqs:
         kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.kv_cache_gib:
-        kwargs["kv_cache_memory_bytes"] = int(engine.kv_cache_gib * 2**30)
+        kwargs["kv_cache_memory_bytes"] = engine.kv_cache_bytes
     elif hf_config is not None and not engine.num_gpus:
         kwargs["kv_cache_memory_bytes"] = plan_kv(engine, hf_config).cache_bytes
     if not engine.num_gpus:
