@@ -14,8 +14,17 @@ from rich.table import Table
 from lossaverse.cluster.summary import summary_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Turn a benchmark into an aligned model.")
-console = Console(highlight=False)
+# Lines are never wrapped (a log or CI reads them whole); tables get 100 columns off a terminal.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 100)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+VERBOSE: dict = {"on": False}
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="Show Ray's, Ray Data's, vLLM's and DeepSpeed's own output on the console "
+                                               "(by default it goes to <run>/logs/)")):
+    VERBOSE["on"] = verbose
 
 SetOpt = typer.Option([], "--set", help="Override a config value: --set generate.sampling.samples=4")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -27,10 +36,13 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
     from lossaverse.cluster.rounds import run_stages
     from lossaverse.pipeline.rundir import lock_run_dir
 
+    from lossaverse.cluster.logs import library_logs
+
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
     start = time.perf_counter()
-    run_stages(cfg, stages, force=force, report=console.print, address=address)
+    with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,)):
+        run_stages(cfg, stages, force=force, report=console.print, address=address)
     return cfg, time.perf_counter() - start
 
 
@@ -50,7 +62,11 @@ def _guard(fn):
         return fn()
     except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, ExportError,
             WorkersUnplaced, FileNotFoundError) as exc:
+        from lossaverse.cluster.logs import last_log
+
         err.print(f"[red]error:[/] {exc}")
+        if last_log() is not None:
+            err.print(f"the libraries' own output (Ray, vLLM, DeepSpeed): {last_log()}")
         raise typer.Exit(2) from None
 
 

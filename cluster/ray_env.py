@@ -30,7 +30,7 @@ def init_ray(ray_cfg, address: str | None = None, output_dir: str | Path | None 
         return "ray: already initialized"
     # vLLM's engine spawns processes; Ray workers inherit this and need no fork-safety dance.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")  # lossaverse.cluster.logs turns them off
     _CONNECTED[:] = [ray_cfg]
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -44,7 +44,10 @@ def init_ray(ray_cfg, address: str | None = None, output_dir: str | Path | None 
     kwargs = {"num_cpus": ray_cfg.num_cpus, "include_dashboard": False, "log_to_driver": False}
     if ray_cfg.object_store_memory:
         kwargs["object_store_memory"] = ray_cfg.object_store_memory
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    from lossaverse.cluster.logs import note_session
+
+    note_session(getattr(context, "address_info", {}).get("session_dir"))
     return f"ray: embedded local ({ray_cfg.num_cpus} logical CPUs)"
 
 

@@ -6,7 +6,9 @@ teaches more than another model's (Setlur et al., 2024; Kadlčík & Štefánik, 
 in its folder under <run>/recipe/, each skipped on a re-run once its `done.json` (written last)
 matches the config:
 
-  sft/        SFT on the desirable rows of datasets/kto for `train.sft_steps` (model/, checkpoints/)
+  sft/        SFT on the desirable rows of datasets/kto for `train.sft_steps` (model/, checkpoints/);
+              with sft in `train.compare`, model/ is the SFT baseline's run as it stood after
+              `train.sft_steps` (that run trains the whole budget, see `run_recipe`)
   on_policy/  the SFT model answers `on_policy.items` fresh train items, `on_policy.samples` times
               each (answers/, marked/: the generate and mark stages' own code and contracts)
   datasets/   kto/ = the competitors' datasets/kto rows + the on-policy rows (competitor `target`),
@@ -100,12 +102,20 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
 
 
 def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callable[..., dict],
-               answer_one: Callable[..., dict], report: Callable[[str], None], fp: str, datasets_fp: str) -> dict:
+               answer_one: Callable[..., dict], report: Callable[[str], None], fp: str, datasets_fp: str,
+               sft_dirs: tuple[Path, Path] | None = None) -> dict:
     """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
     summary). The train stage hands in its own steps: `train_one(train, model, datasets_dir, out,
-    storage, fp)` trains one method; `answer_one(players, items, sampling, folder, fp)` generates the
-    players' answers into folder/answers and marks them into folder/marked (the generate and mark
-    stages' code), returning the mark summary. `datasets_fp` is the datasets stage's fingerprint."""
+    storage, fp, export_at=None)` trains one method; `answer_one(players, items, sampling, folder,
+    fp)` generates the players' answers into folder/answers and marks them into folder/marked (the
+    generate and mark stages' code), returning the mark summary. `datasets_fp` is the datasets
+    stage's fingerprint.
+
+    With `sft_dirs` (the SFT baseline's model and checkpoint folders, when `train.compare` holds
+    sft) the recipe's SFT step and the SFT baseline are one run: SFT for the whole budget (sft_steps
+    + max_steps) into `sft_dirs`, whose model after `sft_steps` is exported into recipe/sft/model.
+    The KTO step, RFT and the rest of that SFT run then all start from that one checkpoint and run
+    the same steps; the result's `shared_sft` is the SFT baseline's training result."""
     from lossaverse.pipeline.generate import _tokenizer
 
     folder = run_dir / "recipe"
@@ -115,13 +125,20 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     # settings: changing beta or the weights re-runs only the KTO step.
     kto_only = {"method", "compare", "recipe", "beta", "weights", "desirable_weight", "undesirable_weight",
                 "loss_aversion", "nll_weight", "on_policy", "precompute_ref_log_probs", "resume"}
+    if sft_dirs is not None:
+        sft_train = sft_train.model_copy(update={"max_steps": cfg.train.sft_steps + cfg.train.max_steps})
     sft_fp = fingerprint("recipe-sft", datasets_fp, cfg.target.model_dump(mode="json"),
-                         sft_train.model_dump(mode="json", exclude=kto_only))
+                         sft_train.model_dump(mode="json", exclude=kto_only), sft_dirs is not None)
     sft = _done(sft_dir, sft_fp)
-    if sft is None:
+    if sft is None and sft_dirs is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dir / "model",
                                                  sft_dir / "checkpoints", sft_fp))
+    elif sft is None:
+        report(f"recipe: sft ({sft_train.max_steps} steps, the SFT baseline; the model after step "
+               f"{cfg.train.sft_steps} is the recipe's SFT start)")
+        sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dirs[0], sft_dirs[1],
+                                                 sft_fp, export_at=(cfg.train.sft_steps, sft_dir / "model")))
     sft_model = str((sft_dir / "model").resolve())
 
     op_dir = folder / "on_policy"
@@ -156,5 +173,8 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
         "on_policy": data["on_policy"],
         "datasets": {k: v for k, v in data.items() if k != "on_policy"},
         "sft_model": sft_model,
+        "sft_shared": sft_dirs is not None,
     }
+    if sft_dirs is not None:
+        result["shared_sft"] = sft
     return result

@@ -146,7 +146,7 @@ def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, 
     plan_generation(competitors, report)
     totals = generate_sharded(
         items, competitors, sampling, _style(cfg), cfg.seed, out.with_name(f"{out.name}.shards"), out, fp,
-        cfg.generate.shard_items, report, cfg.generate.progress_interval_s,
+        cfg.generate.shard_items, report, cfg.generate.progress_interval_s, cfg.generate.models_at_once,
     )
     expected = items.num_rows * len(competitors) * sampling.samples
     rows = pads.dataset(out, format="parquet").count_rows()
@@ -302,7 +302,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     recipe = cfg.train.recipe == "sft_then_kto"
     many = len(cfg.train.methods) > 1 or recipe
 
-    def train_one(train, start: str, data: Path, out: Path, storage: Path, step_fp: str) -> dict:
+    def train_one(train, start: str, data: Path, out: Path, storage: Path, step_fp: str, export_at=None) -> dict:
         prefix = f"{train.method} " if many else ""
 
         def on_log(entry: dict) -> None:
@@ -313,7 +313,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
             result = train_model(
                 train, start, data, out, storage, cfg.seed,
                 params=target_parameters(start, train, cfg.target.params),
-                fingerprint=step_fp, resume=cfg.train.resume, on_log=on_log,
+                fingerprint=step_fp, resume=cfg.train.resume, on_log=on_log, export_at=export_at,
             )
         except ConfigError:
             raise
@@ -331,8 +331,11 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     if recipe:
         from lossaverse.cluster.recipe import run_recipe
 
+        shared = trained_dirs(cfg, run_dir, "sft") if "sft" in cfg.train.methods else None
         results["kto"] = run_recipe(cfg, run_dir, model, train_one, answer_one, report, fp,
-                                    stage_fingerprints(cfg)["datasets"])
+                                    stage_fingerprints(cfg)["datasets"], sft_dirs=shared)
+        if shared is not None:  # the SFT baseline ran as the recipe's SFT step (one run, two models)
+            results["sft"] = results["kto"].pop("shared_sft")
         budget = cfg.train.sft_steps + cfg.train.max_steps
     for method in cfg.train.methods:
         if method in results:

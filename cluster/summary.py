@@ -1,76 +1,93 @@
-"""The console summary of a run: the headline numbers read back from its run directory
-(competitors, datasets, each model's accuracy and its paired difference from the untrained target,
-rounds). The report (`lossaverse.pipeline.report`) holds the rest."""
+"""The console summary of a run, read back from its run directory: one row per evaluated model
+(`lossaverse.pipeline.evalstats.model_table`, the table that also heads report.md), what the wrong
+answers added, one line on the competitors and datasets, rounds, and where the report and the logs
+are. The report (`lossaverse.pipeline.report`) holds the rest."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
+
+LEGEND = "Δ: paired difference in points [95% CI]; ▲/▼ better/worse (CI and McNemar p < 0.05 agree), = not shown"
 
 
-def summary_table(run_dir: Path) -> Table:
-    """The headline numbers of a run, read back from its run directory (a multi-round run: its
-    last round's, then one row per round)."""
-    from lossaverse.pipeline.rundir import read_json
+def model_rich_table(results: dict, title: str) -> Table:
+    from lossaverse.pipeline.evalstats import model_table
 
-    table = Table(title=f"lossaverse run: {run_dir}")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rounds = read_json(run_dir / "rounds.json") or []
-    last = max((r["round"] for r in rounds), default=1)
-    top, run_dir = run_dir, (run_dir if last == 1 else run_dir / "rounds" / str(last))
-    stats_path = run_dir / "datasets" / "stats.json"
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
-        for name, c in stats["competitors"].items():
-            table.add_row(f"competitor {name} accuracy", f"{c['accuracy']:.3f} ({c['correct']}/{c['answers']})")
-        labels = stats["labels"]
-        table.add_row("datasets/kto rows (desirable / undesirable)", f"{labels['total']} ({labels['desirable']} / {labels['undesirable']})")
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
-    ds = manifest.get("stages", {}).get("datasets", {})
-    for name in ("negatives", "pairs"):
-        if name in ds:
-            table.add_row(f"datasets/{name} rows", str(ds[name]))
-    results = read_json(run_dir / "eval" / "results.json")
-    split = (results or {}).get("split") or "eval"
-    for what, value in eval_rows(results or {}, split):
-        table.add_row(what, value)
-    transfer = read_json(run_dir / "eval" / "transfer" / "results.json")
-    if transfer:
-        bench = (manifest.get("config", {}).get("evaluate", {}).get("transfer") or {}).get("name", "transfer")
-        for what, value in eval_rows(transfer, f"transfer: {bench}"):
-            table.add_row(what, value)
-    for r in rounds:
-        g = r["gain"]
-        table.add_row(f"round {r['round']}: gain vs {g['vs']}",
-                      f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] McNemar p={g['mcnemar_p']:.3g}")
-    if rounds:
-        table.add_row("rounds summary", str(top / "rounds.json"))
+    header, rows = model_table(results)
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
-def eval_rows(results: dict, split: str = "eval") -> list[tuple[str, str]]:
-    """eval/results.json as summary rows: accuracy [95% CI] per model, then each model's paired
-    difference from the untrained target [95% CI] with McNemar's p (the other pairs are in the
-    report); `split` names where the items came from."""
-    from lossaverse.pipeline.evalstats import model_label, models_of, wrong_answers_pair
+def summary_lines(run_dir: Path) -> list[str]:
+    """The lines under the table: what the wrong answers added, competitors and datasets, rounds,
+    and the paths of the report and the logs."""
+    from lossaverse.pipeline.evalstats import wrong_answers_pair
+    from lossaverse.pipeline.rundir import read_json
 
-    rows = []
-    for name, r in models_of(results).items():
-        ci = f" [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r.get("ci95") else ""
-        answers = r.get("answers", r.get("n"))
-        items = f", {r['items']} items" if r.get("items", answers) != answers else ""
-        rows.append((f"{model_label(name)} accuracy ({split})", f"{r['accuracy']:.3f}{ci} ({r['correct']}/{answers}{items})"))
-    for p in results.get("pairs") or []:
-        if not p["baseline"].endswith("-base"):
-            continue
-        lo, hi = p["ci95"]
-        rows.append((f"{p['model']} − {p['baseline']} ({split}, paired)",
-                     f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
+    lines = []
+    top = run_dir
+    rounds = read_json(top / "rounds.json") or []
+    last = max((r["round"] for r in rounds), default=1)
+    run_dir = top if last == 1 else top / "rounds" / str(last)
+    results = read_json(run_dir / "eval" / "results.json") or {}
     if (p := wrong_answers_pair(results)) is not None:
         lo, hi = p["ci95"]
-        rows.append((f"wrong answers added: {p['model']} − {p['baseline']} ({split}, paired)",
-                     f"{p['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] McNemar p={p['mcnemar_p']:.3g}"))
-    return rows
+        lines.append(f"wrong answers added (recipe − RFT, {p['items']} items): {100 * p['diff']:+.1f} points "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}], McNemar p {p['mcnemar_p']:.3g}")
+    stats_path = run_dir / "datasets" / "stats.json"
+    if stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        comps = ", ".join(f"{name} {100 * c['accuracy']:.1f}% ({c['correct']}/{c['answers']})"
+                          for name, c in stats["competitors"].items())
+        labels = stats["labels"]
+        manifest = read_json(run_dir / "manifest.json") or {}
+        ds = manifest.get("stages", {}).get("datasets", {})
+        extra = "".join(f", {name} {ds[name]}" for name in ("negatives", "pairs") if name in ds)
+        lines.append(f"competitors: {comps}")
+        lines.append(f"datasets: kto {labels['total']} rows ({labels['desirable']} right / {labels['undesirable']} wrong){extra}")
+    for r in rounds:
+        g = r["gain"]
+        lines.append(f"round {r['round']}: gain vs {g['vs']} {100 * g['diff']:+.1f} points "
+                     f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}], McNemar p {g['mcnemar_p']:.3g}")
+    if rounds:
+        lines.append(f"rounds: {top / 'rounds.json'}")
+    if (top / "report.md").is_file():
+        lines.append(f"report: {top / 'report.md'}")
+    if (top / "logs").is_dir():
+        lines.append(f"logs: {top / 'logs'}")
+    return lines
+
+
+def summary_table(run_dir: Path) -> Group:
+    """The headline of a run (a multi-round run: its last round's): the model table, the transfer
+    benchmark's where there is one, then `summary_lines`."""
+    from lossaverse.pipeline.rundir import read_json
+
+    rounds = read_json(run_dir / "rounds.json") or []
+    last = max((r["round"] for r in rounds), default=1)
+    here = run_dir if last == 1 else run_dir / "rounds" / str(last)
+    parts = []
+    results = read_json(here / "eval" / "results.json")
+    if results:
+        split = results.get("split") or "eval"
+        parts.append(model_rich_table(results, f"lossaverse run {run_dir} ({split} items)"))
+    transfer = read_json(here / "eval" / "transfer" / "results.json")
+    if transfer:
+        manifest = read_json(here / "manifest.json") or {}
+        bench = (manifest.get("config", {}).get("evaluate", {}).get("transfer") or {}).get("name", "transfer")
+        parts.append(model_rich_table(transfer, f"transfer: {bench} (never trained on)"))
+    if parts:
+        parts.append(Text(LEGEND, style="dim"))
+    parts += [Text(line) for line in summary_lines(run_dir)]
+    return Group(*parts)

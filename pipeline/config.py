@@ -256,6 +256,11 @@ class GenerateConfig(Strict):
     few_shot: list[FewShot] = Field(default_factory=list)  # worked examples before each question
     shard_items: int = Field(default=256, ge=1)  # items per answers shard (the unit of resume)
     progress_interval_s: float = Field(default=10.0, gt=0)
+    # Models whose engines run side by side (the competitors here, the evaluated models in evaluate,
+    # each with its own replicas); the rest wait for a wave to finish. None: all at once on GPU
+    # engines or a cluster of several nodes, one at a time on one machine's CPU cores
+    # (lossaverse.pipeline.generate.engine_waves).
+    models_at_once: int | None = Field(default=None, ge=1)
 
 
 class JudgeConfig(Strict):

@@ -167,3 +167,41 @@ def model_label(name: str) -> str:
     if name.startswith("target-"):
         return f"target after {name[len('target-'):].upper()}"
     return name
+
+
+BETTER, WORSE, SAME = "▲", "▼", "="  # the summary table's verdict marks
+
+
+def verdict_mark(pair: dict, alpha: float = 0.05) -> str:
+    """▲ / ▼ where the 95% CI excludes zero and McNemar's exact test agrees (p < alpha), else =."""
+    lo, hi = pair["ci95"]
+    if pair["mcnemar_p"] < alpha and (lo > 0 or hi < 0):
+        return BETTER if lo > 0 else WORSE
+    return SAME
+
+
+def _pt(x: float, sign: str = "") -> str:
+    """A share in points, one decimal, never "-0.0"."""
+    return f"{round(100 * x, 1) + 0.0:{sign}.1f}"
+
+
+def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The one-row-per-model table that heads the console summary and report.md (lm-eval's shape):
+    model, accuracy [95% CI] in %, items, then the paired difference in points [95% CI] and its mark
+    against the untrained target, SFT and RFT (those evaluated): each row minus a baseline evaluated
+    before it (the stored pairs), blank against itself and the baselines after it."""
+    models = models_of(results)
+    baselines = [(b, label) for b, label in (("target-base", "Δ untrained"), ("target-sft", "Δ SFT"), ("target-rft", "Δ RFT"))
+                 if b in models]
+    header = ["model", "accuracy [95% CI]", "items", *[label for _, label in baselines]]
+    rows = []
+    for name, r in models.items():
+        ci = r.get("ci95")
+        row = [name.removeprefix("target-"), _pt(r["accuracy"]) + (f" [{_pt(ci[0])},{_pt(ci[1])}]" if ci else ""),
+               str(r.get("items", r.get("answers", "")))]
+        for baseline, _ in baselines:
+            p = next((p for p in results.get("pairs") or [] if (p["model"], p["baseline"]) == (name, baseline)), None)
+            row.append("" if p is None else
+                       f"{_pt(p['diff'], '+')} [{_pt(p['ci95'][0])},{_pt(p['ci95'][1])}]{verdict_mark(p)}")
+        rows.append(row)
+    return header, rows

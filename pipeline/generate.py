@@ -4,7 +4,8 @@ Pure pieces: `build_prompt` (template, few-shot, chat template), `expand_request
 (item, sample) with its own seed), `answers_from_outputs` (processor output rows, successful or
 failed, -> `answers` rows). The Ray pieces: `processor_for` builds a processor over vLLM engines
 or an OpenAI-compatible endpoint (`lossaverse.pipeline.processors`), and
-`stream_answers` unions every competitor's processor into one dataset and yields its rows as they
+`stream_answers` unions the processors of each wave of competitors (all at once on GPUs or a
+cluster, one at a time on one machine's CPU cores) into one dataset and yields its rows as they
 finish, for `lossaverse.pipeline.shards` to write. An inference failure is a row with `error` set, never a
 lost row; an engine that keeps dying stops the job with its own error (`EngineFailed`).
 """
@@ -215,28 +216,51 @@ def processor_for(competitor: Competitor):
     return vllm_processor(competitor.model, competitor.engine, name=competitor.name)
 
 
+def engine_waves(competitors: list[Competitor], at_once: int | None, nodes: int) -> list[list[Competitor]]:
+    """The competitors in waves whose engines run side by side. `at_once` (generate.models_at_once)
+    sets the wave size; None chooses it: every model at once where engines have devices of their own
+    (GPU engines, or a cluster of several nodes), one at a time where CPU engines share one machine's
+    cores. On 2 cores, 5 CPU engines at once ran 3 of them at 14 tokens/s each (their threads fight
+    for the same cores) where one alone ran at ~500 tokens/s. Endpoint competitors cost this machine
+    nothing and join the first wave."""
+    local = [c for c in competitors if c.endpoint is None]
+    remote = [c for c in competitors if c.endpoint is not None]
+    if at_once is None:
+        on_devices = nodes > 1 or any(c.engine is not None and c.engine.num_gpus for c in local)
+        at_once = len(local) if on_devices else 1
+    at_once = max(1, at_once)
+    waves = [local[i:i + at_once] for i in range(0, len(local), at_once)] or [[]]
+    waves[0] = remote + waves[0]
+    return [w for w in waves if w]
+
+
 def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
-                   style: PromptStyle) -> Iterator[dict]:
+                   style: PromptStyle, at_once: int | None = None) -> Iterator[dict]:
     """Yield processor output rows for the given item shards of each competitor, as they finish.
 
-    Every competitor's processor joins one Ray Data job (a union), so on a cluster the replicas of
-    each model run side by side on their own resources. Each shard is one input block, so shards
-    finish roughly in order and the writer holds only a few open shards at a time.
+    The competitors of one wave (`engine_waves`) join one Ray Data job (a union), so on a cluster
+    the replicas of each model run side by side on their own resources; waves run one after another.
+    Each shard is one input block, so shards finish roughly in order and the writer holds only a few
+    open shards at a time.
     """
+    import ray
+
+    todo = [c for c in competitors if shards.get(c.name)]
+    for wave in engine_waves(todo, at_once, len([n for n in ray.nodes() if n.get("Alive")])):
+        yield from _stream_wave(shards, wave, sampling, seed, style)
+
+
+def _stream_wave(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
+                 style: PromptStyle) -> Iterator[dict]:
     import ray.data
 
     outputs = []
     for competitor in competitors:
-        blocks = shards.get(competitor.name) or []
-        if not blocks:
-            continue
-        requests = ray.data.from_arrow(blocks).map_batches(
+        requests = ray.data.from_arrow(shards[competitor.name]).map_batches(
             expand_batch, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"competitor": competitor, "sampling": sampling, "seed": seed, "style": competitor.style or style},
         )
         outputs.append(processor_for(competitor)(requests))
-    if not outputs:
-        return
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
     try:
         yield from ds.iter_rows()

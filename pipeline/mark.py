@@ -143,7 +143,7 @@ _FAST_REF = r"^-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?$"
 # Text that `clean` would change, a new turn that `cut_new_turn` would cut, or a chat or reasoning
 # tag that `prepare` would cut at.
 _FAST_UNSAFE = (
-    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + _WS + r"*(?:Question|Q)" + _WS + r"*:"
+    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + _WS + r"*(?:(?:Question|Q)" + _WS + r"*:|(?:user|assistant|system)[ \t]*\n)"
     r"|<(?:\||/?think>|/s>|end_of_turn>|start_of_turn>)"
 )
 
@@ -164,6 +164,9 @@ def fast_numeric(table: pa.Table) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Ar
     empty = pc.invert(pc.match_substring_regex(comp, r"[^ \t\n\r\f\v]"))
     # Longer answers are read on their head and tail (`prepare`).
     unsafe = pc.or_(pc.match_substring_regex(comp, _FAST_UNSAFE), pc.greater(pc.utf8_length(comp), 2 * READ_CHARS))
+    # A comma between digits against a reference with a decimal point: `decimal_commas` decides.
+    decimal = pc.and_(pc.match_substring_regex(comp, r"\d,\d"), pc.match_substring(pc.fill_null(table["reference"], ""), "."))
+    unsafe = pc.or_(unsafe, decimal)
     markers = pc.count_substring_regex(comp, MARKER_RE2)
     stated = pc.struct_field(pc.extract_regex(comp, _FAST_STATED), "n")
     last = pc.struct_field(pc.extract_regex(comp, _FAST_LAST), "n")

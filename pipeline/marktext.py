@@ -67,7 +67,10 @@ _NEGATED = re.compile(r"(?:\bnot|n't|\bnever|≠|!=)\s*+(?:equal\s++to\s++|be\s+
 _LIST_GAP = re.compile(r"(?:\s|[,;|…]|\.{2,}+|\bor\b)*+", re.IGNORECASE)
 # A new question the model writes itself. Its start is the last newline before it, so that a run
 # of blank lines is scanned once, not once per newline.
-_NEW_TURN = re.compile(r"\n[ \t\r\f\v]*+(?:Question|Q)" + _WS + r"*+:")
+# A chat model's run-on turn with its control tokens dropped from the text (vLLM detokenizes with
+# skip_special_tokens): "<|im_start|>user" comes out as a line that reads "user" alone.
+NEW_TURN = r"\n[ \t\r\f\v]*+(?:(?:Question|Q)" + _WS + r"*+:|(?:user|assistant|system)[ \t]*+\n)"
+_NEW_TURN = re.compile(NEW_TURN)
 # Chat-template control tokens: the model's turn ended at the first one (what follows is a turn it
 # wrote for someone else). A leading assistant header is the start of the answer, not its end.
 _CHAT_HEAD = re.compile(r"\A\s*+(?:<\|im_start\|>assistant|<\|start_header_id\|>assistant<\|end_header_id\|>|<\|assistant\|>|<start_of_turn>model)")
@@ -283,10 +286,30 @@ def _stated_number(s: str) -> tuple[str, bool] | None:
     return None
 
 
+# "1000,99", "0,111", "2,74": a comma between digits that is no thousands separator (one comma,
+# and not 1-3 digits, not starting with 0, before 3 digits).
+_DECIMAL_COMMA = re.compile(r"(?<![\d,.])(\d++),(\d++)(?![\d,]|\.\d)")
+
+
+def _decimal_comma(m: re.Match) -> str:
+    before, after = m.group(1), m.group(2)
+    thousands = len(after) == 3 and len(before) <= 3 and before[0] != "0"
+    return m.group(0) if thousands else f"{before}.{after}"
+
+
+def decimal_commas(text: str, ref: Fraction | None) -> str:
+    """A decimal comma read as a point, where the reference decides it: only against a reference
+    with a fractional part (1000.99), and never in a number whose commas group thousands (1,000 and
+    12,345 stay integers, whatever the reference)."""
+    if ref is None or ref.denominator == 1 or "," not in text:
+        return text
+    return _DECIMAL_COMMA.sub(_decimal_comma, text)
+
+
 def read_number(text: str, reference: str, question: str | None = None) -> Reading:
     """The final number of a completion (numeric kind), compared with the reference as numbers."""
-    text = clean(text)
     ref = reference_number(reference) if reference else None
+    text = decimal_commas(clean(text), ref)
     values = []  # (value, hedged)
     for s in statements(text):
         s = after_equals(s)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 
 from lossaverse.pipeline import lossaversion
-from lossaverse.pipeline.evalstats import TRANSFER, model_label, models_of, wrong_answers_pair
+from lossaverse.pipeline.evalstats import TRANSFER, model_label, model_table, models_of, wrong_answers_pair
 from lossaverse.pipeline.plots import plot_accuracy, plot_competitors, plot_rounds, plot_training, round_entries
 from lossaverse.pipeline.rundir import read_json
 
@@ -189,6 +189,15 @@ def _verdict(pair: dict, alpha: float = 0.05) -> str:
     return "no difference shown (CI includes zero)"
 
 
+def model_table_md(results: dict) -> list[str]:
+    """The one-row-per-model table (evalstats.model_table, the console summary's own) in Markdown."""
+    header, rows = model_table(results)
+    out = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out + ["", "Δ: paired difference in points [95% CI]; ▲/▼ better/worse (the CI and McNemar's p < 0.05 agree), "
+                      "= no difference shown."]
+
+
 def _headline(results: dict) -> list[str]:
     models = models_of(results)
     lines = ["## Headline", "", "| model | accuracy | 95% CI | items | answers |", "|---|---:|---:|---:|---:|"]
@@ -280,8 +289,11 @@ def _training(files: RunFiles) -> list[str]:
     stage = (read_json((files.source or files.run_dir) / "manifest.json", {}) or {}).get("stages", {}).get("train", {})
     if stage.get("compare"):
         recipe = stage.get("recipe")
-        heading = (f"The recipe (SFT {recipe['sft'].get('steps')} steps, then KTO {stage.get('steps')} steps on its own "
-                   f"datasets) and the methods compared with it at the same budget ({stage.get('budget_steps')} steps):"
+        sft_steps = train.get("sft_steps", (recipe or {}).get("sft", {}).get("steps"))
+        shared = (" The SFT baseline is one SFT run: its model after step "
+                  f"{sft_steps} is the recipe's SFT start, so KTO, RFT and SFT continue from one checkpoint." if (recipe or {}).get("sft_shared") else "")
+        heading = (f"The recipe (SFT {sft_steps} steps, then KTO {stage.get('steps')} steps on its own "
+                   f"datasets) and the methods compared with it at the same budget ({stage.get('budget_steps')} steps).{shared}"
                    if recipe else f"Methods compared on the same data with the same budget ({stage.get('budget_steps')} steps):")
         lines += ["", heading, "",
                   "| method | training rows | steps | final train loss |", "|---|---:|---:|---:|"]
@@ -301,7 +313,7 @@ def markdown(files: RunFiles, plots: dict[str, str], tune: dict | None = None) -
             ([f"seed {cfg['seed']}"] if "seed" in cfg else [])
     lines += [", ".join(facts) + ".", ""]
     if files.results and models_of(files.results):
-        lines += _headline(files.results) + [""]
+        lines += model_table_md(files.results) + [""] + _headline(files.results) + [""]
         if "accuracy" in plots:
             lines += [f"![eval accuracy per model]({plots['accuracy']})", ""]
     else:

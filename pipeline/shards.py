@@ -262,7 +262,8 @@ def missing_rows(store: ShardStore, shards: dict[str, list[pa.Table]], samples: 
 
 
 def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: int, work_dir: Path, final_dir: Path,
-                     fingerprint: str, shard_size: int, report: Callable[[str], None], interval_s: float = 10.0) -> dict:
+                     fingerprint: str, shard_size: int, report: Callable[[str], None], interval_s: float = 10.0,
+                     at_once: int | None = None) -> dict:
     """Generate every competitor's answers on `items` into `final_dir`, resuming from `work_dir`.
 
     Returns per-competitor totals (rows, generated, resumed, tokens, errors, seconds, tokens/s).
@@ -284,7 +285,7 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
         tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo, engines_asked=asked)
         if tallies[c.name].resumed:
             report(f"generate {c.name}: resuming, {len(all_shards) - len(pending[c.name])}/{len(all_shards)} shards already written")
-    rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style)
+    rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style, at_once)
     write_shards(rows, store, pending, samples, tallies, report, interval_s)
     problems = missing_rows(store, {c.name: all_shards for c in competitors}, samples)
     if problems:

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ray.serve.llm.ingress import OpenAiIngress
+# The base class's own model-id helpers (LoRA ids are base:adapter; "--" stands for "/" in a path).
+from ray.llm._internal.common.utils.lora_utils import get_base_model_id
+from ray.llm._internal.serve.utils.server_utils import replace_prefix
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.requests import Request
 
@@ -103,9 +106,19 @@ class CappedIngress(OpenAiIngress):
         try:
             check_api_key(request, self.api_key)
             body = check_caps(validate(model, await read_json(request, self.max_body_bytes)), self.caps, fields)
+            self._check_model(body.model)
         except RequestRejected as rejected:
             return rejected.response()
         return await self._process_llm_request(body, call_method=call_method, raw_request=request)
+
+    def _check_model(self, name: str | None) -> None:
+        """404 in OpenAI's error shape for a model this server does not serve (the base class
+        answers FastAPI's `{"detail": ...}` there). No name is the one model, where there is one."""
+        served = list(self._model_cards)
+        if name is None and len(served) == 1:
+            return
+        if name is None or get_base_model_id(name) not in served:
+            raise RequestRejected(404, f"model {name!r} is not served here; this server serves {served}", "model")
 
     async def completions(self, request: Request):
         return await self._checked(request, CompletionRequest, ("max_tokens",), "completions")
@@ -123,6 +136,8 @@ class CappedIngress(OpenAiIngress):
     async def model_data(self, model: str, request: Request):
         try:
             check_api_key(request, self.api_key)
+            if await self.model(replace_prefix(model)) is None:
+                raise RequestRejected(404, f"model {model!r} is not served here; this server serves {list(self._model_cards)}", "model")
         except RequestRejected as rejected:
             return rejected.response()
         return await super().model_data(model)

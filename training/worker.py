@@ -114,6 +114,21 @@ class ReportCheckpoints(TrainerCallback):
         self.status.write(last_checkpoint_step=state.global_step)
 
 
+class ExportAt(TrainerCallback):
+    """Writes the model as it stands after `step` into `out_dir` (plain Hugging Face format, LoRA
+    merged, as at the end), then training goes on: one SFT run gives the recipe's SFT start at
+    `train.sft_steps` and the SFT baseline at the whole budget. It runs in on_step_end, before the
+    trainer saves that step's checkpoint, so a run resumed past `step` has already written it. The
+    trainer is set after it is built (a callback is handed to the trainer's constructor)."""
+
+    def __init__(self, step: int, out_dir: str, save):
+        self.step, self.out_dir, self.save, self.trainer = step, out_dir, save, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.save(self.trainer, self.out_dir)
+
+
 def training_args(t: dict, seed: int, output_dir: str) -> dict:
     """The TrainingArguments every method shares: same optimizer settings and step budget."""
     from lossaverse.training.zero import deepspeed_config
@@ -190,6 +205,14 @@ def train_func(config: dict) -> None:
     metrics = StepMetrics(t["per_device_batch_size"] * t["gradient_accumulation_steps"] * world,
                           config["metrics_log"] if rank == 0 else None)
     callbacks = [metrics, ReportCheckpoints(status)]
+
+    def save(trainer, out_dir: str) -> None:
+        save_final(trainer, tokenizer, out_dir, lora=t["lora"] is not None, base_model=config["model"],
+                   scratch=str(Path(output_dir) / f"adapter-{Path(out_dir).name}"), is_main=rank == 0)
+
+    export = ExportAt(config["export_step"], config["export_out"], save) if config.get("export_step") else None
+    if export is not None:
+        callbacks.append(export)
     if "tensorboard" in t["report_to"]:
         callbacks.append(_tensorboard(config["tensorboard_dir"]))
     output_dir = str(Path(config["work_dir"]) / f"rank{rank}")
@@ -197,6 +220,8 @@ def train_func(config: dict) -> None:
         model, training_args(t, config["seed"], output_dir), config["method_args"], train, tokenizer,
         callbacks, peft_config(t["lora"]), train=t,
     )
+    if export is not None:
+        export.trainer = trainer
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -205,8 +230,7 @@ def train_func(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             result = trainer.train(resume_from_checkpoint=folder)
 
-    save_final(trainer, tokenizer, config["model_out"], lora=t["lora"] is not None, base_model=config["model"],
-               scratch=str(Path(output_dir) / "adapter"), is_main=rank == 0)
+    save(trainer, config["model_out"])
     status.write(finished=True, global_step=trainer.state.global_step, optimizer_steps=len(metrics.step_seconds))
     if rank == 0:
         write_json({

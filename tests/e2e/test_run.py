@@ -125,8 +125,9 @@ def test_recipe_chains_sft_on_policy_answers_and_kto(run):
     d = run["dir"]
     train = json.loads((d / "manifest.json").read_text())["stages"]["train"]
     recipe = train["recipe"]
-    assert recipe["sft"]["steps"] == SFT_STEPS and train["steps"] == KTO_STEPS
-    assert train["budget_steps"] == SFT_STEPS + KTO_STEPS == train["compare"]["sft"]["steps"]
+    # One SFT run is both the SFT baseline (the whole budget) and, after SFT_STEPS, the recipe's start.
+    assert recipe["sft_shared"] and train["steps"] == KTO_STEPS
+    assert recipe["sft"]["steps"] == train["budget_steps"] == SFT_STEPS + KTO_STEPS == train["compare"]["sft"]["steps"]
     items = read_table(d / "items", ITEMS)
     answers = read_table(d / "recipe" / "on_policy" / "answers", ANSWERS)
     op = recipe["on_policy"]
@@ -146,13 +147,17 @@ def test_recipe_chains_sft_on_policy_answers_and_kto(run):
     base = load_file(Path(resolve_model("tiny:small")) / "model.safetensors")
     assert any(not torch.equal(sft[k], base[k]) for k in base)
     assert any(not torch.equal(sft[k], kto_w[k]) for k in base)
+    # The recipe's start is that run's model after SFT_STEPS, not its end: the SFT baseline went on.
+    sft_end = load_file(d / "compare" / "sft" / "model" / "model.safetensors")
+    assert any(not torch.equal(sft[k], sft_end[k]) for k in base)
+    assert (d / "recipe" / "sft" / "model" / "config.json").is_file()
 
 
 def test_baselines_share_the_step_budget(run):
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
     train = manifest["stages"]["train"]
     assert set(train["compare"]) == {"sft", "rft"}
-    assert train["compare"]["sft"]["steps"] == train["recipe"]["sft"]["steps"] + train["steps"] == train["budget_steps"]
+    assert train["compare"]["sft"]["steps"] == SFT_STEPS + train["steps"] == train["budget_steps"]
     assert train["compare"]["rft"]["steps"] == train["steps"]  # RFT: the KTO step's steps, from the same start
     assert (run["dir"] / "compare" / "sft" / "model" / "config.json").is_file()
     manifest = json.loads((run["dir"] / "manifest.json").read_text())
@@ -205,3 +210,16 @@ def test_evaluation_is_deterministic_given_the_seed(run):
     assert (run["dir"] / "eval" / "results.json").read_text() == before
     fresh = read_table(run["dir"] / "eval" / "answers", ANSWERS).sort_by([("id", "ascending"), ("competitor", "ascending")])
     assert fresh["completion"].to_pylist() == answers["completion"].to_pylist()
+
+
+def test_the_console_is_quiet_and_the_library_logs_are_in_the_run(run):
+    """The product's own lines on the console (progress per stage and competitor, the summary);
+    Ray's, Ray Data's and vLLM's output in <run>/logs/ (the driver's, and Ray's workers')."""
+    out = run["first"].stdout + run["first"].stderr
+    assert "logging_progress" not in out and "INFO worker.py" not in out and "Calling ray.init" not in out
+    assert "generate large:" in run["first"].stdout and "generate small:" in run["first"].stdout
+    assert len(out.splitlines()) <= 80, out
+    logs = run["dir"] / "logs"
+    assert "Started a local Ray instance" in (logs / "driver.log").read_text()
+    assert any(p.name.startswith("raylet") for p in (logs / "ray").rglob("*"))
+    assert f"report: {run['dir'] / 'report.md'}" in run["first"].stdout

@@ -88,9 +88,10 @@ def server(tmp_path_factory):
 
 
 def _message(response: httpx.Response) -> str:
-    """The error message: OpenAI's shape, or FastAPI's `detail` (ray.serve.llm's unknown-model 404)."""
+    """The error message, in OpenAI's shape (every 4xx, the unknown model's 404 too)."""
     body = response.json()
-    return body["error"]["message"] if "error" in body else str(body["detail"])
+    assert set(body) == {"error"} and body["error"]["code"] == response.status_code, body
+    return body["error"]["message"]
 
 
 def _client(base: str) -> openai.OpenAI:
@@ -132,7 +133,9 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_answering(serv
         "a list": (_post(url, json=["target"]), 400, "must be a JSON object"),
         "wrong type": (_post(url, json={"model": "target", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
         "no prompt": (_post(url, json={"model": "target", "max_tokens": 4}, timeout=60), 400, "prompt"),
-        "unknown model": (_post(url, json={"model": "nope", "prompt": "x", "max_tokens": 4}, timeout=60), 404, "nope"),
+        "unknown model": (_post(url, json={"model": "nope", "prompt": "x", "max_tokens": 4}, timeout=60), 404,
+                          "model 'nope' is not served here; this server serves ['target']"),
+        "unknown model card": (_get(f"{base}/v1/models/nope", timeout=60), 404, "model 'nope' is not served here"),
         "too large": (_post(url, json={"model": "target", "prompt": "x" * (BODY + 1)}), 413, f"limit of {BODY} bytes"),
         "prompt past the context": (_post(url, json={"model": "target", "prompt": "1 + " * 200, "max_tokens": 4}, timeout=60), 400, ""),
     }

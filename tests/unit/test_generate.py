@@ -88,3 +88,36 @@ def test_raw_few_shot_prompts_stop_where_the_next_example_would_begin():
     chat = expand_requests(_items(1), "large", "m", SamplingConfig(), seed=0, tokenizer=tok, style=style)
     assert "stop" not in chat[0]["sampling_params"]  # a chat turn ends with the template's own end token
     assert chat[0]["prompt"].startswith("<|user|>Question: What is 1 + 1?\nAnswer:<|assistant|>The answer is 2.<|user|>")
+
+
+def _engine(num_gpus: float = 0):
+    from lossaverse.pipeline.config import EngineConfig
+
+    return EngineConfig(num_gpus=num_gpus)
+
+
+def _wave_names(competitors, at_once, nodes):
+    from lossaverse.pipeline.generate import engine_waves
+
+    return [[c.name for c in wave] for wave in engine_waves(competitors, at_once, nodes)]
+
+
+def test_cpu_engines_on_one_machine_run_one_model_at_a_time_and_endpoints_join_the_first_wave():
+    from lossaverse.pipeline.config import EndpointConfig
+    from lossaverse.pipeline.generate import Competitor
+
+    cpu = [Competitor(n, "m", engine=_engine()) for n in ("base", "sft", "kto")]
+    api = Competitor("api", "served", endpoint=EndpointConfig(url="http://127.0.0.1:1/v1"))
+    assert _wave_names(cpu, None, nodes=1) == [["base"], ["sft"], ["kto"]]
+    assert _wave_names([*cpu, api], None, nodes=1) == [["api", "base"], ["sft"], ["kto"]]
+    assert _wave_names(cpu, 2, nodes=1) == [["base", "sft"], ["kto"]]  # set explicitly: honoured
+
+
+def test_gpu_engines_or_several_nodes_run_every_model_at_once():
+    from lossaverse.pipeline.generate import Competitor
+
+    cpu = [Competitor(n, "m", engine=_engine()) for n in ("large", "small")]
+    gpu = [Competitor(n, "m", engine=_engine(1)) for n in ("large", "small")]
+    assert _wave_names(cpu, None, nodes=3) == [["large", "small"]]
+    assert _wave_names(gpu, None, nodes=1) == [["large", "small"]]
+    assert _wave_names(gpu, 1, nodes=1) == [["large"], ["small"]]

@@ -93,6 +93,24 @@ NUMERIC = [
     ("large_number", "The population is 1,234,567,890. The answer is 1,234,567,890.", "1234567890", "stop", True, "match"),
     ("precise_decimal", "The answer is 0.30000000000000001.", "0.3", "stop", False, "mismatch"),
     ("leading_plus_sentence", "Together they have 24 + 18 = 42 marbles.", "42", "stop", True, "match"),
+    # A decimal comma, where the reference has a fractional part and the digit groups are no thousands.
+    ("decimal_comma", "Der Preis ist 1000,99. The answer is 1000,99", "1000.99", "stop", True, "match"),
+    ("decimal_comma_leading_zero", "The answer is 0,111", "0.111", "stop", True, "match"),
+    ("decimal_comma_currency_after", "Sie zahlt 2,74 $. The answer is 2,74 $", "2.74", "stop", True, "match"),
+    ("decimal_comma_wrong_value", "The answer is 2,75", "2.74", "stop", False, "mismatch"),
+    ("thousands_against_decimal_reference", "The answer is 1,000", "1.000", "stop", False, "mismatch"),
+    ("thousands_against_fraction_reference", "The answer is 12,345", "12.345", "stop", False, "mismatch"),
+    ("comma_list_against_integer", "The answer is 1,5", "15", "stop", False, "mismatch"),
+    # "Final Answer:" with its value in prose.
+    ("final_answer_prose", "There are 4 + 8 = 12.\nFinal Answer: There are 12 such numbers.", "12", "stop", True, "match"),
+    ("final_answer_prose_wrong", "Final Answer: There are 13 such numbers.", "12", "stop", False, "mismatch"),
+    # Chat run-ons: the model went on to write the next turns (with its control tokens, or with them
+    # dropped by the detokenizer, leaving "user" / "assistant" alone on a line).
+    ("run_on_tokens_after_statement", "5 + 7 = 12. The answer is 12.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+     "<|im_start|>assistant\nThe answer is 4.", "12", "stop", True, "match"),
+    ("run_on_token_inside_statement", "The answer is 12<|im_start|>user\nThe answer is 7", "12", "stop", True, "match"),
+    ("run_on_stripped_tokens", "The answer is 12.\nuser\nWhat is 2+2?\nassistant\nThe answer is 4.", "12", "stop", True, "match"),
+    ("run_on_after_box", "So $\\boxed{12}$\nuser\nSolve 3+4.\nassistant\n$\\boxed{7}$", "12", "stop", True, "match"),
 ]
 
 MATH = [

@@ -78,3 +78,14 @@ def test_statement_marker_counts_the_same_in_python_and_re2():
     texts = [c for _, c, *_ in _fuzz_rows(3000, seed=5)] + [c[2] for c in CASES]
     counts = pc.count_substring_regex(pa.array(texts), MARKER_RE2).to_pylist()
     assert counts == [len(_MARKER.findall(t)) for t in texts]
+
+
+def test_decimal_commas_and_stripped_chat_turns_leave_the_vectorised_path_for_the_rules():
+    """Rows the row rules read differently (a decimal comma against a fractional reference, a run-on
+    turn whose control tokens the detokenizer dropped) are not decided by the vectorised path."""
+    table = _table([("numeric", "The answer is 0,111", "0.111", None, "stop", None, "q"),
+                    ("numeric", "The answer is 12.\nuser\nWhat is 2+2?\nassistant\nThe answer is 4", "12", None, "stop", None, "q"),
+                    ("numeric", "The answer is 1,000", "1000", None, "stop", None, "q")])
+    taken, *_ = fast_numeric(table)
+    assert taken.tolist() == [False, False, True]
+    assert mark_table(table)["correct"].to_pylist() == [True, True, True]

@@ -64,3 +64,16 @@ def test_hostile_text_gets_a_verdict_within_the_per_row_bound(text, kind, finish
     assert g.extracted is None or len(g.extracted) <= 200
     assert cpu < BOUND_S, f"{kind}: {cpu * 1000:.1f} ms CPU on {text[:80]!r}... ({len(text):,} chars)"
     assert wall < 2.0, f"{kind}: {wall:.2f} s wall on {text[:80]!r}..."
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(min_value=1000, max_value=10**12), cents=st.integers(min_value=1, max_value=99),
+       tail=st.sampled_from(["", ".", " dollars.", "\n"]))
+def test_no_thousands_separated_integer_is_read_as_a_decimal_comma(n, cents, tail):
+    """1,000 / 12,345 / 1,234,567 mean the integer, against any reference: right against n, wrong
+    against a reference with a fractional part (even one whose digits are the same: 1.000, 12.345)."""
+    text = f"{n:,}"
+    for how in (f"The answer is {text}{tail}", f"{text}{tail}", f"So the total is {text}{tail}"):
+        assert grade_row(how, str(n), "numeric").correct, how
+        for ref in (f"{n}.{cents:02d}", text.replace(",", ".", 1) if text.count(",") == 1 else f"{n}.5"):
+            assert not grade_row(how, ref, "numeric").correct, (how, ref)

@@ -147,35 +147,52 @@ def test_cli_report_and_summary_show_ci_and_paired_test(rendered, tmp_path):
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert f"report: {run_dir / 'report.md'}" in result.output
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=100)
     console.print(summary_table(run_dir))
     table = console.export_text()
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     lo, hi = results["target-kto"]["ci95"]
-    assert f"0.450 [{lo:.3f}, {hi:.3f}] (9/20)" in table
-    assert "target-kto − target-base (eval, paired)" in table and "+0.200" in table and "McNemar p=0.219" in table
+    kto = next(line for line in table.splitlines() if line.startswith("kto "))
+    assert f"45.0 [{100 * lo:.1f},{100 * hi:.1f}]" in kto and "+20.0 [" in kto  # accuracy [CI], Δ vs untrained
+    assert f"report: {run_dir / 'report.md'}" in table
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "run directory not found" in missing.output
 
 
-def test_the_console_summary_pairs_every_model_with_the_untrained_target_only():
-    from lossaverse.cluster.summary import eval_rows
+def test_the_summary_table_has_one_row_per_model_and_fits_100_columns():
+    """4 models on 400 items, the default job's shape: base, sft, rft, kto. Each row holds accuracy
+    [CI], items and its difference from each baseline evaluated before it, with a verdict mark."""
+    from lossaverse.cluster.summary import model_rich_table
+    from lossaverse.pipeline.evalstats import model_table
+    from lossaverse.pipeline.report import model_table_md
 
-    marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
-                                  + rows("target-sft", "eval", [i < 9 for i in range(20)])
-                                  + rows("target-kto", "eval", [i < 7 for i in range(20)]), schema=MARKED)
-    results = evaluation_results(marked, ["target-base", "target-sft", "target-kto"], seed=0)
-    assert len(results["pairs"]) == 3  # the report keeps all of them
-    names = [what for what, _ in eval_rows(results)]
-    assert names == ["target before training accuracy (eval)", "target after SFT accuracy (eval)",
-                     "target after KTO accuracy (eval)", "target-sft − target-base (eval, paired)",
-                     "target-kto − target-base (eval, paired)"]
+    right = {"target-base": 150, "target-sft": 280, "target-rft": 270, "target-kto": 290}
+    marked = pa.Table.from_pylist([r for name, k in right.items() for r in rows(name, "eval", [i < k for i in range(400)])],
+                                  schema=MARKED)
+    results = evaluation_results(marked, list(right), seed=0)
+    header, table_rows = model_table(results)
+    assert header == ["model", "accuracy [95% CI]", "items", "Δ untrained", "Δ SFT", "Δ RFT"]
+    assert [r[0] for r in table_rows] == ["base", "sft", "rft", "kto"]
+    kto = dict(zip(header, table_rows[3]))
+    assert kto["accuracy [95% CI]"].startswith("72.5 [") and kto["items"] == "400"
+    # Nested right answers: kto is right wherever the others are, so every gain is one-sided.
+    assert kto["Δ untrained"].startswith("+35.0 [") and kto["Δ untrained"].endswith("▲")
+    assert kto["Δ SFT"].startswith("+2.5 [") and kto["Δ RFT"].startswith("+5.0 [")
+    assert dict(zip(header, table_rows[2]))["Δ SFT"].startswith("-2.5 [")  # rft - sft
+    assert table_rows[0][3:] == ["", "", ""] and table_rows[1][4:] == ["", ""]
+    console = Console(record=True, width=100)
+    console.print(model_rich_table(results, "lossaverse run runs/local (eval items)"))
+    text = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in text) <= 100
+    assert len(text) == 3 + 4  # title, header, rule, one unwrapped line per model
+    md = model_table_md(results)
+    assert md[0] == "| " + " | ".join(header) + " |" and md[5] == "| " + " | ".join(table_rows[3]) + " |"
 
 
-def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added():
+def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added(tmp_path):
     """20 items: RFT right on the first 9, the recipe on the first 12; 3 items the recipe alone
     gets right, none the other way: +15.0 points, McNemar exact p = 2 * 0.5^3 = 0.25."""
-    from lossaverse.cluster.summary import eval_rows
+    from lossaverse.cluster.summary import summary_lines
     from lossaverse.pipeline.report import _headline
 
     marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
@@ -185,9 +202,12 @@ def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added():
     text = "\n".join(_headline(results))
     assert "**What the wrong answers added** (the recipe − RFT" in text and "paired on 20 items): +15.0 points" in text
     assert "McNemar p 0.250" in text
-    rows_ = dict(eval_rows(results))
-    assert rows_["wrong answers added: target-kto − target-rft (eval, paired)"].startswith("+0.150 [")
+    run_dir = tmp_path / "r"
+    write_json(results, run_dir / "eval" / "results.json")
+    assert any(line.startswith("wrong answers added (recipe − RFT, 20 items): +15.0 points [")
+               for line in summary_lines(run_dir))
     # No RFT evaluated: no such line.
     without = evaluation_results(marked.filter(pa.compute.not_equal(marked["competitor"], "target-rft")), seed=0)
     assert "wrong answers added" not in "\n".join(_headline(without))
-    assert not any("wrong answers added" in what for what, _ in eval_rows(without))
+    write_json(without, run_dir / "eval" / "results.json")
+    assert not any("wrong answers added" in line for line in summary_lines(run_dir))

@@ -158,7 +158,7 @@ def test_round_summary_gains_and_the_report_of_a_multi_round_run(tmp_path):
     console = Console(record=True, width=200)
     console.print(summary_table(cfg.top_dir))
     table = console.export_text()
-    assert "round 2: gain vs round 1" in table and "+0.050" in table and "0.750" in table
+    assert "round 2: gain vs round 1 +5.0 points" in table and "\nkto " in table and " 75.0 [" in table
 
 
 def test_transfer_results_get_their_own_report_section(tmp_path):
