@@ -175,13 +175,16 @@ def tune(
         from lossaverse.cluster.tune import parse_grid, tune as run_tune
         from lossaverse.cluster.config import load_config
 
+        from lossaverse.cluster.logs import library_logs
+
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
-        try:
-            out = run_tune(config, set, parsed, report=console.print)
-        finally:
-            shutdown_ray()
+        with library_logs(cfg.top_dir / "tune", VERBOSE["on"], consoles=(err,)):
+            console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
+            try:
+                out = run_tune(config, set, parsed, report=console.print)
+            finally:
+                shutdown_ray()
         table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)")
         for col in ("trial", "validation accuracy [95% CI]", "gain vs untrained [95% CI]", "McNemar p"):
             table.add_column(col, justify="left" if col == "trial" else "right")

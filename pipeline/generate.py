@@ -17,7 +17,7 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -235,18 +235,21 @@ def engine_waves(competitors: list[Competitor], at_once: int | None, nodes: int)
 
 
 def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
-                   style: PromptStyle, at_once: int | None = None) -> Iterator[dict]:
+                   style: PromptStyle, at_once: int | None = None,
+                   on_wave: Callable[[list[str]], None] | None = None) -> Iterator[dict]:
     """Yield processor output rows for the given item shards of each competitor, as they finish.
 
     The competitors of one wave (`engine_waves`) join one Ray Data job (a union), so on a cluster
     the replicas of each model run side by side on their own resources; waves run one after another.
     Each shard is one input block, so shards finish roughly in order and the writer holds only a few
-    open shards at a time.
+    open shards at a time. `on_wave` is told the names of each wave as its engines start.
     """
     import ray
 
     todo = [c for c in competitors if shards.get(c.name)]
     for wave in engine_waves(todo, at_once, len([n for n in ray.nodes() if n.get("Alive")])):
+        if on_wave is not None:
+            on_wave([c.name for c in wave])
         yield from _stream_wave(shards, wave, sampling, seed, style)
 
 

@@ -99,6 +99,8 @@ class Tally:
     engines_asked: int | None = None  # engine replicas configured (None: an endpoint)
     # engine actor -> its processes seen (a restarted replica keeps its actor, in a new process)
     engines: dict[str, set] = field(default_factory=dict)
+    started: bool = False  # its wave of engines began (lossaverse.pipeline.generate.engine_waves)
+    reported_end: bool = False  # its last progress line was printed
 
     def add(self, tokens: int, error: bool, batch: str | None = None, engine: tuple | None = None) -> None:
         """One answer row arrived at the driver; `engine` is (actor id, pid) of the engine that
@@ -127,6 +129,10 @@ class Tally:
         running = now - self.first
         if len(self.batches) < 2 and self.done < self.total or running <= 0:
             return f"{head}, first answers after {self.first - self.start:.0f}s, {self.errors} errors"
+        if self.done >= self.total:  # the end: rates over the whole wall time, engine start included
+            wall = now - self.start
+            return (f"{head} in {wall:.0f}s (first answers after {self.first - self.start:.0f}s), "
+                    f"{self.done / wall:,.1f} rows/s, {self.tokens / wall:,.0f} tokens/s, {self.errors} errors")
         rows, tokens = self.done / running, self.tokens / running
         eta = (self.total - self.done) / rows if rows else 0.0
         return f"{head}, {rows:,.1f} rows/s, {tokens:,.0f} tokens/s, {self.errors} errors, ETA {eta:.0f}s"
@@ -233,14 +239,16 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
             written.add((competitor, index))
             if tally.done == tally.total:
                 tally.end = time.perf_counter()
+                tally.reported_end = True
+                report(tally.line(competitor))
         if time.perf_counter() - last >= interval_s:
             last = time.perf_counter()
-            for name, t in tallies.items():
-                if t.total:
+            for name, t in tallies.items():  # the models whose engines run now, one line each
+                if t.total and t.started and t.end is None:
                     report(t.line(name))
     for name, t in tallies.items():
         t.end = t.end or time.perf_counter()
-        if t.total:
+        if t.total and not t.reported_end:
             report(t.line(name))
 
 
@@ -285,7 +293,12 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
         tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo, engines_asked=asked)
         if tallies[c.name].resumed:
             report(f"generate {c.name}: resuming, {len(all_shards) - len(pending[c.name])}/{len(all_shards)} shards already written")
-    rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style, at_once)
+    def on_wave(names: list[str]) -> None:  # the progress clock of a model starts with its engines
+        for name in names:
+            tallies[name].start, tallies[name].started = time.perf_counter(), True
+
+    rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style,
+                          at_once, on_wave)
     write_shards(rows, store, pending, samples, tallies, report, interval_s)
     problems = missing_rows(store, {c.name: all_shards for c in competitors}, samples)
     if problems:

@@ -2,6 +2,7 @@
 tiny models, with a JSONL benchmark in GSM8K's own format that holds some malformed rows."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -112,9 +113,14 @@ def test_evaluation_reports_before_and_after(run):
     text = (run["dir"] / "report.md").read_text()
     assert "## Transfer" in text and "and the methods compared with it at the same budget" in text
     assert "## Loss aversion" in text and "(report/value_function.png)" in text
-    for label in ("target after KTO", "target after SFT", "target after RFT", "target after the recipe's SFT step",
-                  "transfer: arith-reworded"):
-        assert label in run["first"].stdout
+    for label in ("target after KTO", "target after SFT", "target after RFT", "target after the recipe's SFT step"):
+        assert label in text
+    # The console summary: one row per model (eval, then transfer), the same table heads report.md.
+    lines = run["first"].stdout.splitlines()
+    for name in ("base", "sft", "rft", "recipe-sft", "kto"):
+        assert sum(bool(re.match(rf"{name} +\d+\.\d \[", line)) for line in lines) == 2, name
+    assert "transfer: arith-reworded (never trained on)" in run["first"].stdout
+    assert text.index("| model | accuracy [95% CI] | items | Δ untrained | Δ SFT | Δ RFT |") < text.index("## Headline")
 
 
 def test_recipe_chains_sft_on_policy_answers_and_kto(run):

@@ -84,3 +84,7 @@ def test_the_progress_line_counts_from_the_first_answer_not_from_the_engines_sta
     t.done, t.tokens, t.end = 32, 320, 104.0
     t.batches = {f"b{i}": [101.0 + i, 80, 8] for i in range(4)}
     assert t.line("large") == "generate large: 32/512 prompts (6%), 8.0 rows/s, 80 tokens/s, 0 errors, ETA 60s"
+    # The last line: rates over the whole wall time (engine start included), no ETA.
+    t.done, t.tokens, t.end = 512, 5120, 164.0
+    assert t.line("large") == ("generate large: 512/512 prompts (100%) in 164s (first answers after 100s), "
+                               "3.1 rows/s, 31 tokens/s, 0 errors")

@@ -32,7 +32,7 @@ class _Competitor:
 
 def _fake_stream(calls):
     """stream_answers without Ray: the engine's output rows for the shards asked for."""
-    def stream(shards, competitors, sampling, seed, style, at_once=None):
+    def stream(shards, competitors, sampling, seed, style, at_once=None, on_wave=None):
         calls.append(sum(t.num_rows for t in shards.get("small", [])))
         for table in shards.get("small", []):
             for r in expand_requests(table, "small", "m", sampling, seed):
