@@ -179,7 +179,7 @@ def tune(
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        with library_logs(cfg.top_dir / "tune", VERBOSE["on"], consoles=(err,)):
+        with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,)):  # tune/ holds only trials
             console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
             try:
                 out = run_tune(config, set, parsed, report=console.print)

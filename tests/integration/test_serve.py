@@ -134,7 +134,7 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_answering(serv
         "wrong type": (_post(url, json={"model": "target", "prompt": "x", "max_tokens": "many"}), 400, "max_tokens"),
         "no prompt": (_post(url, json={"model": "target", "max_tokens": 4}, timeout=60), 400, "prompt"),
         "unknown model": (_post(url, json={"model": "nope", "prompt": "x", "max_tokens": 4}, timeout=60), 404,
-                          "model 'nope' is not served here; this server serves ['target']"),
+                          "model 'nope' is not served here; this server serves ['target', 'base']"),
         "unknown model card": (_get(f"{base}/v1/models/nope", timeout=60), 404, "model 'nope' is not served here"),
         "too large": (_post(url, json={"model": "target", "prompt": "x" * (BODY + 1)}), 413, f"limit of {BODY} bytes"),
         "prompt past the context": (_post(url, json={"model": "target", "prompt": "1 + " * 200, "max_tokens": 4}, timeout=60), 400, ""),

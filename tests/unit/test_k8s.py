@@ -310,8 +310,15 @@ def test_dockerfile_builds_what_the_manifests_use():
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     assert "configs" in " ".join(copied), "the image must carry configs/ (the manifests name them)"
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {setuptools["package-dir"].get(pkg, pkg.replace(".", "/")) for pkg in setuptools["packages"]}
-    missing = folders - {src for sources in copied for src in sources.split()}
+    dirs = setuptools["package-dir"]
+
+    def folder(pkg: str) -> str:  # as setuptools finds it: the nearest mapped parent, then the rest of the name
+        parent = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len, default=None)
+        return "/".join([dirs[parent], *pkg[len(parent) + 1:].split(".")] if parent and pkg != parent else [dirs.get(pkg, pkg.replace(".", "/"))])
+
+    sources = {src for sources in copied for src in sources.split()}
+    missing = {f for f in map(folder, setuptools["packages"]) if not any(f == s or f.startswith(s + "/") for s in sources)}
+    assert folder("lossaverse.training.deepspeed") == "training/deepspeed"
     assert not missing, f"the image installs the package but lacks its folders {sorted(missing)}"
     extras = set(re.findall(r"^(\w+) = \[", (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0], re.M))
     assert re.search(r"^ARG EXTRA=(\w+)", DOCKERFILE, re.M).group(1) in extras and "cpu" in extras
