@@ -41,7 +41,7 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
     start = time.perf_counter()
-    with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,)):
+    with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)):
         run_stages(cfg, stages, force=force, report=console.print, address=address)
     return cfg, time.perf_counter() - start
 
@@ -179,7 +179,7 @@ def tune(
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,)):  # tune/ holds only trials
+        with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)):  # tune/ holds only trials
             console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
             try:
                 out = run_tune(config, set, parsed, report=console.print)

@@ -4,7 +4,10 @@ Ray, Ray Data, vLLM, DeepSpeed and the C++ parts of Ray all write to this proces
 descriptor 2): log lines, Ray Data's operator tables (printed every few seconds when stdout is no
 terminal), warnings. `library_logs` points descriptor 2 at `<run>/logs/driver.log` while a command
 runs, so every one of them (and any process this one starts) writes there, whatever logging set-up
-the library chose; the command's own console and its error console keep the terminal. Ray's worker
+the library chose; the command's own console and its error console keep the terminal. Ray's driver
+prints what the raylets report (such as "N PYTHON worker processes have been started") with
+`print` to `sys.stdout`, so `sys.stdout` points at the same log while the command's console keeps
+the stream it had. Ray's worker
 processes log into Ray's session folder (`log_to_driver` is off on an embedded Ray); that folder's
 `logs/` is copied into `<run>/logs/ray/` at the end. `-v` / `--verbose` leaves everything as it was.
 
@@ -36,10 +39,11 @@ def active_log() -> Path | None:
 
 
 @contextmanager
-def library_logs(run_dir: Path, verbose: bool = False, consoles: tuple = ()) -> Iterator[Path | None]:
-    """Send descriptor 2 to <run_dir>/logs/driver.log for the duration (unless `verbose`); the rich
-    `consoles` given (the command's error console) keep writing to the terminal's stderr. Ray Data's
-    progress tables are turned off unless verbose (the product prints its own progress lines)."""
+def library_logs(run_dir: Path, verbose: bool = False, consoles: tuple = (), outs: tuple = ()) -> Iterator[Path | None]:
+    """Send descriptor 2 and `sys.stdout` to <run_dir>/logs/driver.log for the duration (unless
+    `verbose`); the rich `consoles` given (the command's error console) keep writing to the
+    terminal's stderr, and the rich `outs` (the command's own console) to the stdout they had. Ray
+    Data's progress tables are turned off unless verbose (the product prints its own progress lines)."""
     if verbose or "path" in _STATE:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
         yield None
@@ -50,20 +54,26 @@ def library_logs(run_dir: Path, verbose: bool = False, consoles: tuple = ()) -> 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     sys.stderr.flush()
     terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
-    kept = [(c, c.file) for c in consoles]
+    stdout, stderr = sys.stdout, sys.stderr
+    kept = [(c, c.file, stderr) for c in consoles] + [(c, c.file, stdout) for c in outs]
     for c in consoles:
         c.file = terminal
+    for c in outs:
+        c.file = stdout
     with open(path, "ab") as log:
         os.dup2(log.fileno(), 2)
+    sys.stdout = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
     _STATE.update(path=path, terminal=terminal)
     _LAST["path"] = path
     try:
         yield path
     finally:
         sys.stderr.flush()
+        sys.stdout.close()
+        sys.stdout = stdout
         os.dup2(terminal.fileno(), 2)
-        for c, file in kept:
-            c.file = file
+        for c, file, std in kept:
+            c.file = None if file is std else file  # None: the console follows sys.stdout/stderr again
         terminal.close()
         _STATE.clear()
         copy_ray_logs(folder / "ray")
