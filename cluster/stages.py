@@ -125,13 +125,14 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
     from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
 
     plan = placements(competitors)
-    for p in plan:
-        report(f"plan {p.describe()}")
+    kv_lines = {}
     for c in competitors:
         hf_config = read_hf_config(c.model) if c.engine is not None else None
         if hf_config is not None:
             kv = plan_kv(c.engine, hf_config)
-            report(f"plan {c.name}: {'' if kv.fits else '[yellow]warning[/] '}{kv.describe()}")
+            kv_lines[c.name] = f"; {'[yellow]warning[/] ' if not kv.fits else ''}{kv.describe()}"
+    for p in plan:  # one line a model: its placement, then its engine's KV-cache sizing
+        report(f"plan {p.describe()}{kv_lines.get(p.competitor, '')}")
     try:
         check_plan(plan, ray_nodes() if nodes is None else nodes)
     except PlanError as exc:

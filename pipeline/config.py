@@ -255,7 +255,7 @@ class GenerateConfig(Strict):
     system_prompt: str | None = None  # chat models only
     few_shot: list[FewShot] = Field(default_factory=list)  # worked examples before each question
     shard_items: int = Field(default=256, ge=1)  # items per answers shard (the unit of resume)
-    progress_interval_s: float = Field(default=10.0, gt=0)
+    progress_interval_s: float = Field(default=30.0, gt=0)  # seconds between a running model's progress lines
     # Models whose engines run side by side (the competitors here, the evaluated models in evaluate,
     # each with its own replicas); the rest wait for a wave to finish. None: all at once on GPU
     # engines or a cluster of several nodes, one at a time on one machine's CPU cores
