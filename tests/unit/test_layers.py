@@ -55,7 +55,7 @@ def imported_names(name: str) -> set[str]:
             if node.level:  # relative: from the package, `level - 1` packages up
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            # `from pipeline import synthetic` imports the module lossaverse.pipeline.synthetic
+            # `from lossaverse.pipeline.data import synthetic` imports the module lossaverse.pipeline.data.synthetic
             found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
     return found
 
@@ -69,7 +69,7 @@ GRAPH = {name: imports_of(name) for name in MODULES}
 
 
 def layer_name(module: str) -> str:
-    """lossaverse.pipeline.mark -> pipeline; lossaverse, lossaverse.__main__ -> lossaverse."""
+    """lossaverse.pipeline.marker.mark -> pipeline; lossaverse, lossaverse.__main__ -> lossaverse."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in STAGE_FOLDERS else "lossaverse"
 
@@ -84,14 +84,14 @@ def test_every_layer_has_modules():
 
 
 def test_no_import_names_a_stage_folder_bare():
-    """`from pipeline.mark import ...` would only work from a checkout; installed, the one name is lossaverse."""
+    """`from pipeline.marker.mark import ...` would only work from a checkout; installed, the one name is lossaverse."""
     bare = sorted(f"{m} imports {n}" for m in MODULES for n in imported_names(m) if n.split(".")[0] in STAGE_FOLDERS)
     assert not bare, "import the stages as lossaverse.<layer>: " + "; ".join(bare)
 
 
 def test_function_local_imports_are_seen():
-    """The parse finds imports inside functions: lossaverse.pipeline.mark calls the judge lazily."""
-    assert "lossaverse.pipeline.judge" in GRAPH["lossaverse.pipeline.mark"]
+    """The parse finds imports inside functions: lossaverse.pipeline.marker.mark calls the judge lazily."""
+    assert "lossaverse.pipeline.marker.judge" in GRAPH["lossaverse.pipeline.marker.mark"]
     assert "lossaverse.serving.model" in GRAPH["lossaverse.cluster.cli"]
 
 

@@ -1,4 +1,4 @@
-"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.mark for the `numeric`,
+"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.marker.mark for the `numeric`,
 `choice` and `exact` kinds, and the text preparation every kind shares.
 
 Every pattern here runs over model text, so every one is linear-time: no quantifier inside a
@@ -18,7 +18,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Callable, NamedTuple
 
-from lossaverse.pipeline.prompts import LETTERS
+from lossaverse.pipeline.data.prompts import LETTERS
 
 
 class Reading(NamedTuple):
@@ -43,7 +43,7 @@ NUMBER = (
     r"|(?:(?<![\w)\]}])-)?\$?\.\d+%?"
 )
 # ASCII semantics throughout (digits, \b, \s, case folding), so that the vectorised path's RE2
-# patterns (lossaverse.pipeline.mark) mean exactly the same.
+# patterns (lossaverse.pipeline.marker.mark) mean exactly the same.
 _NUMBER = re.compile(NUMBER, re.ASCII)
 # A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$".
 _DELIMITED_NUMBER = re.compile(r"\$\s*+(" + NUMBER + r")\s*+\$", re.ASCII)
@@ -54,7 +54,7 @@ MARKER = (
     r"(?:" + _WS + r"*+(?:the" + _WS + r"++)?(?:final" + _WS + r"++)?answer" + _WS + r"++is\b)?"
 )
 _MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
-# MARKER less `\boxed{` (lossaverse.pipeline.markmath finds boxes itself).
+# MARKER less `\boxed{` (lossaverse.pipeline.marker.markmath finds boxes itself).
 HASH_OR_SAID = re.compile("####|" + MARKER.split("|", 2)[2], re.IGNORECASE | re.ASCII)
 _FILLER = re.compile(
     r"\s*+:?\s*+(?:(?:approximately|about|around|roughly|exactly|precisely|just|only|equal to|equals|"
@@ -172,7 +172,7 @@ _REFERENCE_TAIL = re.compile(r"[ \t]*+(?:[A-Za-z][A-Za-z.]*+[ \t]*+){0,3}")
 def reference_text(reference: str) -> str | None:
     """A numeric reference read as a completion's number is: cleaned like one ("−5" -> "-5",
     "\\$5" -> "$5", "1{,}000" -> "1,000"), then one number, optionally followed by a unit word
-    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); lossaverse.pipeline.benchmarks
+    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); lossaverse.pipeline.sources.benchmarks
     quarantines such items."""
     text = clean(reference).strip().rstrip(".").strip()
     d = _DELIMITED_NUMBER.fullmatch(text)
