@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def test_a_source_tree_on_pythonpath_imports_its_own_folders(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [str(ROOT / "pipeline" / "marker" / "mark.py"), str(ROOT / "serving" / "marker.py")]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """pyproject lists its packages by hand (the stage folders map onto lossaverse.*): a subpackage folder
+    left out of `packages` would import from a checkout and be missing from the wheel."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(setuptools["packages"]), {"lossaverse": "lossaverse", **setuptools["package-dir"]}
+    found = set()
+    for package, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join((package, *init.parent.relative_to(ROOT / folder).parts)))
+    assert not found - listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    assert set(dirs) <= listed
+    # And the other way: every listed package is a folder (a data folder such as training/deepspeed has no __init__).
+    def folder(pkg: str) -> Path:
+        parent = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len)
+        return ROOT / dirs[parent] / Path(*pkg[len(parent):].split(".")[1:])
+    assert not [p for p in listed if not folder(p).is_dir()], "pyproject lists packages with no folder"
