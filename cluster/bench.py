@@ -429,11 +429,11 @@ def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[i
     """Each stage in `stages`, then the cost model; writes bench.json and bench_scaling.png into
     `out_dir` and returns what bench.json holds. `stage_seconds` is each stage's wall time and
     `load_average_end` the machine's load when done (other work on the machine slows every figure)."""
-    from lossaverse.cluster.stages import _versions
+    from lossaverse.cluster.stages import versions
     from lossaverse.pipeline.data.rundir import write_json
 
     start = time.perf_counter()
-    result: dict = {"machine": machine(), "versions": _versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
+    result: dict = {"machine": machine(), "versions": versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
     benches = {"generate": lambda: bench_generate(cfg, prompts, replicas, repeats, report),
                "mark": lambda: bench_mark_stage(rows, repeats, cfg.seed, report),
                "train": lambda: bench_train_stage(cfg, workers, repeats, report, train_steps)}

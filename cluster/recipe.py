@@ -116,7 +116,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     + max_steps) into `sft_dirs`, whose model after `sft_steps` is exported into recipe/sft/model.
     The KTO step, RFT and the rest of that SFT run then all start from that one checkpoint and run
     the same steps; the result's `shared_sft` is the SFT baseline's training result."""
-    from lossaverse.pipeline.generation.generate import _tokenizer
+    from lossaverse.pipeline.generation.generate import tokenizer_for
 
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"
@@ -156,7 +156,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     data = _done(data_dir, data_fp)
     if data is None:
         kto, stats = on_policy_datasets(cfg, read_table(op_dir / "marked", MARKED),
-                                        read_table(run_dir / "datasets" / "kto"), _tokenizer(base_model))
+                                        read_table(run_dir / "datasets" / "kto"), tokenizer_for(base_model))
         tmp = data_dir.with_name("datasets.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_table(kto, tmp / "kto")

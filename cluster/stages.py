@@ -100,11 +100,11 @@ def _style(cfg: RunConfig, ref=None):
 def target_prompts(cfg: RunConfig):
     """row -> the prompt as the target renders it (its chat template and prompt style), cached per
     item: training rows carry the target's rendering of each prompt, not the competitor's."""
-    from lossaverse.pipeline.generation.generate import _tokenizer, build_prompt
+    from lossaverse.pipeline.generation.generate import build_prompt, tokenizer_for
     from lossaverse.pipeline.models.tinymodels import resolve_model
 
     style = _style(cfg, cfg.target)
-    tokenizer = _tokenizer(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
+    tokenizer = tokenizer_for(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
     cache: dict[str, str] = {}
 
     def render(row: dict) -> str:
@@ -234,10 +234,10 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
         before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
     tokenizer = None
     if cfg.datasets.divergent_negatives:
-        from lossaverse.pipeline.generation.generate import _tokenizer
+        from lossaverse.pipeline.generation.generate import tokenizer_for
         from lossaverse.pipeline.models.tinymodels import resolve_model
 
-        tokenizer = _tokenizer(resolve_model(cfg.target.path))
+        tokenizer = tokenizer_for(resolve_model(cfg.target.path))
     return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
                              cfg.seed, cfg.round, before, tokenizer, target_prompts(cfg))
 
@@ -483,7 +483,7 @@ def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Calla
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
-    manifest.update(config=cfg.model_dump(mode="json"), versions=_versions())
+    manifest.update(config=cfg.model_dump(mode="json"), versions=versions())
     fps = stage_fingerprints(cfg)
     REPORT.set(report)
     for stage in STAGES:
@@ -507,7 +507,9 @@ def _short(info: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Installed versions of the stack a run depends on, by distribution name (absent ones left out);
+    recorded in the manifest and in bench.json."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

@@ -124,7 +124,9 @@ def expand_requests(items: pa.Table, competitor: str, model: str, sampling, seed
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def tokenizer_for(path: str):
+    """The Hugging Face tokenizer of the model directory (or id) `path`, cached per process: the chat
+    template of chat competitors, and the target's tokenizer for the driver's prompts and divergent negatives."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -133,7 +135,7 @@ def _tokenizer(path: str):
 def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, style: PromptStyle) -> pa.Table:
     """`expand_requests` as a Ray Data map over item blocks (runs in the workers, not the driver)."""
     api = competitor.endpoint.api if competitor.endpoint is not None else None
-    tokenizer = _tokenizer(competitor.model) if competitor.chat and api is None else None
+    tokenizer = tokenizer_for(competitor.model) if competitor.chat and api is None else None
     rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, seed,
                            tokenizer=tokenizer, style=style, api=api)
     return pa.Table.from_pylist(rows)

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
 from lossaverse.pipeline.marker.markmath import read_math
 from lossaverse.pipeline.marker.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
-    READ_CHARS, Reading, _WS, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
+    ASCII_SPACE, READ_CHARS, Reading, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
 )
 
 
@@ -133,8 +133,8 @@ _ANSWER_CI = r"[Aa][Nn][Ss][Ww][Ee][Rr]"
 # MARKER under RE2 (case classes instead of the IGNORECASE flag: RE2's folding is Unicode's).
 _FINAL_CI = r"[Ff][Ii][Nn][Aa][Ll]"
 MARKER_RE2 = (
-    r"####|\\[Bb][Oo][Xx][Ee][Dd]\{|\b(?:" + _FINAL_CI + _WS + r"+)?" + _ANSWER_CI + _WS + r"*(?:[Ii][Ss]|:|=)"
-    r"(?:" + _WS + r"*(?:[Tt][Hh][Ee]" + _WS + r"+)?(?:" + _FINAL_CI + _WS + r"+)?" + _ANSWER_CI + _WS + r"+[Ii][Ss]\b)?"
+    r"####|\\[Bb][Oo][Xx][Ee][Dd]\{|\b(?:" + _FINAL_CI + ASCII_SPACE + r"+)?" + _ANSWER_CI + ASCII_SPACE + r"*(?:[Ii][Ss]|:|=)"
+    r"(?:" + ASCII_SPACE + r"*(?:[Tt][Hh][Ee]" + ASCII_SPACE + r"+)?(?:" + _FINAL_CI + ASCII_SPACE + r"+)?" + _ANSWER_CI + ASCII_SPACE + r"+[Ii][Ss]\b)?"
 )
 _FAST_NUM = r"(?P<n>-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?)[ \t]*\.?[ \t]*\n?$"
 _FAST_STATED = r"(?s).(?:####|\b" + _ANSWER_CI + r" [Ii][Ss]|\b" + _ANSWER_CI + r":)[ \t]*" + _FAST_NUM
@@ -143,7 +143,7 @@ _FAST_REF = r"^-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?$"
 # Text that `clean` would change, a new turn that `cut_new_turn` would cut, or a chat or reasoning
 # tag that `prepare` would cut at.
 _FAST_UNSAFE = (
-    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + _WS + r"*(?:(?:Question|Q)" + _WS + r"*:|(?:user|assistant|system)[ \t]*\n)"
+    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + ASCII_SPACE + r"*(?:(?:Question|Q)" + ASCII_SPACE + r"*:|(?:user|assistant|system)[ \t]*\n)"
     r"|<(?:\||/?think>|/s>|end_of_turn>|start_of_turn>)"
 )
 

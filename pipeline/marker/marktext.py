@@ -47,11 +47,11 @@ NUMBER = (
 _NUMBER = re.compile(NUMBER, re.ASCII)
 # A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$".
 _DELIMITED_NUMBER = re.compile(r"\$\s*+(" + NUMBER + r")\s*+\$", re.ASCII)
-_WS = r"[ \t\n\r\f\v]"
+ASCII_SPACE = r"[ \t\n\r\f\v]"  # \s under re.ASCII, spelled out for the RE2 patterns of mark.py too
 # Where a stated final answer starts. "Final Answer: The final answer is" (Minerva) is one marker.
 MARKER = (
-    r"####|\\boxed\{|\b(?:final" + _WS + r"++)?answer" + _WS + r"*+(?:is|:|=)"
-    r"(?:" + _WS + r"*+(?:the" + _WS + r"++)?(?:final" + _WS + r"++)?answer" + _WS + r"++is\b)?"
+    r"####|\\boxed\{|\b(?:final" + ASCII_SPACE + r"++)?answer" + ASCII_SPACE + r"*+(?:is|:|=)"
+    r"(?:" + ASCII_SPACE + r"*+(?:the" + ASCII_SPACE + r"++)?(?:final" + ASCII_SPACE + r"++)?answer" + ASCII_SPACE + r"++is\b)?"
 )
 _MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
 # MARKER less `\boxed{` (lossaverse.pipeline.marker.markmath finds boxes itself).
@@ -69,7 +69,7 @@ _LIST_GAP = re.compile(r"(?:\s|[,;|…]|\.{2,}+|\bor\b)*+", re.IGNORECASE)
 # of blank lines is scanned once, not once per newline.
 # A chat model's run-on turn with its control tokens dropped from the text (vLLM detokenizes with
 # skip_special_tokens): "<|im_start|>user" comes out as a line that reads "user" alone.
-NEW_TURN = r"\n[ \t\r\f\v]*+(?:(?:Question|Q)" + _WS + r"*+:|(?:user|assistant|system)[ \t]*+\n)"
+NEW_TURN = r"\n[ \t\r\f\v]*+(?:(?:Question|Q)" + ASCII_SPACE + r"*+:|(?:user|assistant|system)[ \t]*+\n)"
 _NEW_TURN = re.compile(NEW_TURN)
 # Chat-template control tokens: the model's turn ended at the first one (what follows is a turn it
 # wrote for someone else). A leading assistant header is the start of the answer, not its end.

@@ -114,6 +114,31 @@ def test_no_import_cycles():
         pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
 
 
+def private_uses(name: str) -> set[str]:
+    """`_name`s module `name` takes from another project module: `from M import _x`, or `M._x` after `import M`."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text(), str(path))
+    found, aliases = set(), {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name: a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module in MODULES and node.module != name:
+            found |= {f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")}
+            aliases |= {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            module = aliases.get(ast.unparse(node.value))
+            if module is not None and module != name:
+                found.add(f"{module}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A name used from another module is part of that module's interface: make it public (no leading underscore)."""
+    used = sorted(f"{m} uses {n}" for m in MODULES for n in private_uses(m))
+    assert not used, "rename these to public names (and give them a docstring): " + "; ".join(used)
+
+
 def test_no_test_imports_a_stage_folder_bare():
     """From the repository root `import pipeline` would still work, and load a second copy of each module
     beside lossaverse.pipeline (two registries, two config classes): the tests import the installed name."""
