@@ -1,7 +1,7 @@
 """`lossaverse bench`: each stage against its plain baseline in the same run, on the same inputs.
 
-generate: the full generate stage vs vLLM's offline `LLM.generate` (lossaverse.pipeline.genbench);
-mark: the marker's rule path vs math-verify and a plain-Python loop (lossaverse.pipeline.markbench);
+generate: the full generate stage vs vLLM's offline `LLM.generate` (lossaverse.pipeline.bench.genbench);
+mark: the marker's rule path vs math-verify and a plain-Python loop (lossaverse.pipeline.bench.markbench);
 train: Ray Train vs TRL's trainer called directly (lossaverse.training.bench).
 
 Every stage also reports its memory: peak RSS of the driver and of the workers, GPU memory where
@@ -24,7 +24,7 @@ from typing import Callable
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import BenchmarkConfig, RunConfig
-from lossaverse.pipeline.measure import nvml, peak_memory, ratio, spread
+from lossaverse.pipeline.bench.measure import nvml, peak_memory, ratio, spread
 
 STAGES = ("generate", "mark", "train")
 
@@ -42,11 +42,11 @@ def machine() -> dict:
 
 
 def default_prompts(batch_size: int) -> int:
-    """Prompts per engine replica: 2 x (MIN_WAVES + 1) engine batches. `lossaverse.pipeline.shards.
+    """Prompts per engine replica: 2 x (MIN_WAVES + 1) engine batches. `lossaverse.pipeline.generation.shards.
     steady_state` needs MIN_WAVES + 1 waves of completions, and batches that complete together
     make fewer waves than batches (measured on 2 cores: 4 batches made 3 waves, 5 made exactly 4),
     so twice that leaves a margin and a window of several seconds to time."""
-    from lossaverse.pipeline.shards import MIN_WAVES
+    from lossaverse.pipeline.generation.shards import MIN_WAVES
 
     return 2 * (MIN_WAVES + 1) * batch_size
 
@@ -68,7 +68,7 @@ def _replica_figures(runs: list[dict], hint: str) -> dict:
 
 def bench_items(n: int, seed: int):
     """`n` train items of the built-in synthetic benchmark: the prompts of the generate bench."""
-    from lossaverse.pipeline.benchmarks import load_items
+    from lossaverse.pipeline.sources.benchmarks import load_items
 
     items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed)
     return items.filter(pc.equal(items["split"], "train"))
@@ -80,15 +80,15 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     `prompts` is per replica (default `default_prompts`): the stage with r replicas answers
     r x prompts, so every replica has the same number of batches at every scale; the baseline, one
     engine, answers the prompts of the smallest replica count, the same requests as that run.
-    Steady-state tokens/s comes from the engine batches' completion times (lossaverse.pipeline.shards.
+    Steady-state tokens/s comes from the engine batches' completion times (lossaverse.pipeline.generation.shards.
     steady_state: the waves after the first); a figure measured on too few waves is None with a
     note. Start-up is the time to the first answer. Memory: `PeakRSS` per run, and the driver's
     growth over the last three quarters of the rows. `engine_kwargs`: the vLLM engine arguments
-    both sides ran with, from the stage's builder (`lossaverse.pipeline.processors.engine_kwargs`)."""
-    from lossaverse.pipeline.genbench import run_baseline, run_stage
-    from lossaverse.pipeline.kvcache import read_hf_config
-    from lossaverse.pipeline.processors import engine_kwargs
-    from lossaverse.pipeline.tinymodels import resolve_model
+    both sides ran with, from the stage's builder (`lossaverse.pipeline.generation.processors.engine_kwargs`)."""
+    from lossaverse.pipeline.bench.genbench import run_baseline, run_stage
+    from lossaverse.pipeline.generation.kvcache import read_hf_config
+    from lossaverse.pipeline.generation.processors import engine_kwargs
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     ref = cfg.competitors["large"]
     model, engine = resolve_model(ref.path), cfg.engine_for(ref)
@@ -147,13 +147,13 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
 
 
 def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[[str], None]) -> dict:
-    """lossaverse.pipeline.markbench at each row count. Memory: the bench process (it marks whole in-memory
+    """lossaverse.pipeline.bench.markbench at each row count. Memory: the bench process (it marks whole in-memory
     tables) as the driver; as the worker, a fresh process marking the rows in streamed batches
     like a pipeline worker (its exact peak, `peak_rss_bytes`); no GPU is used. The growth check:
     that worker's peak at rows and at rows/10 (the rows stream through it as through the driver
     of a pipeline run)."""
-    from lossaverse.pipeline.markbench import bench_mark
-    from lossaverse.pipeline.measure import PeakRSS
+    from lossaverse.pipeline.bench.markbench import bench_mark
+    from lossaverse.pipeline.bench.measure import PeakRSS
 
     sweep, driver = {}, []
     for n in rows:
@@ -429,11 +429,11 @@ def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[i
     """Each stage in `stages`, then the cost model; writes bench.json and bench_scaling.png into
     `out_dir` and returns what bench.json holds. `stage_seconds` is each stage's wall time and
     `load_average_end` the machine's load when done (other work on the machine slows every figure)."""
-    from lossaverse.cluster.stages import _versions
-    from lossaverse.pipeline.rundir import write_json
+    from lossaverse.cluster.stages import versions
+    from lossaverse.pipeline.data.rundir import write_json
 
     start = time.perf_counter()
-    result: dict = {"machine": machine(), "versions": _versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
+    result: dict = {"machine": machine(), "versions": versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}
     benches = {"generate": lambda: bench_generate(cfg, prompts, replicas, repeats, report),
                "mark": lambda: bench_mark_stage(rows, repeats, cfg.seed, report),
                "train": lambda: bench_train_stage(cfg, workers, repeats, report, train_steps)}

@@ -34,7 +34,7 @@ ForceOpt = typer.Option(False, "--force", help="Re-run stages even if their outp
 def _execute(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]):
     from lossaverse.cluster.config import load_config
     from lossaverse.cluster.rounds import run_stages
-    from lossaverse.pipeline.rundir import lock_run_dir
+    from lossaverse.pipeline.data.rundir import lock_run_dir
 
     from lossaverse.cluster.logs import library_logs
 
@@ -50,12 +50,12 @@ def _guard(fn):
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
     from lossaverse.cluster.config import ConfigError
     from lossaverse.cluster.stages import StageError
-    from lossaverse.pipeline.benchmarks import BenchmarkError
-    from lossaverse.pipeline.export import ExportError
-    from lossaverse.pipeline.schemas import SchemaError
     from lossaverse.cluster.submit import SubmitError
-    from lossaverse.pipeline.processors import EngineFailed
-    from lossaverse.pipeline.rundir import RunDirLocked
+    from lossaverse.pipeline.data.rundir import RunDirLocked
+    from lossaverse.pipeline.data.schemas import SchemaError
+    from lossaverse.pipeline.generation.processors import EngineFailed
+    from lossaverse.pipeline.report.export import ExportError
+    from lossaverse.pipeline.sources.benchmarks import BenchmarkError
     from lossaverse.training.train import WorkersUnplaced
 
     try:
@@ -171,9 +171,9 @@ def tune(
     """Choose training settings on the validation items (benchmark.n_validation), never on eval."""
 
     def go():
+        from lossaverse.cluster.config import load_config
         from lossaverse.cluster.ray_env import init_ray, shutdown_ray
         from lossaverse.cluster.tune import parse_grid, tune as run_tune
-        from lossaverse.cluster.config import load_config
 
         from lossaverse.cluster.logs import library_logs
 
@@ -390,7 +390,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     """Re-render RUN_DIR/report.md and its plots (RUN_DIR/report/*.png) from the stored Parquet and JSON alone."""
 
     def go():
-        from lossaverse.pipeline.report import render_report
+        from lossaverse.pipeline.report.report import render_report
 
         out = render_report(run_dir)
         console.print(summary_table(run_dir))
@@ -410,7 +410,7 @@ def export(
     """Release RUN_DIR's kto / pairs / negatives as a Hugging Face datasets folder with a dataset card."""
 
     def go():
-        from lossaverse.pipeline.export import export_run
+        from lossaverse.pipeline.report.export import export_run
 
         counts = export_run(run_dir, out_dir, force)
         console.print(", ".join(f"{name}: {rows} rows" for name, rows in counts.items()))

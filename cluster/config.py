@@ -126,7 +126,7 @@ class RunConfig(Strict):
     def style_for(self, ref: ModelRef | None = None) -> dict:
         """`ref`'s prompt style: its own `prompt_template`, `system_prompt` and `few_shot`, each
         falling back to `generate`'s (`generate`'s alone without `ref`); as keyword arguments of
-        lossaverse.pipeline.generate.PromptStyle."""
+        lossaverse.pipeline.generation.generate.PromptStyle."""
         g = self.generate
 
         def own(field: str, default):

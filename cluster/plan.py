@@ -57,7 +57,7 @@ class Placement:
 
 
 def placements(competitors: list) -> list[Placement]:
-    """One Placement per competitor (lossaverse.pipeline.generate.Competitor)."""
+    """One Placement per competitor (lossaverse.pipeline.generation.generate.Competitor)."""
     out = []
     for c in competitors:
         if c.endpoint is not None:

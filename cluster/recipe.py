@@ -18,7 +18,7 @@ matches the config:
   into the round's model/ and checkpoints/, as a single-method run would.
 
 Fresh items come from a block of the train split that no round answers: the block after the
-validation items and the `rounds.count` rounds' blocks (`lossaverse.pipeline.benchmarks.load_items` with
+validation items and the `rounds.count` rounds' blocks (`lossaverse.pipeline.sources.benchmarks.load_items` with
 round = rounds.count + round), so they never overlap the competitors' items or the eval split.
 """
 
@@ -32,17 +32,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig, SamplingConfig
-from lossaverse.pipeline.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
-from lossaverse.pipeline.schemas import ITEMS, MARKED
+from lossaverse.pipeline.data.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
+from lossaverse.pipeline.data.schemas import ITEMS, MARKED
 
 ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
 
 
 def on_policy_items(cfg: RunConfig) -> pa.Table:
     """The fresh train items the SFT'd target answers (see the module docstring)."""
-    from lossaverse.pipeline.benchmarks import load_items
+    from lossaverse.pipeline.sources.benchmarks import load_items
 
-    from lossaverse.pipeline.benchmarks import BenchmarkError
+    from lossaverse.pipeline.sources.benchmarks import BenchmarkError
 
     block = cfg.rounds.count + cfg.round
     try:
@@ -75,8 +75,8 @@ def _record(folder: Path, fp: str, result: dict) -> dict:
 
 def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     """recipe/datasets/kto: the competitors' kto rows + the on-policy answers' kto rows, and stats."""
-    from lossaverse.pipeline.build import kto_table, label_counts, recommended_weights
-    from lossaverse.pipeline.divergence import split_shared_prefixes
+    from lossaverse.pipeline.data.build import kto_table, label_counts, recommended_weights
+    from lossaverse.pipeline.data.divergence import split_shared_prefixes
 
     own = kto_table(marked)
     divergence = None
@@ -116,7 +116,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     + max_steps) into `sft_dirs`, whose model after `sft_steps` is exported into recipe/sft/model.
     The KTO step, RFT and the rest of that SFT run then all start from that one checkpoint and run
     the same steps; the result's `shared_sft` is the SFT baseline's training result."""
-    from lossaverse.pipeline.generate import _tokenizer
+    from lossaverse.pipeline.generation.generate import tokenizer_for
 
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"
@@ -156,7 +156,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     data = _done(data_dir, data_fp)
     if data is None:
         kto, stats = on_policy_datasets(cfg, read_table(op_dir / "marked", MARKED),
-                                        read_table(run_dir / "datasets" / "kto"), _tokenizer(base_model))
+                                        read_table(run_dir / "datasets" / "kto"), tokenizer_for(base_model))
         tmp = data_dir.with_name("datasets.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         write_table(kto, tmp / "kto")

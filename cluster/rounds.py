@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig
 from lossaverse.cluster.stages import StageError, execute, stage_fingerprints
-from lossaverse.pipeline.evalstats import TRANSFER
-from lossaverse.pipeline.rundir import MANIFEST, Manifest, read_json, read_table, write_json
-from lossaverse.pipeline.schemas import MARKED
+from lossaverse.pipeline.data.rundir import MANIFEST, Manifest, read_json, read_table, write_json
+from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.report.evalstats import TRANSFER
 
 
 def round_summary(cfg: RunConfig) -> dict:
@@ -22,8 +22,8 @@ def round_summary(cfg: RunConfig) -> dict:
     competitor's accuracy on the round's train items, and the round's `gain`: the trained target
     (`train.method`) against the untrained one in round 1, against the round before's trained
     target from round 2 on (paired on the same eval items)."""
-    from lossaverse.pipeline.evalstats import compare, item_scores, models_of
-    from lossaverse.pipeline.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json
+    from lossaverse.pipeline.report.evalstats import compare, item_scores, models_of
 
     run_dir = cfg.run_dir
     results = read_json(run_dir / "eval" / "results.json")
@@ -57,7 +57,7 @@ def execute_rounds(cfg: RunConfig, names: list[str], force: bool = False, report
     report is re-rendered; with `rounds.stop_when_no_gain`, a round without a significant gain ends
     the loop. Completed rounds are skipped stage by stage, so an interrupted run continues where it
     stopped."""
-    from lossaverse.pipeline.report import render_report
+    from lossaverse.pipeline.report.report import render_report
 
     if cfg.rounds.count == 1:
         return execute(cfg, names, force, report)

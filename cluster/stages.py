@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from lossaverse.cluster.config import ConfigError, RunConfig
-from lossaverse.pipeline.evalstats import TRANSFER  # the transfer benchmark's split and results folder
-from lossaverse.pipeline.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
-from lossaverse.pipeline.schemas import ANSWERS, ITEMS, MARKED, check_schema
+from lossaverse.pipeline.data.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, MARKED, check_schema
+from lossaverse.pipeline.report.evalstats import TRANSFER  # the transfer benchmark's split and results folder
 from lossaverse.training.config import RECIPE_BASELINES
 
 
@@ -55,7 +55,7 @@ def _need(run_dir: Path, sub: str, stage: str) -> Path:
 
 
 def run_items(cfg: RunConfig, run_dir: Path) -> dict:
-    from lossaverse.pipeline.benchmarks import load_items
+    from lossaverse.pipeline.sources.benchmarks import load_items
 
     items, quarantine = load_items(cfg.benchmark, cfg.seed, cfg.round)
     if items.num_rows == 0:
@@ -75,9 +75,9 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def competitors_of(cfg: RunConfig, refs: dict) -> list:
-    """Config model references -> lossaverse.pipeline.generate.Competitor, local engines resolved."""
-    from lossaverse.pipeline.generate import Competitor
-    from lossaverse.pipeline.tinymodels import resolve_model
+    """Config model references -> lossaverse.pipeline.generation.generate.Competitor, local engines resolved."""
+    from lossaverse.pipeline.generation.generate import Competitor
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     out = []
     for name, ref in refs.items():
@@ -92,7 +92,7 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
 
 def _style(cfg: RunConfig, ref=None):
     """The prompt style of model `ref` (its own settings over `generate`'s), or `generate`'s."""
-    from lossaverse.pipeline.generate import PromptStyle
+    from lossaverse.pipeline.generation.generate import PromptStyle
 
     return PromptStyle(**cfg.style_for(ref))
 
@@ -100,11 +100,11 @@ def _style(cfg: RunConfig, ref=None):
 def target_prompts(cfg: RunConfig):
     """row -> the prompt as the target renders it (its chat template and prompt style), cached per
     item: training rows carry the target's rendering of each prompt, not the competitor's."""
-    from lossaverse.pipeline.generate import _tokenizer, build_prompt
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.generation.generate import build_prompt, tokenizer_for
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     style = _style(cfg, cfg.target)
-    tokenizer = _tokenizer(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
+    tokenizer = tokenizer_for(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
     cache: dict[str, str] = {}
 
     def render(row: dict) -> str:
@@ -122,7 +122,7 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
     have their prompts computed again)."""
     from lossaverse.cluster.plan import PlanError, check_plan, placements
     from lossaverse.cluster.ray_env import ray_nodes
-    from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
+    from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
 
     plan = placements(competitors)
     kv_lines = {}
@@ -141,7 +141,7 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
 
 def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, out: Path, fp: str) -> dict:
     """Plan, then generate every competitor's answers on `items` into `out` (resumable shards)."""
-    from lossaverse.pipeline.shards import generate_sharded
+    from lossaverse.pipeline.generation.shards import generate_sharded
 
     report = REPORT.get()
     plan_generation(competitors, report)
@@ -181,7 +181,7 @@ def round_players(cfg: RunConfig) -> dict:
 
 
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
-    from lossaverse.pipeline.tinymodels import parameter_count
+    from lossaverse.pipeline.models.tinymodels import parameter_count
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
     competitors = competitors_of(cfg, round_players(cfg))
@@ -202,7 +202,7 @@ def mark_parquet(src: Path, dst: Path, batch_size: int, mark=None) -> int:
     MarkConfig) adds math-verify's timeout and the optional supervisory LLM."""
     import ray.data
 
-    from lossaverse.pipeline.mark import mark_dataset
+    from lossaverse.pipeline.marker.mark import mark_dataset
 
     tmp = dst.with_name(f"{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,10 +235,10 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
         before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
     tokenizer = None
     if cfg.datasets.divergent_negatives:
-        from lossaverse.pipeline.generate import _tokenizer
-        from lossaverse.pipeline.tinymodels import resolve_model
+        from lossaverse.pipeline.generation.generate import tokenizer_for
+        from lossaverse.pipeline.models.tinymodels import resolve_model
 
-        tokenizer = _tokenizer(resolve_model(cfg.target.path))
+        tokenizer = tokenizer_for(resolve_model(cfg.target.path))
     return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
                              cfg.seed, cfg.round, before, tokenizer, target_prompts(cfg))
 
@@ -252,13 +252,13 @@ def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False,
     answers, with `labels` and the recommended KTO weights counted over everything accumulated.
     With `divergent_tokenizer` (the target's; `datasets.divergent_negatives`), this round's wrong
     kto rows are penalised only from where they depart from a right answer to the same prompt
-    (lossaverse.pipeline.divergence), and stats.json's `divergence` counts the tokens before and after.
+    (lossaverse.pipeline.data.divergence), and stats.json's `divergence` counts the tokens before and after.
     `prompt_of` (item row -> the target's prompt) renders the training rows' prompts."""
-    from lossaverse.pipeline.build import accumulate, build_datasets
+    from lossaverse.pipeline.data.build import accumulate, build_datasets
 
     built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed, prompt_of)
     if divergent_tokenizer is not None:
-        from lossaverse.pipeline.divergence import split_shared_prefixes
+        from lossaverse.pipeline.data.divergence import split_shared_prefixes
 
         built["kto"], counts = split_shared_prefixes(built["kto"], divergent_tokenizer)
         built["stats"] = {**built["stats"], "divergence": counts}
@@ -286,7 +286,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     the same data with the same step budget (when `max_steps` is unset, the budget is the steps the
     first method took; with the recipe, its SFT and KTO steps together); checks run before Ray
     Train starts."""
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
     from lossaverse.training.train import console_line, train_model
     from lossaverse.training.validate import target_parameters
 
@@ -378,8 +378,8 @@ def run_rft(cfg: RunConfig, run_dir: Path, sft_model: str, train_one: Callable[.
 def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     """The evaluated models: the untrained target (`target-base`), then each trained method
     (`target-kto`, `target-dpo`, ...)."""
-    from lossaverse.pipeline.generate import Competitor
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.generation.generate import Competitor
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     engine = cfg.engine_for(cfg.target)
     style = _style(cfg, cfg.target)
@@ -404,13 +404,13 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     """The target before training and after each method on the eval split (`evaluate.split:
     validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
-    each pair's paired difference and McNemar p (lossaverse.pipeline.evalstats). With `evaluate.transfer`, a
+    each pair's paired difference and McNemar p (lossaverse.pipeline.report.evalstats). With `evaluate.transfer`, a
     second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
     per model) and scored apart into eval/transfer/results.json. report.md and its plots are
     rendered from the stored files."""
-    from lossaverse.pipeline.benchmarks import load_items
-    from lossaverse.pipeline.evalstats import evaluation_results, models_of
-    from lossaverse.pipeline.report import render_report
+    from lossaverse.pipeline.report.evalstats import evaluation_results, models_of
+    from lossaverse.pipeline.report.report import render_report
+    from lossaverse.pipeline.sources.benchmarks import load_items
 
     items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
     if items.num_rows == 0:
@@ -484,7 +484,7 @@ def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Calla
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
-    manifest.update(config=cfg.model_dump(mode="json"), versions=_versions())
+    manifest.update(config=cfg.model_dump(mode="json"), versions=versions())
     fps = stage_fingerprints(cfg)
     REPORT.set(report)
     for stage in STAGES:
@@ -508,7 +508,9 @@ def _short(info: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Installed versions of the stack a run depends on, by distribution name (absent ones left out);
+    recorded in the manifest and in bench.json."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

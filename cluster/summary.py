@@ -1,7 +1,7 @@
 """The console summary of a run, read back from its run directory: one row per evaluated model
-(`lossaverse.pipeline.evalstats.model_table`, the table that also heads report.md), what the wrong
+(`lossaverse.pipeline.report.evalstats.model_table`, the table that also heads report.md), what the wrong
 answers added, one line on the competitors and datasets, rounds, and where the report and the logs
-are. The report (`lossaverse.pipeline.report`) holds the rest."""
+are. The report (`lossaverse.pipeline.report.report`) holds the rest."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ LEGEND = "Δ: paired difference in points [95% CI]; ▲/▼ better/worse (CI and
 
 
 def model_rich_table(results: dict, title: str) -> Table:
-    from lossaverse.pipeline.evalstats import model_table
+    from lossaverse.pipeline.report.evalstats import model_table
 
     header, rows = model_table(results)
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
@@ -32,8 +32,8 @@ def model_rich_table(results: dict, title: str) -> Table:
 def summary_lines(run_dir: Path) -> list[str]:
     """The lines under the table: what the wrong answers added, competitors and datasets, rounds,
     and the paths of the report and the logs."""
-    from lossaverse.pipeline.evalstats import wrong_answers_pair
-    from lossaverse.pipeline.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json
+    from lossaverse.pipeline.report.evalstats import wrong_answers_pair
 
     lines = []
     top = run_dir
@@ -72,7 +72,7 @@ def summary_lines(run_dir: Path) -> list[str]:
 def summary_table(run_dir: Path) -> Group:
     """The headline of a run (a multi-round run: its last round's): the model table, the transfer
     benchmark's where there is one, then `summary_lines`."""
-    from lossaverse.pipeline.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json
 
     rounds = read_json(run_dir / "rounds.json") or []
     last = max((r["round"] for r in rounds), default=1)

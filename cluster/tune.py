@@ -23,7 +23,7 @@ from typing import Callable
 import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
-from lossaverse.pipeline.rundir import read_json, write_json
+from lossaverse.pipeline.data.rundir import read_json, write_json
 from lossaverse.training.config import RECIPE_BASELINES
 
 
@@ -50,9 +50,9 @@ def trial_name(combo: dict) -> str:
 
 
 def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
-    from lossaverse.pipeline.evalstats import item_scores
-    from lossaverse.pipeline.rundir import read_table
-    from lossaverse.pipeline.schemas import MARKED
+    from lossaverse.pipeline.data.rundir import read_table
+    from lossaverse.pipeline.data.schemas import MARKED
+    from lossaverse.pipeline.report.evalstats import item_scores
 
     return item_scores(read_table(trial_dir / "eval" / "marked", MARKED))[model]
 
@@ -99,7 +99,7 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     each baseline on the same validation items (`vs`), so an ablation reads against SFT as well as
     against the untrained target."""
     from lossaverse.cluster.stages import execute, stage_fingerprints
-    from lossaverse.pipeline.evalstats import compare
+    from lossaverse.pipeline.report.evalstats import compare
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:

@@ -55,7 +55,7 @@ def run(config: "str | Path | RunConfig", stages: Iterable[str] | None = None, *
     from lossaverse.cluster.config import RunConfig
     from lossaverse.cluster.rounds import run_stages
     from lossaverse.cluster.stages import STAGE_NAMES
-    from lossaverse.pipeline.rundir import lock_run_dir
+    from lossaverse.pipeline.data.rundir import lock_run_dir
 
     if isinstance(config, RunConfig):
         if overrides:
@@ -90,8 +90,8 @@ def mark(rows: "pa.Table | list[dict[str, Any]]", timeout_s: float = 5) -> "pa.T
     from pydantic import ValidationError
 
     from lossaverse.pipeline.config import errors_in
-    from lossaverse.pipeline.mark import mark_table
-    from lossaverse.pipeline.schemas import ANSWERS
+    from lossaverse.pipeline.data.schemas import ANSWERS
+    from lossaverse.pipeline.marker.mark import mark_table
     from lossaverse.serving.marker import Answer
 
     if isinstance(rows, pa.Table):
@@ -127,7 +127,7 @@ def results(run_dir: str | Path) -> dict:
     `tune` where they exist, and `stages` (manifest.json: each finished stage's figures).
 
     Raises FileNotFoundError when `run_dir` holds no finished stage."""
-    from lossaverse.pipeline.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json
 
     top = Path(run_dir)
     manifest = read_json(top / "manifest.json")

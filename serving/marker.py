@@ -1,5 +1,5 @@
 """The exam marker as a Ray Serve service: `POST /mark` grades a batch of answers with the same
-code as the mark stage (`lossaverse.pipeline.mark.mark_row`), for evaluation loops outside lossaverse.
+code as the mark stage (`lossaverse.pipeline.marker.mark.mark_row`), for evaluation loops outside lossaverse.
 
 Request: `{"answers": [{"kind", "reference", "completion", "choices"?, "finish_reason"?,
 "question"?, "id"?}, ...]}`. Response: `{"verdicts": [{"id", "correct", "extracted", "reason",
@@ -40,7 +40,7 @@ class Answer(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        from lossaverse.pipeline.mark import GRADERS
+        from lossaverse.pipeline.marker.mark import GRADERS
 
         if value not in GRADERS:
             raise ValueError(f"unknown kind {value!r}; valid: {sorted(GRADERS)}")
@@ -49,7 +49,7 @@ class Answer(BaseModel):
     @field_validator("choices")
     @classmethod
     def _at_most_26_options(cls, value: list[str] | None) -> list[str] | None:
-        from lossaverse.pipeline.prompts import LETTERS
+        from lossaverse.pipeline.data.prompts import LETTERS
 
         if value is not None and len(value) > len(LETTERS):
             raise ValueError(f"{len(value)} options; the marker reads option letters A-Z, so at most {len(LETTERS)}")
@@ -82,7 +82,7 @@ class MarkerArgs(BaseModel):
 
 def mark_answers(answers: list[Answer]) -> list[dict]:
     """Verdicts of `answers`, in order (pure; the mark stage's per-row grading)."""
-    from lossaverse.pipeline.mark import mark_row
+    from lossaverse.pipeline.marker.mark import mark_row
 
     out = []
     for a in answers:

@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lossaverse.pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
-from lossaverse.pipeline.kvcache import read_hf_config
+from lossaverse.pipeline.generation.kvcache import read_hf_config
 from lossaverse.serving.config import ServeConfig
 
 
@@ -77,7 +77,7 @@ def plan_from_run(serve: ServeConfig, model_dir: Path, target: ModelRef, target_
                   ray: RayConfig) -> ServePlan:
     """Serve a run's trained target at `model_dir`, and with `serve.base_model_id` the untrained
     `target` beside it; the engine is the target's (`target_engine`) with `serve.engine` on top."""
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     models = {serve.model_id: str(Path(model_dir).expanduser().resolve())}
     if serve.base_model_id:
@@ -99,7 +99,7 @@ def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, ov
     """Serve a model directory; `overrides` set `serve.*` and `ray.*` (`serve.engine.kv_cache_gib=0.25`).
     `base_model` (a directory, hub id or `tiny:<size>`) is served beside it for A/B, as
     `serve.base_model_id` (default `base`)."""
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     data = apply_overrides({}, overrides or [])
     try:
@@ -126,12 +126,12 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
     """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
     from ray.serve.llm import LLMConfig
 
-    from lossaverse.pipeline.processors import engine_kwargs
+    from lossaverse.pipeline.generation.processors import engine_kwargs
 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
         # The generate stage's builder (chunked prefill off on CPU); prefix caching as vLLM decides.
-        # A CPU engine without kv_cache_gib gets a cache sized from the model (pipeline/kvcache.py).
+        # A CPU engine without kv_cache_gib gets a cache sized from the model (pipeline/generation/kvcache.py).
         engine_kwargs=engine_kwargs(engine, prefix_caching=None, hf_config=read_hf_config(source)),
         # One bundle per tensor/pipeline-parallel worker; ray.serve.llm replicates it tp*pp times.
         placement_group_config={"bundle_per_worker": engine.bundle, "strategy": engine.placement_strategy},

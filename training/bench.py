@@ -8,7 +8,7 @@ and reports steady-state training samples/s for each. Steady state excludes star
 taken from the trainer's own step timings (`lossaverse.training.worker.StepMetrics`: the time inside each
 optimizer step), leaving out the first `warmup` steps. The headline figure is Ray Train with one
 worker over the direct trainer (goal: at least 0.9). Each run's memory is sampled from the driver
-(`lossaverse.pipeline.measure.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
+(`lossaverse.pipeline.bench.measure.PeakRSS`: the driver, the Ray Train workers or the direct trainer's process,
 GPU memory where there is a GPU). Needs a running Ray (the caller's `init_ray`).
 """
 
@@ -25,8 +25,8 @@ GOAL = 0.9
 
 def synthetic_kto_table(rows: int, seed: int = 0) -> pa.Table:
     """KTO rows for the benchmark: synthetic problems, the stated answer right on even rows."""
-    from lossaverse.pipeline import synthetic
-    from lossaverse.pipeline.prompts import TEMPLATES, render
+    from lossaverse.pipeline.data import synthetic
+    from lossaverse.pipeline.data.prompts import TEMPLATES, render
 
     out = {"prompt": [], "completion": [], "label": []}
     for i, p in enumerate(synthetic.problems("train", rows, seed)):
@@ -114,13 +114,13 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     one CPU thread per worker). Returns {"direct_samples_per_second", "ray_samples_per_second":
     {"<workers>x<deepspeed>": samples/s}, "ray_vs_direct" (median of the per-repeat ratios of
     "1xnone" to direct; 0 when that setting is not measured), "goal", "meets_goal", the settings,
-    "spread": {"direct" | "<workers>x<deepspeed>": `lossaverse.pipeline.measure.spread` of the repeats' samples/s},
+    "spread": {"direct" | "<workers>x<deepspeed>": `lossaverse.pipeline.bench.measure.spread` of the repeats' samples/s},
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     `lora` (the `train.lora` settings, as a dict) trains LoRA adapters on both sides, as the run would.
     """
-    from lossaverse.pipeline.measure import PeakRSS, peak_memory, spread
-    from lossaverse.pipeline.rundir import write_table
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.bench.measure import PeakRSS, peak_memory, spread
+    from lossaverse.pipeline.data.rundir import write_table
+    from lossaverse.pipeline.models.tinymodels import resolve_model
     from lossaverse.training.config import TrainConfig
 
     path = resolve_model(model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lossaverse.pipeline.build import KTO_RATIO_RANGE
+from lossaverse.pipeline.data.build import KTO_RATIO_RANGE
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.schemas import KTO, PAIRS
+from lossaverse.pipeline.data.schemas import KTO, PAIRS
 
 
 @dataclass(frozen=True)

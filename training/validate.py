@@ -32,7 +32,7 @@ class TrainPlan:
 
 def parameter_counts(model_path: str, lora: dict | None = None) -> tuple[int, int]:
     """(all parameters, trainable parameters) of a model, built on the meta device (no weights read)."""
-    from lossaverse.pipeline.tinymodels import meta_model, parameter_count
+    from lossaverse.pipeline.models.tinymodels import meta_model, parameter_count
 
     model = meta_model(model_path)
     total = parameter_count(model)
@@ -131,7 +131,7 @@ def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None, tok
     only when `train.memory_per_worker_gib` asks for a memory check. With the target's `tokenizer`,
     rows that `train.max_length` would empty are refused (`check_lengths`).
     """
-    from lossaverse.pipeline.rundir import read_table
+    from lossaverse.pipeline.data.rundir import read_table
 
     method = get_method(train.method)
     path = Path(datasets_dir) / method.dataset

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lossaverse.pipeline.rundir import write_json
+from lossaverse.pipeline.data.rundir import write_json
 
 
 class WorkerStatus:

@@ -35,7 +35,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(HERE.parents[1]))
-    from lossaverse.pipeline.schemas import ANSWERS
+    from lossaverse.pipeline.data.schemas import ANSWERS
 
     for path in sorted(HERE.glob("*.jsonl")):
         if path.name == "gsm8k_answers.jsonl":

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
 from tests.conftest import LOSSAVERSE, ROOT, run_cli
 
 pytestmark = pytest.mark.e2e

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import MARKED
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import MARKED
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e

@@ -20,8 +20,8 @@ import yaml
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors
 
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
 from tests.conftest import ROOT, run_cli
 from tests.multinode import Job, MultiNode
 

@@ -16,8 +16,8 @@ def test_smollm2_converts_to_a_chat_model_transformers_loads():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lossaverse.pipeline.pkgmodels import SOURCE_FILE
-    from lossaverse.pipeline.tinymodels import parameter_count, resolve_model
+    from lossaverse.pipeline.models.pkgmodels import SOURCE_FILE
+    from lossaverse.pipeline.models.tinymodels import parameter_count, resolve_model
 
     model_dir = Path(resolve_model("smollm2:135m-instruct"))
     source = json.loads((model_dir / SOURCE_FILE).read_text())
@@ -63,8 +63,8 @@ def smol_run(tmp_path_factory):
 def test_smollm2_whole_loop_conserves_rows_and_renders_its_chat_template(smol_run):
     import pyarrow.compute as pc
 
-    from lossaverse.pipeline.rundir import read_table
-    from lossaverse.pipeline.schemas import ANSWERS, KTO, MARKED
+    from lossaverse.pipeline.data.rundir import read_table
+    from lossaverse.pipeline.data.schemas import ANSWERS, KTO, MARKED
 
     answers, marked = read_table(smol_run / "answers", ANSWERS), read_table(smol_run / "marked", MARKED)
     assert answers.num_rows == marked.num_rows == SMOL_TRAIN * 2 * SMOL_SAMPLES
@@ -83,8 +83,8 @@ def test_smollm2_lora_target_changed_after_merging_and_answers_in_vllm(smol_run)
     from safetensors.torch import load_file
     import torch
 
-    from lossaverse.pipeline.evalstats import models_of
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.report.evalstats import models_of
 
     base = load_file(Path(resolve_model("smollm2:135m-instruct")) / "model.safetensors")
     tuned = load_file(smol_run / "model" / "model.safetensors")

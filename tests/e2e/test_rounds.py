@@ -11,8 +11,8 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS, ITEMS
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
 from tests.conftest import LOSSAVERSE, ROOT
 
 pytestmark = pytest.mark.e2e

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.evalstats import models_of
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS, ITEMS, KTO, MARKED, QUARANTINE
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, KTO, MARKED, QUARANTINE
+from lossaverse.pipeline.models.tinymodels import resolve_model
+from lossaverse.pipeline.report.evalstats import models_of
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +126,7 @@ def test_evaluation_reports_before_and_after(run):
 def test_recipe_chains_sft_on_policy_answers_and_kto(run):
     """SFT on the desirable rows, the SFT'd target's own graded answers on fresh train items, then
     KTO from the SFT model on those plus the competitors' rows; SFT alone gets the whole budget."""
-    from lossaverse.pipeline.build import kto_table
+    from lossaverse.pipeline.data.build import kto_table
 
     d = run["dir"]
     train = json.loads((d / "manifest.json").read_text())["stages"]["train"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.models.tinymodels import resolve_model
 from tests.conftest import LOSSAVERSE, ROOT, stop_group
 from tests.multinode import MultiNode, driver_env, free_port
 

@@ -58,7 +58,7 @@ def _run_dir_with_model(out: Path, model_dir: str) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> str:
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     return resolve_model(REF)  # fetched and converted on first use, then cached
 

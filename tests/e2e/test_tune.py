@@ -6,8 +6,8 @@ import json
 import pyarrow.compute as pc
 import pytest
 
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS, ITEMS
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import lossaverse as lv
-from lossaverse.pipeline.rundir import read_table
+from lossaverse.pipeline.data.rundir import read_table
 
 pytestmark = pytest.mark.integration
 

@@ -97,7 +97,7 @@ import ray
 from lossaverse.cluster.config import EngineConfig, RayConfig
 from lossaverse.cluster.plan import PlanError, check_plan, placements
 from lossaverse.cluster.ray_env import init_ray, ray_nodes
-from lossaverse.pipeline.generate import Competitor
+from lossaverse.pipeline.generation.generate import Competitor
 
 declared = RayConfig(node_types={"cpu2": {"resources": {"CPU": 2, "gen": 1}, "max_workers": 2}})
 for _ in range(120):  # the head registers

@@ -11,12 +11,12 @@ import pyarrow.compute as pc
 import pytest
 
 from lossaverse.cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.generate import Competitor, PromptStyle
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS
-from lossaverse.pipeline.shards import generate_sharded
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
+from lossaverse.pipeline.generation.shards import generate_sharded
+from lossaverse.pipeline.models.tinymodels import resolve_model
+from lossaverse.pipeline.sources.benchmarks import load_items
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration

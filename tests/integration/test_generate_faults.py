@@ -11,13 +11,13 @@ import pyarrow.compute as pc
 import pytest
 
 from lossaverse.cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.generate import Competitor, PromptStyle, _tokenizer
-from lossaverse.pipeline.processors import EngineFailed
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS
-from lossaverse.pipeline.shards import generate_sharded
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.generation.generate import Competitor, PromptStyle, tokenizer_for
+from lossaverse.pipeline.generation.processors import EngineFailed
+from lossaverse.pipeline.generation.shards import generate_sharded
+from lossaverse.pipeline.models.tinymodels import resolve_model
+from lossaverse.pipeline.sources.benchmarks import load_items
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def _generate(tmp_path, items, competitor, sampling):
 def test_seeded_prompts_longer_than_an_engine_step_generate_without_an_engine_restart(local_ray, tmp_path):
     items = _long_items()
     model = resolve_model("tiny:small")
-    longest = max(len(_tokenizer(model)(q)["input_ids"]) for q in items["question"].to_pylist())
+    longest = max(len(tokenizer_for(model)(q)["input_ids"]) for q in items["question"].to_pylist())
     assert 2048 < N * longest and longest + SEEDED.max_tokens <= 256  # a batch overflows a step; each prompt fits
     # max_restarts 0: an engine that dies even once fails the job.
     totals = _generate(tmp_path, items, Competitor("small", model, engine=_engine(max_restarts=0)), SEEDED)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from lossaverse.cluster.config import JudgeConfig
-from lossaverse.pipeline.mark import mark_dataset, mark_table
-from lossaverse.pipeline.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.marker.mark import mark_dataset, mark_table
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration

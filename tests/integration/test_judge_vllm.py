@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from lossaverse.cluster.config import EngineConfig, JudgeConfig
-from lossaverse.pipeline.mark import mark_dataset, mark_table
-from lossaverse.pipeline.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.marker.mark import mark_dataset, mark_table
 
 pytestmark = pytest.mark.integration
 

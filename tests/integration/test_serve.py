@@ -19,10 +19,10 @@ import pytest
 
 from lossaverse.cluster.config import ConfigError
 from lossaverse.cluster.serve import build_app, plan_from_args
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.mark import mark_row
-from lossaverse.pipeline.prompts import TEMPLATES, render
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.marker.mark import mark_row
+from lossaverse.pipeline.models.tinymodels import resolve_model
 from lossaverse.serving.model import ServeError, _checked, llm_config, plan_from_model_dir
 from tests.conftest import ROOT, run_cli, stop_group
 
@@ -357,7 +357,7 @@ def test_sigterm_stops_the_server_and_its_ray(server):
 # --- checks before anything starts (no Ray) ------------------------------------------------------
 
 def test_cpu_serving_sizes_the_cache_from_a_local_model_and_refuses_a_hub_id_without_a_size():
-    from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
+    from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
 
     model = resolve_model("tiny:small")
     plan = plan_from_model_dir(model)  # no kv_cache_gib: sized from the model's config.json

@@ -5,8 +5,8 @@ import pyarrow.compute as pc
 import pytest
 
 from lossaverse.cluster.stages import mark_parquet
-from lossaverse.pipeline.rundir import read_table, write_table
-from lossaverse.pipeline.schemas import ANSWERS, MARKED
+from lossaverse.pipeline.data.rundir import read_table, write_table
+from lossaverse.pipeline.data.schemas import ANSWERS, MARKED
 
 pytestmark = pytest.mark.integration
 

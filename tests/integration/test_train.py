@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from lossaverse.cluster.config import TrainConfig, load_config
 from lossaverse.cluster.stages import execute, stage_fingerprints
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.models.tinymodels import resolve_model
 from tests.conftest import ROOT
 from tests.unit.test_train import make_datasets
 from lossaverse.training.train import train_model

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from lossaverse.cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
 from lossaverse.cluster.config import load_config
-from lossaverse.pipeline.measure import PeakRSS, Timer, nvml, peak_memory, ratio, spread
-from lossaverse.pipeline.shards import MIN_WAVES, Tally, steady_state
+from lossaverse.pipeline.bench.measure import PeakRSS, Timer, nvml, peak_memory, ratio, spread
+from lossaverse.pipeline.generation.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
 
@@ -188,11 +188,11 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
     """Direct TRL 10, 12, 14 samples/s; Ray Train, 1 worker, DDP 9, 12, 13; ZeRO-2 8 each time.
     Medians 12 and 12; per-repeat ratios 0.9, 1.0, 0.929 -> median 0.929. The table's spreads are
     those of the repeats, not a median repeated."""
-    import lossaverse.pipeline.tinymodels
+    import lossaverse.pipeline.models.tinymodels
     import lossaverse.training.bench
 
     direct, ddp = iter([10.0, 12.0, 14.0]), iter([9.0, 12.0, 13.0])
-    monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.pipeline.models.tinymodels, "resolve_model", lambda path: path)
     monkeypatch.setattr(lossaverse.training.bench, "model_flops", lambda *args: lambda sps: {"peak_flops": 1e9, "sps": sps})
     monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda *args: next(direct))
     monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second",
@@ -210,11 +210,11 @@ def test_train_bench_reports_medians_of_repeats_with_their_real_spread(monkeypat
 def test_train_bench_trains_the_configs_lora_target_on_both_sides(monkeypatch):
     """With `train.lora` in the config (configs/local.yaml), the direct TRL run and every Ray
     Train run get the same LoRA settings and max_length, so the ratio compares like for like."""
-    import lossaverse.pipeline.tinymodels
+    import lossaverse.pipeline.models.tinymodels
     import lossaverse.training.bench
 
     seen = []
-    monkeypatch.setattr(lossaverse.pipeline.tinymodels, "resolve_model", lambda path: path)
+    monkeypatch.setattr(lossaverse.pipeline.models.tinymodels, "resolve_model", lambda path: path)
     monkeypatch.setattr(lossaverse.training.bench, "model_flops", lambda *args: lambda sps: {"peak_flops": 1e9, "sps": sps})
     monkeypatch.setattr(lossaverse.training.bench, "direct_in_subprocess", lambda train, *args: seen.append(("direct", train)) or 10.0)
     monkeypatch.setattr(lossaverse.training.bench, "ray_samples_per_second", lambda train, *args: seen.append(("ray", train)) or 9.0)
@@ -260,7 +260,7 @@ def test_the_matmul_peak_probe_measures_a_plausible_rate():
 def test_model_flops_counts_the_models_parameters_and_its_lora_adapters():
     from transformers import AutoModelForCausalLM
 
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
     from lossaverse.training.bench import model_flops, synthetic_kto_table
 
     path = resolve_model("tiny:small")

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lossaverse.cluster.config import BenchmarkConfig
-from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
-from lossaverse.pipeline.schemas import ITEMS
+from lossaverse.pipeline.data.schemas import ITEMS
+from lossaverse.pipeline.sources.benchmarks import BenchmarkError, load_items
 
 
 def test_synthetic_is_deterministic_by_seed():

@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.build import build_datasets, recommended_weights
-from lossaverse.pipeline.schemas import KTO, MARKED, PAIRS
+from lossaverse.pipeline.data.build import build_datasets, recommended_weights
+from lossaverse.pipeline.data.schemas import KTO, MARKED, PAIRS
 
 
 def _row(item, competitor, sample, correct, completion="x", error=None):

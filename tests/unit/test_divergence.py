@@ -1,11 +1,11 @@
-"""Divergent negatives (lossaverse.pipeline.divergence): tokens of the target's tokenizer, not characters."""
+"""Divergent negatives (lossaverse.pipeline.data.divergence): tokens of the target's tokenizer, not characters."""
 
 import pyarrow as pa
 import pytest
 
-from lossaverse.pipeline.divergence import split_shared_prefixes
-from lossaverse.pipeline.schemas import KTO
-from lossaverse.pipeline.tinymodels import build_tokenizer
+from lossaverse.pipeline.data.divergence import split_shared_prefixes
+from lossaverse.pipeline.data.schemas import KTO
+from lossaverse.pipeline.models.tinymodels import build_tokenizer
 
 PROMPT = "Question: What is 6 + 4?\nAnswer:"
 RIGHT = " 6 + 4 = 10. The answer is 10."

@@ -3,8 +3,8 @@ Serve: chunked prefill off on CPU (vLLM CPU 0.32 crashes on a split seeded promp
 pinned to the configured size, restarts bounded."""
 
 from lossaverse.cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
-from lossaverse.pipeline.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
-from lossaverse.pipeline.tinymodels import resolve_model
+from lossaverse.pipeline.generation.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
+from lossaverse.pipeline.models.tinymodels import resolve_model
 
 
 def test_cpu_engines_never_split_a_prompt_and_gpu_engines_keep_vllms_default():
@@ -28,13 +28,13 @@ def test_the_stage_the_judge_and_serving_build_the_same_engine_arguments(monkeyp
     assert {k: served.get(k) for k in built if k != "enable_prefix_caching"} == {k: v for k, v in built.items() if k != "enable_prefix_caching"}
     assert "enable_prefix_caching" not in served  # serving leaves prefix caching to vLLM
 
-    import lossaverse.pipeline.processors
-    from lossaverse.pipeline import judge
+    import lossaverse.pipeline.generation.processors
+    from lossaverse.pipeline.marker import judge
 
     built = {}
-    monkeypatch.setattr(lossaverse.pipeline.processors, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
+    monkeypatch.setattr(lossaverse.pipeline.generation.processors, "vllm_processor", lambda path, eng, **kw: built.setdefault("engine", eng))
     cfg = JudgeConfig(enabled=True, model=ModelRef(path="tiny:small"), engine=engine)
-    monkeypatch.setattr("lossaverse.pipeline.tinymodels.resolve_model", lambda path: resolve_model("tiny:small"))
+    monkeypatch.setattr("lossaverse.pipeline.models.tinymodels.resolve_model", lambda path: resolve_model("tiny:small"))
     judge.processor(cfg)
     assert built["engine"] is engine
 
@@ -56,7 +56,7 @@ def test_the_engines_own_error_is_read_from_its_log():
 
 
 def test_the_manifest_counts_the_engines_that_ran_and_their_restarts():
-    from lossaverse.pipeline.shards import Tally
+    from lossaverse.pipeline.generation.shards import Tally
 
     t = Tally(total=4, engines_asked=2)
     for actor, pid in [("a", 10), ("a", 10), ("a", 11), ("b", 20)]:  # actor a restarted once (a new process)
@@ -66,13 +66,13 @@ def test_the_manifest_counts_the_engines_that_ran_and_their_restarts():
     assert "engines_ran" not in Tally(total=1).summary()  # an endpoint: no engines
 
 
-# --- KV-cache sizing (lossaverse.pipeline.kvcache) -------------------------------------------------
+# --- KV-cache sizing (lossaverse.pipeline.generation.kvcache) --------------------------------------
 
 SMOLLM2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
 
 
 def test_kv_bytes_per_token_worked_by_hand():
-    from lossaverse.pipeline.kvcache import kv_bytes_per_token
+    from lossaverse.pipeline.generation.kvcache import kv_bytes_per_token
 
     # SmolLM2-135M: head_dim = 576 / 9 = 64; 2 (K, V) * 30 layers * 3 KV heads * 64 * 4 bytes = 46,080.
     assert kv_bytes_per_token(SMOLLM2, "float32") == 46_080
@@ -83,7 +83,7 @@ def test_kv_bytes_per_token_worked_by_hand():
 
 
 def test_the_cache_is_sized_for_the_sequences_the_engine_runs_and_a_small_one_is_named():
-    from lossaverse.pipeline.kvcache import plan_kv
+    from lossaverse.pipeline.generation.kvcache import plan_kv
 
     # 8 rows a batch x 8 batches in flight = 64 sequences, 64 <= vLLM's CPU default of 128 running:
     # 46,080 B x 448 tokens x 64 = 1,321,205,760 B (1.23 GiB).
@@ -107,7 +107,7 @@ def test_the_cache_is_sized_for_the_sequences_the_engine_runs_and_a_small_one_is
 def test_an_unknown_cache_dtype_is_named():
     import pytest
 
-    from lossaverse.pipeline.kvcache import kv_bytes_per_token
+    from lossaverse.pipeline.generation.kvcache import kv_bytes_per_token
 
     with pytest.raises(ValueError, match="dtype 'float64': unknown"):
         kv_bytes_per_token(SMOLLM2, "float64")

@@ -6,8 +6,8 @@ import random
 import pyarrow as pa
 import pytest
 
-from lossaverse.pipeline.evalstats import compare, default_order, evaluation_results, item_scores, model_accuracy, model_label, models_of
-from lossaverse.pipeline.schemas import MARKED
+from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.report.evalstats import compare, default_order, evaluation_results, item_scores, model_accuracy, model_label, models_of
 
 
 def marked(verdicts: dict[str, list], samples: int = 1) -> pa.Table:

@@ -16,14 +16,14 @@ from typer.testing import CliRunner
 from lossaverse.cluster.cli import app
 from lossaverse.cluster.config import load_config
 from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.datacard import benchmark_source, size_category
-from lossaverse.pipeline.export import DATASETS, ExportError, export_run
-from lossaverse.pipeline.mark import mark_table
-from lossaverse.pipeline.markversion import marker_version
-from lossaverse.pipeline.prompts import render, template_for
-from lossaverse.pipeline.rundir import Manifest, read_table, write_table
-from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.data.prompts import render, template_for
+from lossaverse.pipeline.data.rundir import Manifest, read_table, write_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.marker.mark import mark_table
+from lossaverse.pipeline.marker.markversion import marker_version
+from lossaverse.pipeline.report.datacard import benchmark_source, size_category
+from lossaverse.pipeline.report.export import DATASETS, ExportError, export_run
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 CONFIG = ("name: exp\ncompetitors: {large: {path: 'tiny:large'}, small: {path: 'tiny:small'}}\n"
           "target: {path: 'tiny:small'}\nseed: 7\nbenchmark: {n_train: 12, n_eval: 4}\n")

@@ -1,8 +1,8 @@
 import pyarrow as pa
 
 from lossaverse.cluster.config import BenchmarkConfig, SamplingConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.generate import (
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.generation.generate import (
     PromptStyle,
     answers_from_outputs,
     build_prompt,
@@ -12,8 +12,8 @@ from lossaverse.pipeline.generate import (
     http_output,
     http_payload,
 )
-from lossaverse.pipeline.schemas import ANSWERS
-from lossaverse.pipeline.tinymodels import build_tokenizer
+from lossaverse.pipeline.models.tinymodels import build_tokenizer
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 
 def _items(n=3):
@@ -97,14 +97,14 @@ def _engine(num_gpus: float = 0):
 
 
 def _wave_names(competitors, at_once, nodes):
-    from lossaverse.pipeline.generate import engine_waves
+    from lossaverse.pipeline.generation.generate import engine_waves
 
     return [[c.name for c in wave] for wave in engine_waves(competitors, at_once, nodes)]
 
 
 def test_cpu_engines_on_one_machine_run_one_model_at_a_time_and_endpoints_join_the_first_wave():
     from lossaverse.pipeline.config import EndpointConfig
-    from lossaverse.pipeline.generate import Competitor
+    from lossaverse.pipeline.generation.generate import Competitor
 
     cpu = [Competitor(n, "m", engine=_engine()) for n in ("base", "sft", "kto")]
     api = Competitor("api", "served", endpoint=EndpointConfig(url="http://127.0.0.1:1/v1"))
@@ -114,7 +114,7 @@ def test_cpu_engines_on_one_machine_run_one_model_at_a_time_and_endpoints_join_t
 
 
 def test_gpu_engines_or_several_nodes_run_every_model_at_once():
-    from lossaverse.pipeline.generate import Competitor
+    from lossaverse.pipeline.generation.generate import Competitor
 
     cpu = [Competitor(n, "m", engine=_engine()) for n in ("large", "small")]
     gpu = [Competitor(n, "m", engine=_engine(1)) for n in ("large", "small")]

@@ -27,7 +27,7 @@ def test_trainer_loss_moves_by_the_hand_computed_nll(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import KTOConfig
 
-    from lossaverse.pipeline.tinymodels import build_tokenizer
+    from lossaverse.pipeline.models.tinymodels import build_tokenizer
     from lossaverse.training.kto_nll import KTONLLTrainer
 
     prompts = ["Question: 1 + 2?\nAnswer:", "Question: 3 + 4?\nAnswer:"] * 2

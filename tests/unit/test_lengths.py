@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from lossaverse.cluster.config import ConfigError
-from lossaverse.pipeline.tinymodels import build_tokenizer
+from lossaverse.pipeline.models.tinymodels import build_tokenizer
 from lossaverse.training.validate import check_lengths
 
 PROMPT = "Question: Ann has 3 apples and gets 4 more. How many apples now?\nAnswer:"

@@ -1,12 +1,12 @@
-"""Loss aversion in the report (lossaverse.pipeline.lossaversion): the value function, the sweep, the ablation."""
+"""Loss aversion in the report (lossaverse.pipeline.report.lossaversion): the value function, the sweep, the ablation."""
 
 import math
 
 import pytest
 
-from lossaverse.pipeline.lossaversion import ablation_lines, implied_rewards, sweep, value
-from lossaverse.pipeline.report import render_report
-from lossaverse.pipeline.rundir import read_json, write_json
+from lossaverse.pipeline.data.rundir import read_json, write_json
+from lossaverse.pipeline.report.lossaversion import ablation_lines, implied_rewards, sweep, value
+from lossaverse.pipeline.report.report import render_report
 from tests.unit.test_report import PNG_MAGIC, build_run
 
 

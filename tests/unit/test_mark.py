@@ -3,8 +3,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from lossaverse.pipeline.mark import grade_row, mark_row, mark_table, read_number, to_number
-from lossaverse.pipeline.schemas import ANSWERS, MARKED
+from lossaverse.pipeline.data.schemas import ANSWERS, MARKED
+from lossaverse.pipeline.marker.mark import grade_row, mark_row, mark_table, read_number, to_number
 
 
 @pytest.mark.parametrize(

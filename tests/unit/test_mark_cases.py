@@ -7,7 +7,7 @@ MMLU's letter (mapped from `answerKey` / the 0-3 index by the loader), and free 
 
 import pytest
 
-from lossaverse.pipeline.mark import grade_row
+from lossaverse.pipeline.marker.mark import grade_row
 
 MMLU = ["0", "4", "2", "6"]
 CAPITALS = ["Paris", "London", "Berlin", "Rome"]

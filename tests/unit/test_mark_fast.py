@@ -5,10 +5,10 @@ import random
 import pyarrow as pa
 import pytest
 
-from lossaverse.pipeline.mark import MARKER_RE2, fast_numeric, grade_row, mark_table
-from lossaverse.pipeline.marktext import _MARKER
-from lossaverse.pipeline.markbench import generate_answers_table
-from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.bench.markbench import generate_answers_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.marker.mark import MARKER_RE2, fast_numeric, grade_row, mark_table
+from lossaverse.pipeline.marker.marktext import _MARKER
 from tests.unit.test_mark_cases import CASES
 
 FRAGMENTS = [

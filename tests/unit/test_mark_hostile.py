@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossaverse.pipeline.mark import grade_row
+from lossaverse.pipeline.marker.mark import grade_row
 
 BOUND_S = 0.050
 MATH_BUDGET_S = 0.020

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from lossaverse.cluster.config import BenchmarkConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.mark import grade_row
-from lossaverse.pipeline.prompts import LETTERS, render
+from lossaverse.pipeline.data.prompts import LETTERS, render
+from lossaverse.pipeline.marker.mark import grade_row
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune", "Pluto", "Ceres", "Eris", "Sedna"]
 

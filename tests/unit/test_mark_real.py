@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lossaverse.pipeline.mark import grade_row
+from lossaverse.pipeline.marker.mark import grade_row
 
 MINERVA_PROSE = "We need $n^2 < 1200$, and $34^2 = 1156$.\nFinal Answer: The largest $n$ is 34."
 
@@ -136,7 +136,7 @@ def test_the_real_format_suite_is_marked_as_a_careful_grader_marks_it():
     """tests/data/marker/model_outputs.jsonl (`lossaverse bench mark` reports it against math-verify too)."""
     import json
 
-    from lossaverse.pipeline.markbench import SUITE
+    from lossaverse.pipeline.bench.markbench import SUITE
 
     rows = [json.loads(line) for line in SUITE.read_text().splitlines()]
     assert len(rows) >= 150 and len({r["format"] for r in rows}) >= 10

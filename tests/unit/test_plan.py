@@ -5,7 +5,7 @@ import pytest
 from lossaverse.cluster.config import EndpointConfig, EngineConfig, load_config
 from lossaverse.cluster.plan import PlanError, check_plan, placements
 from lossaverse.cluster.stages import competitors_of
-from lossaverse.pipeline.generate import Competitor
+from lossaverse.pipeline.generation.generate import Competitor
 from tests.conftest import ROOT
 
 

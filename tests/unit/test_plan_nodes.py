@@ -5,7 +5,7 @@ import pytest
 from lossaverse.cluster.config import EngineConfig, RayConfig
 from lossaverse.cluster.plan import PlanError, check_plan, placements
 from lossaverse.cluster.ray_env import with_autoscaling
-from lossaverse.pipeline.generate import Competitor
+from lossaverse.pipeline.generation.generate import Competitor
 
 NODE = {"CPU": 2.0}
 

@@ -5,10 +5,10 @@ import pytest
 
 from lossaverse.cluster.config import load_config
 from lossaverse.cluster.recipe import on_policy_datasets, on_policy_items
-from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
-from lossaverse.pipeline.build import kto_table
-from lossaverse.pipeline.schemas import MARKED
-from lossaverse.pipeline.tinymodels import build_tokenizer
+from lossaverse.pipeline.data.build import kto_table
+from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.models.tinymodels import build_tokenizer
+from lossaverse.pipeline.sources.benchmarks import BenchmarkError, load_items
 from tests.conftest import ROOT
 from tests.unit.test_report import rows
 

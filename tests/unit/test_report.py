@@ -1,7 +1,7 @@
 """The report renders from a run directory's stored Parquet and JSON alone.
 
-The run directory is small but real: Parquet written through lossaverse.pipeline.rundir.write_table under the
-row contracts, stats.json and kto/ built by lossaverse.pipeline.build, results.json by lossaverse.pipeline.evalstats.
+The run directory is small but real: Parquet written through lossaverse.pipeline.data.rundir.write_table under the
+row contracts, stats.json and kto/ built by lossaverse.pipeline.data.build, results.json by lossaverse.pipeline.report.evalstats.
 The expected numbers are worked out by hand below.
 """
 
@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from lossaverse.cluster.cli import app
 from lossaverse.cluster.summary import summary_table
-from lossaverse.pipeline.build import build_datasets
-from lossaverse.pipeline.evalstats import evaluation_results
-from lossaverse.pipeline.report import ReportError, load_run, render_report
-from lossaverse.pipeline.rundir import write_json, write_table
-from lossaverse.pipeline.schemas import ITEMS, MARKED, check
+from lossaverse.pipeline.data.build import build_datasets
+from lossaverse.pipeline.data.rundir import write_json, write_table
+from lossaverse.pipeline.data.schemas import ITEMS, MARKED, check
+from lossaverse.pipeline.report.evalstats import evaluation_results
+from lossaverse.pipeline.report.report import ReportError, load_run, render_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -163,8 +163,8 @@ def test_the_summary_table_has_one_row_per_model_and_fits_100_columns():
     """4 models on 400 items, the default job's shape: base, sft, rft, kto. Each row holds accuracy
     [CI], items and its difference from each baseline evaluated before it, with a verdict mark."""
     from lossaverse.cluster.summary import model_rich_table
-    from lossaverse.pipeline.evalstats import model_table
-    from lossaverse.pipeline.report import model_table_md
+    from lossaverse.pipeline.report.evalstats import model_table
+    from lossaverse.pipeline.report.report import model_table_md
 
     right = {"target-base": 150, "target-sft": 280, "target-rft": 270, "target-kto": 290}
     marked = pa.Table.from_pylist([r for name, k in right.items() for r in rows(name, "eval", [i < k for i in range(400)])],
@@ -193,7 +193,7 @@ def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added(tmp
     """20 items: RFT right on the first 9, the recipe on the first 12; 3 items the recipe alone
     gets right, none the other way: +15.0 points, McNemar exact p = 2 * 0.5^3 = 0.25."""
     from lossaverse.cluster.summary import summary_lines
-    from lossaverse.pipeline.report import _headline
+    from lossaverse.pipeline.report.report import _headline
 
     marked = pa.Table.from_pylist(rows("target-base", "eval", [i < 4 for i in range(20)])
                                   + rows("target-rft", "eval", [i < 9 for i in range(20)])

@@ -10,17 +10,17 @@ import pytest
 from rich.console import Console
 
 from lossaverse.cluster.cli import _compare_set
-from lossaverse.cluster.summary import summary_table
 from lossaverse.cluster.config import BenchmarkConfig, ConfigError, load_config
 from lossaverse.cluster.rounds import round_summary
 from lossaverse.cluster.stages import StageError, round_players, stage_fingerprints, trained_dirs
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.benchmarks import BenchmarkError, load_items
-from lossaverse.pipeline.build import accumulate, build_datasets
-from lossaverse.pipeline.evalstats import evaluation_results
-from lossaverse.pipeline.report import render_report
-from lossaverse.pipeline.rundir import read_table, write_json, write_table
-from lossaverse.pipeline.schemas import MARKED
+from lossaverse.cluster.summary import summary_table
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.build import accumulate, build_datasets
+from lossaverse.pipeline.data.rundir import read_table, write_json, write_table
+from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.report.evalstats import evaluation_results
+from lossaverse.pipeline.report.report import render_report
+from lossaverse.pipeline.sources.benchmarks import BenchmarkError, load_items
 from tests.conftest import ROOT
 from tests.unit.test_report import rows
 
@@ -187,8 +187,8 @@ def test_tune_grid_parsing_and_trial_names():
 
 
 def test_verdict_needs_the_ci_and_mcnemar_to_agree_and_models_keep_their_order():
-    from lossaverse.pipeline.evalstats import models_of
-    from lossaverse.pipeline.report import _verdict
+    from lossaverse.pipeline.report.evalstats import models_of
+    from lossaverse.pipeline.report.report import _verdict
 
     # 4 discordant items, all one way: the percentile CI excludes zero, the exact test (p = 2/16) does not.
     assert _verdict({"ci95": [0.002, 0.016], "mcnemar_p": 0.125}).startswith("not shown")

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from lossaverse.pipeline.rundir import Manifest, read_json, read_table, replace_dir, resolve, write_json, write_table
+from lossaverse.pipeline.data.rundir import Manifest, read_json, read_table, replace_dir, resolve, write_json, write_table
 
 SCHEMA = pa.schema([("id", pa.string()), ("n", pa.int32())])
 
@@ -103,7 +103,7 @@ def test_without_directory_rename_the_folder_is_copied_into_place():
     """S3 and GCS refuse to move a directory; replace_dir then copies it and deletes the tmp."""
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from lossaverse.pipeline.rundir import _move_dir
+    from lossaverse.pipeline.data.rundir import _move_dir
 
     class NoDirectoryMove(pafs.FSSpecHandler):
         def move(self, src, dest):

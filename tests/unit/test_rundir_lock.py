@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from lossaverse.pipeline.rundir import HOLDER, Manifest, RunDirLocked
+from lossaverse.pipeline.data.rundir import HOLDER, Manifest, RunDirLocked
 from tests.conftest import ROOT
 
 HOLD = """
 import sys, time
-from lossaverse.pipeline.rundir import Manifest
+from lossaverse.pipeline.data.rundir import Manifest
 m = Manifest(sys.argv[1])
 m.update(holder="first")
 print("holding", flush=True)

@@ -5,9 +5,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lossaverse.cluster.config import BenchmarkConfig, SamplingConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.generate import expand_requests
-from lossaverse.pipeline.shards import ShardStore, Tally, missing_rows, shard_items, write_shards
+from lossaverse.pipeline.generation.generate import expand_requests
+from lossaverse.pipeline.generation.shards import ShardStore, Tally, missing_rows, shard_items, write_shards
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 
 def _items(n):
@@ -65,7 +65,7 @@ def test_missing_rows_names_a_short_shard(tmp_path):
     shards = shard_items(items, 4)
     store = ShardStore(tmp_path / "s", "fp")
     rows = _outputs(items, "small", samples=1)
-    from lossaverse.pipeline.generate import answers_from_outputs
+    from lossaverse.pipeline.generation.generate import answers_from_outputs
 
     store.write("small", 0, answers_from_outputs(rows[:3]))
     assert missing_rows(store, {"small": shards}, 1) == ["small-00000.parquet: 3 rows (3 distinct), expected 4"]

@@ -8,13 +8,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-import lossaverse.pipeline.generate
+import lossaverse.pipeline.generation.generate
 from lossaverse.cluster.config import BenchmarkConfig, SamplingConfig
-from lossaverse.pipeline.benchmarks import load_items
-from lossaverse.pipeline.generate import PromptStyle, expand_requests
-from lossaverse.pipeline.rundir import read_table
-from lossaverse.pipeline.schemas import ANSWERS
-from lossaverse.pipeline.shards import STATE, ShardStore, generate_sharded
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.generation.generate import PromptStyle, expand_requests
+from lossaverse.pipeline.generation.shards import STATE, ShardStore, generate_sharded
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 
 class Killed(BaseException):
@@ -50,10 +50,10 @@ def _run(tmp_path, items, calls):
 def test_a_kill_at_any_step_of_the_hand_over_keeps_every_finished_shard(tmp_path, monkeypatch, step, when):
     items = _items(6)
     calls = []
-    monkeypatch.setattr(lossaverse.pipeline.generate, "stream_answers", _fake_stream(calls))
+    monkeypatch.setattr(lossaverse.pipeline.generation.generate, "stream_answers", _fake_stream(calls))
     (tmp_path / "answers").mkdir()  # an older answers folder, replaced by the hand-over
     (tmp_path / "answers" / "old.parquet").write_bytes(b"")
-    import lossaverse.pipeline.shards as shards
+    import lossaverse.pipeline.generation.shards as shards
 
     targets = {"remove the old answers": (shards.shutil, "rmtree"), "rename shards to answers": (Path, "rename"),
                "remove the state": (Path, "unlink")}
@@ -89,7 +89,7 @@ def test_the_state_file_is_replaced_atomically(tmp_path, monkeypatch):
     renamed over it), so the finished shards stay recognisable."""
     ShardStore(tmp_path / "s", "fp")
     (tmp_path / "s" / "small-00000.parquet").write_bytes(b"x")
-    import lossaverse.pipeline.shards as shards
+    import lossaverse.pipeline.generation.shards as shards
 
     def dying(*args):
         raise Killed("replace")

@@ -1,10 +1,10 @@
-"""Known-answer cases for the statistics helpers, worked by hand in pipeline/stats.py's docstrings."""
+"""Known-answer cases for the statistics helpers, worked by hand in pipeline/data/stats.py's docstrings."""
 
 import math
 
 import pytest
 
-from lossaverse.pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
+from lossaverse.pipeline.data.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 
 def test_wilson_interval_for_8_of_10_matches_the_hand_computation():

@@ -6,7 +6,7 @@ The build here is the real one (tokenizer, Llama init, training loop, save) cut 
 
 import pytest
 
-from lossaverse.pipeline import tinymodels
+from lossaverse.pipeline.models import tinymodels
 
 SHORT = {**tinymodels.TINY_SIZES["small"], "steps": 30}
 

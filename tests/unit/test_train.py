@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from lossaverse.cluster.config import ConfigError, TrainConfig, load_config
 from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.prompts import TEMPLATES, render
-from lossaverse.pipeline.rundir import write_table
-from lossaverse.pipeline.schemas import MARKED
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.data.rundir import write_table
+from lossaverse.pipeline.data.schemas import MARKED
 from tests.conftest import ROOT
 from lossaverse.training.kto import kto_weights
 from lossaverse.training.methods import METHODS, get_method

@@ -1,4 +1,4 @@
-"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.mark for the `numeric`,
+"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.marker.mark for the `numeric`,
 `choice` and `exact` kinds, and the text preparation every kind shares.
 
 Every pattern here runs over model text, so every one is linear-time: no quantifier inside a
@@ -18,7 +18,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Callable, NamedTuple
 
-from lossaverse.pipeline.prompts import LETTERS
+from lossaverse.pipeline.data.prompts import LETTERS
 
 
 class Reading(NamedTuple):
@@ -43,18 +43,18 @@ NUMBER = (
     r"|(?:(?<![\w)\]}])-)?\$?\.\d+%?"
 )
 # ASCII semantics throughout (digits, \b, \s, case folding), so that the vectorised path's RE2
-# patterns (lossaverse.pipeline.mark) mean exactly the same.
+# patterns (lossaverse.pipeline.marker.mark) mean exactly the same.
 _NUMBER = re.compile(NUMBER, re.ASCII)
 # A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$".
 _DELIMITED_NUMBER = re.compile(r"\$\s*+(" + NUMBER + r")\s*+\$", re.ASCII)
-_WS = r"[ \t\n\r\f\v]"
+ASCII_SPACE = r"[ \t\n\r\f\v]"  # \s under re.ASCII, spelled out for the RE2 patterns of mark.py too
 # Where a stated final answer starts. "Final Answer: The final answer is" (Minerva) is one marker.
 MARKER = (
-    r"####|\\boxed\{|\b(?:final" + _WS + r"++)?answer" + _WS + r"*+(?:is|:|=)"
-    r"(?:" + _WS + r"*+(?:the" + _WS + r"++)?(?:final" + _WS + r"++)?answer" + _WS + r"++is\b)?"
+    r"####|\\boxed\{|\b(?:final" + ASCII_SPACE + r"++)?answer" + ASCII_SPACE + r"*+(?:is|:|=)"
+    r"(?:" + ASCII_SPACE + r"*+(?:the" + ASCII_SPACE + r"++)?(?:final" + ASCII_SPACE + r"++)?answer" + ASCII_SPACE + r"++is\b)?"
 )
 _MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
-# MARKER less `\boxed{` (lossaverse.pipeline.markmath finds boxes itself).
+# MARKER less `\boxed{` (lossaverse.pipeline.marker.markmath finds boxes itself).
 HASH_OR_SAID = re.compile("####|" + MARKER.split("|", 2)[2], re.IGNORECASE | re.ASCII)
 _FILLER = re.compile(
     r"\s*+:?\s*+(?:(?:approximately|about|around|roughly|exactly|precisely|just|only|equal to|equals|"
@@ -69,7 +69,7 @@ _LIST_GAP = re.compile(r"(?:\s|[,;|…]|\.{2,}+|\bor\b)*+", re.IGNORECASE)
 # of blank lines is scanned once, not once per newline.
 # A chat model's run-on turn with its control tokens dropped from the text (vLLM detokenizes with
 # skip_special_tokens): "<|im_start|>user" comes out as a line that reads "user" alone.
-NEW_TURN = r"\n[ \t\r\f\v]*+(?:(?:Question|Q)" + _WS + r"*+:|(?:user|assistant|system)[ \t]*+\n)"
+NEW_TURN = r"\n[ \t\r\f\v]*+(?:(?:Question|Q)" + ASCII_SPACE + r"*+:|(?:user|assistant|system)[ \t]*+\n)"
 _NEW_TURN = re.compile(NEW_TURN)
 # Chat-template control tokens: the model's turn ended at the first one (what follows is a turn it
 # wrote for someone else). A leading assistant header is the start of the answer, not its end.
@@ -172,7 +172,7 @@ _REFERENCE_TAIL = re.compile(r"[ \t]*+(?:[A-Za-z][A-Za-z.]*+[ \t]*+){0,3}")
 def reference_text(reference: str) -> str | None:
     """A numeric reference read as a completion's number is: cleaned like one ("−5" -> "-5",
     "\\$5" -> "$5", "1{,}000" -> "1,000"), then one number, optionally followed by a unit word
-    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); lossaverse.pipeline.benchmarks
+    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); lossaverse.pipeline.sources.benchmarks
     quarantines such items."""
     text = clean(reference).strip().rstrip(".").strip()
     d = _DELIMITED_NUMBER.fullmatch(text)

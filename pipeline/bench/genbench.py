@@ -4,9 +4,9 @@ Both sides get the same model, the same rendered prompts, the same per-request s
 parameters (seeds included), the same engine arguments and the same scheduler limits (vLLM's
 `LLM` class has other defaults than the async engine the stage runs: `stage_scheduler_limits`);
 the baseline runs in a Ray task with the CPUs of one engine replica. Both build their engine
-arguments with `lossaverse.pipeline.processors.engine_kwargs`, the stage's own builder (on CPU: chunked
+arguments with `lossaverse.pipeline.generation.processors.engine_kwargs`, the stage's own builder (on CPU: chunked
 prefill off). The stage is measured whole: Ray Data, the processor, the answer shards written as
-Parquet. Start-up is reported apart from steady-state throughput, and `lossaverse.pipeline.measure.PeakRSS`
+Parquet. Start-up is reported apart from steady-state throughput, and `lossaverse.pipeline.bench.measure.PeakRSS`
 samples the memory of the driver and of the workers during each run.
 """
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lossaverse.pipeline.measure import PeakRSS
+from lossaverse.pipeline.bench.measure import PeakRSS
 
 
 def stage_scheduler_limits(model: str, engine_kwargs: dict) -> dict:
@@ -56,9 +56,9 @@ def run_baseline(model: str, engine, items, sampling, seed: int) -> dict:
     pass is left out, as the stage has none. start-up = that time less the timed generate."""
     import ray
 
-    from lossaverse.pipeline.generate import expand_requests
-    from lossaverse.pipeline.kvcache import read_hf_config
-    from lossaverse.pipeline.processors import engine_kwargs
+    from lossaverse.pipeline.generation.generate import expand_requests
+    from lossaverse.pipeline.generation.kvcache import read_hf_config
+    from lossaverse.pipeline.generation.processors import engine_kwargs
 
     requests = expand_requests(items, "baseline", model, sampling, seed)
     # max_calls=1: the worker process exits with the task, and its engine processes with it; a kept
@@ -77,14 +77,14 @@ def run_stage(model: str, engine, items, sampling, seed: int, replicas: int, sha
     """The generate stage for one competitor with `replicas` engine replicas and answer shards of
     `shard_items` items (generate.shard_items: each shard is one input block), into a scratch dir.
 
-    Returns `lossaverse.pipeline.shards.Tally.summary` (rows, tokens, start-up, steady state from batch
+    Returns `lossaverse.pipeline.generation.shards.Tally.summary` (rows, tokens, start-up, steady state from batch
     completions) plus `engines`, the most engine replicas seen running at once (Ray Data's actor
     pool for `concurrency: n` scales from 1 to n, so fewer than asked may run), `memory`
     (`PeakRSS.mib`) and `driver_growth_mib`: the driver's peak RSS
     after a quarter of the answers were in less its peak before, over the last three quarters of
     the rows (a driver that kept rows would grow by their size; a streaming one stays flat)."""
-    from lossaverse.pipeline.generate import Competitor, PromptStyle
-    from lossaverse.pipeline.shards import generate_sharded
+    from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
+    from lossaverse.pipeline.generation.shards import generate_sharded
 
     scratch = Path(tempfile.mkdtemp(prefix="lv-bench-gen-"))
     competitor = Competitor("bench", model, engine=engine.model_copy(update={"concurrency": replicas}))

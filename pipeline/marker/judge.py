@@ -2,7 +2,7 @@
 
 It is optional (`mark.judge.enabled`, off by default) and bounded by construction:
 
-- Which rows: only rows the rules could not decide (`undecided` from lossaverse.pipeline.mark.grade_table): a
+- Which rows: only rows the rules could not decide (`undecided` from lossaverse.pipeline.marker.mark.grade_table): a
   non-empty completion with no parseable answer, or a `math` row math-verify timed out on or could
   not parse. Errors, empty and truncated answers and every rule-decided row are never sent, and a
   judgement is applied to undecided rows only, so the judge cannot overturn a rule verdict.
@@ -30,9 +30,9 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.marktext import cut_new_turn
-from lossaverse.pipeline.prompts import LETTERS
-from lossaverse.pipeline.schemas import MARKED, check
+from lossaverse.pipeline.data.prompts import LETTERS
+from lossaverse.pipeline.data.schemas import MARKED, check
+from lossaverse.pipeline.marker.marktext import cut_new_turn
 
 MAX_WORDS = 12
 PROMPT = (
@@ -177,19 +177,19 @@ def processor(cfg):
     """The judge as a ray.data.llm processor: a vLLM engine, or the model's OpenAI-compatible endpoint."""
     from functools import partial
 
-    from lossaverse.pipeline.processors import http_processor, vllm_processor
+    from lossaverse.pipeline.generation.processors import http_processor, vllm_processor
 
     model = cfg.model
     if model.endpoint is not None:
         return http_processor(model.endpoint, partial(http_payload, model=model.path), _http_said)
-    from lossaverse.pipeline.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model
 
     path = resolve_model(model.path)
     preprocess = _vllm_request
     if model.chat:
         from transformers import AutoTokenizer
 
-        from lossaverse.pipeline.prompts import render_chat
+        from lossaverse.pipeline.data.prompts import render_chat
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         preprocess = partial(_chat_request, template=render_chat("{prompt}", tokenizer))

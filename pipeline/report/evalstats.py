@@ -1,6 +1,6 @@
 """Evaluation statistics: accuracy per model with its uncertainty, and paired comparisons on the same items.
 
-Input: marked eval rows (the `marked` contract, lossaverse.pipeline.schemas.MARKED); only `id`, `competitor`
+Input: marked eval rows (the `marked` contract, lossaverse.pipeline.data.schemas.MARKED); only `id`, `competitor`
 (the evaluated model's name), `model`, `correct` and `reason` are read. Several samples per item
 are averaged per item first: the item is the unit of resampling, because the answers to one item
 are not independent.
@@ -15,10 +15,10 @@ Output of `evaluation_results` (written as eval/results.json):
 
 - accuracy: the mean over items of the per-item share of right answers (equal to correct/answers
   when every item has the same number of samples), with the 95% percentile bootstrap interval over
-  items (lossaverse.pipeline.stats.bootstrap_ci).
+  items (lossaverse.pipeline.data.stats.bootstrap_ci).
 - diff: accuracy(model) - accuracy(baseline) on the items both answered, with the paired bootstrap
-  interval (items resampled together, lossaverse.pipeline.stats.paired_bootstrap_diff).
-- mcnemar_p: McNemar's exact test (lossaverse.pipeline.stats.mcnemar_exact) on the discordant items: b = items
+  interval (items resampled together, lossaverse.pipeline.data.stats.paired_bootstrap_diff).
+- mcnemar_p: McNemar's exact test (lossaverse.pipeline.data.stats.mcnemar_exact) on the discordant items: b = items
   where the model scores higher, c = items where the baseline does. With one sample per item these
   are exactly McNemar's "only the model right" / "only the baseline right" counts; with several,
   it is the exact sign test on per-item differences (of which McNemar's exact test is the binary case).
@@ -33,8 +33,8 @@ from collections import Counter, defaultdict
 
 import pyarrow as pa
 
-from lossaverse.pipeline.schemas import REASONS
-from lossaverse.pipeline.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff
+from lossaverse.pipeline.data.schemas import REASONS
+from lossaverse.pipeline.data.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff
 
 N_BOOT = 2000
 # The `split` of a transfer benchmark's items in eval/answers and eval/marked (scored apart), and

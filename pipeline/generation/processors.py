@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from lossaverse.pipeline.kvcache import plan_kv, read_hf_config
+from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
 
 # vLLM's step token budget on CPU when chunked prefill is on (its default); a prompt longer than
 # the budget needs the budget raised once prompts may no longer be split.
@@ -35,7 +35,7 @@ def engine_kwargs(engine, prefix_caching: bool | None = True, hf_config: dict | 
     leaves vLLM's default; on, the system turn and worked examples every prompt shares are computed
     once, not once a request. With `hf_config` (the model's config.json) and no `kv_cache_gib`, a
     CPU engine's cache is sized from the model for the sequences it runs at once
-    (`lossaverse.pipeline.kvcache.plan_kv`). `engine.engine_kwargs` override everything here.
+    (`lossaverse.pipeline.generation.kvcache.plan_kv`). `engine.engine_kwargs` override everything here.
     """
     kwargs = {
         "max_model_len": engine.max_model_len,
@@ -130,7 +130,7 @@ def _tagged_engine_udf(competitor: str):
 
     - each output row is tagged by the engine that produced it: `engine_actor` (the replica's
       actor id, kept across restarts) and `engine_pid` (its process, new at each restart), from
-      which `lossaverse.pipeline.shards.Tally` counts the engines that actually ran;
+      which `lossaverse.pipeline.generation.shards.Tally` counts the engines that actually ran;
     - when the engine dies, its own error (read from the end of the replica's log) is left in
       Ray's key-value store before the replica exits, for `stream_answers` to name if the job
       fails: the error Ray Data raises then only says that an actor died.

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
-from lossaverse.pipeline import lossaversion
-from lossaverse.pipeline.evalstats import TRANSFER, model_label, model_table, models_of, wrong_answers_pair
-from lossaverse.pipeline.plots import plot_accuracy, plot_competitors, plot_rounds, plot_training, round_entries
-from lossaverse.pipeline.rundir import read_json
+from lossaverse.pipeline.data.rundir import read_json
+from lossaverse.pipeline.report import lossaversion
+from lossaverse.pipeline.report.evalstats import TRANSFER, model_label, model_table, models_of, wrong_answers_pair
+from lossaverse.pipeline.report.plots import plot_accuracy, plot_competitors, plot_rounds, plot_training, round_entries
 
 RIGHT_REASONS = ("match", "llm_equal")  # reasons a right answer carries; every other reason is a wrong one
 # Training-log keys per panel, with the reader's name of each line. KTO logs the desirable

@@ -3,10 +3,10 @@
 Pure pieces: `build_prompt` (template, few-shot, chat template), `expand_requests` (one request per
 (item, sample) with its own seed), `answers_from_outputs` (processor output rows, successful or
 failed, -> `answers` rows). The Ray pieces: `processor_for` builds a processor over vLLM engines
-or an OpenAI-compatible endpoint (`lossaverse.pipeline.processors`), and
+or an OpenAI-compatible endpoint (`lossaverse.pipeline.generation.processors`), and
 `stream_answers` unions the processors of each wave of competitors (all at once on GPUs or a
 cluster, one at a time on one machine's CPU cores) into one dataset and yields its rows as they
-finish, for `lossaverse.pipeline.shards` to write. An inference failure is a row with `error` set, never a
+finish, for `lossaverse.pipeline.generation.shards` to write. An inference failure is a row with `error` set, never a
 lost row; an engine that keeps dying stops the job with its own error (`EngineFailed`).
 """
 
@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from lossaverse.pipeline.processors import EngineFailed, engine_error, http_processor, vllm_processor
-from lossaverse.pipeline.processors import engine_kwargs, http_config, vllm_config  # noqa: F401 (part of this module's interface)
-from lossaverse.pipeline.prompts import render, template_for
-from lossaverse.pipeline.schemas import ANSWERS, ITEMS, check
+from lossaverse.pipeline.data.prompts import render, template_for
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, check
+from lossaverse.pipeline.generation.processors import EngineFailed, engine_error, http_processor, vllm_processor
+from lossaverse.pipeline.generation.processors import engine_kwargs, http_config, vllm_config  # noqa: F401 (part of this module's interface)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,9 @@ def expand_requests(items: pa.Table, competitor: str, model: str, sampling, seed
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
+def tokenizer_for(path: str):
+    """The Hugging Face tokenizer of the model directory (or id) `path`, cached per process: the chat
+    template of chat competitors, and the target's tokenizer for the driver's prompts and divergent negatives."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -133,7 +135,7 @@ def _tokenizer(path: str):
 def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, style: PromptStyle) -> pa.Table:
     """`expand_requests` as a Ray Data map over item blocks (runs in the workers, not the driver)."""
     api = competitor.endpoint.api if competitor.endpoint is not None else None
-    tokenizer = _tokenizer(competitor.model) if competitor.chat and api is None else None
+    tokenizer = tokenizer_for(competitor.model) if competitor.chat and api is None else None
     rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, seed,
                            tokenizer=tokenizer, style=style, api=api)
     return pa.Table.from_pylist(rows)

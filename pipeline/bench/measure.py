@@ -1,5 +1,5 @@
 """What every benchmark measures with: the one home of the memory sampler, the timers and the
-arithmetic of repeated measurements, for `lossaverse.pipeline.genbench`, `lossaverse.pipeline.markbench`,
+arithmetic of repeated measurements, for `lossaverse.pipeline.bench.genbench`, `lossaverse.pipeline.bench.markbench`,
 `lossaverse.training.bench` and `lossaverse.cluster.bench` (pipeline is the lowest layer, so all of them may import it).
 
 - `PeakRSS`: peak memory of the driver, of the worker processes under it and on the GPU while a

@@ -27,7 +27,7 @@ from collections import deque
 from contextlib import contextmanager
 from fractions import Fraction
 
-from lossaverse.pipeline.marktext import (
+from lossaverse.pipeline.marker.marktext import (
     HASH_OR_SAID, MAX_STATEMENTS, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number, sentence,
     to_number, window,
 )

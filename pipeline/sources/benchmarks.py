@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lossaverse.pipeline import synthetic
-from lossaverse.pipeline.prompts import LETTERS
-from lossaverse.pipeline.schemas import ITEMS, QUARANTINE, check
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.prompts import LETTERS
+from lossaverse.pipeline.data.schemas import ITEMS, QUARANTINE, check
 
 
 class BenchmarkError(ValueError):
@@ -81,9 +81,9 @@ def _choices(value) -> list[str] | None:
 
 
 def _numeric_reference(reference: str) -> str:
-    """A numeric reference as the marker reads it (lossaverse.pipeline.marktext.reference_text: "−5" -> "-5",
+    """A numeric reference as the marker reads it (lossaverse.pipeline.marker.marktext.reference_text: "−5" -> "-5",
     "5 dollars" -> "5"); ValueError for one no answer could ever match ("3:30")."""
-    from lossaverse.pipeline.marktext import reference_text
+    from lossaverse.pipeline.marker.marktext import reference_text
 
     text = reference_text(reference)
     if text is None:

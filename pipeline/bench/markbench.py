@@ -2,12 +2,12 @@
 
 `bench_mark` generates realistic `answers` rows per kind (`generate_answers_table`: the forms models
 really use, right and wrong, empty, cut and failed rows, in fixed proportions, deterministic by
-seed), marks them with `lossaverse.pipeline.mark.mark_table` in streamed batches, and measures in the same run
+seed), marks them with `lossaverse.pipeline.marker.mark.mark_table` in streamed batches, and measures in the same run
 math-verify's `parse` + `verify` on a subset of the same `numeric` rows as the baseline, with the
 agreement of the two verdicts on the rows both decide. Peak RSS is taken in a fresh process per row
 count, so a flat figure shows memory does not grow with the number of rows.
 
-    python -m lossaverse.pipeline.markbench --rows 100000 --repeats 3
+    python -m lossaverse.pipeline.bench.markbench --rows 100000 --repeats 3
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from lossaverse.pipeline.measure import Timer, ratio, spread
-from lossaverse.pipeline.schemas import ANSWERS
+from lossaverse.pipeline.bench.measure import Timer, ratio, spread
+from lossaverse.pipeline.data.schemas import ANSWERS
 
 NAMES = ["Janet", "Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina"]
 THINGS = ["clips", "eggs", "pages", "letters", "pizzas", "cookies", "marbles", "dollars", "apples", "miles"]
@@ -181,7 +181,7 @@ def _batches(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
 
 
 def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) -> dict:
-    from lossaverse.pipeline.mark import mark_table
+    from lossaverse.pipeline.marker.mark import mark_table
 
     mark_table(table.slice(0, min(batch_size, table.num_rows)), timeout_s)  # warm-up (imports, regex caches)
     rates, cpu_rates = [], []
@@ -197,7 +197,7 @@ def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) 
 
 def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
     """The same rules as a plain per-row Python loop (`grade_row`), without the vectorised path."""
-    from lossaverse.pipeline.mark import grade_row
+    from lossaverse.pipeline.marker.mark import grade_row
 
     names = ["completion", "reference", "kind", "choices", "finish_reason", "error", "question"]
     cols = table.select(names).to_pydict()
@@ -217,7 +217,7 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
     completion and no error that math-verify parsed and we marked `match` / `mismatch`."""
     from math_verify import parse, verify
 
-    from lossaverse.pipeline.marktext import cut_new_turn
+    from lossaverse.pipeline.marker.marktext import cut_new_turn
 
     comps, refs = table["completion"].to_pylist(), table["reference"].to_pylist()
     errors = table["error"].to_pylist()
@@ -248,7 +248,7 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
             "rows_per_cpu_s": {"median": table.num_rows / t.cpu}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
 
 
-SUITE = Path(__file__).resolve().parents[1] / "tests" / "data" / "marker" / "model_outputs.jsonl"
+SUITE = Path(__file__).resolve().parents[2] / "tests" / "data" / "marker" / "model_outputs.jsonl"
 
 
 def _math_verify_verdict(completion: str, reference: str) -> bool | None:
@@ -270,7 +270,7 @@ def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
     `math_verify`: the same for math-verify (no verdict counts as wrong); `disagreements`: every row
     where the two differ, with the grader's verdict and why (the row's format note); `worst_row_s`:
     the slowest row of the marker."""
-    from lossaverse.pipeline.mark import grade_row
+    from lossaverse.pipeline.marker.mark import grade_row
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars: not a row's time
@@ -316,7 +316,7 @@ def hostile_rows() -> list[tuple[str, str, str, str, list | None]]:
 
 def hostile_worst(timeout_s: float = 5) -> dict:
     """The slowest row (CPU seconds of the marking thread, and wall) of `hostile_rows`."""
-    from lossaverse.pipeline.mark import grade_row
+    from lossaverse.pipeline.marker.mark import grade_row
 
     grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars
     worst = {"cpu_s": 0.0, "wall_s": 0.0, "row": None}
@@ -330,7 +330,7 @@ def hostile_worst(timeout_s: float = 5) -> dict:
 
 
 def _rss_child(kind: str, rows: int, seed: int, batch_size: int, queue) -> None:
-    from lossaverse.pipeline.mark import mark_table
+    from lossaverse.pipeline.marker.mark import mark_table
 
     done = 0
     while done < rows:  # generate and mark batch by batch: nothing is kept between batches
@@ -367,7 +367,7 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
     real-format model outputs (`suite_agreement`), every disagreement and why. peak_rss_bytes: a fresh
     process marking rows/10 and rows numeric rows in streamed batches (flat = memory does not grow).
     """
-    from lossaverse.pipeline.mark import mark_table
+    from lossaverse.pipeline.marker.mark import mark_table
 
     out: dict = {"rows": rows, "repeats": repeats, "seed": seed, "batch_size": batch_size, "kinds": {}}
     with one_core():

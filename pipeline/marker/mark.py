@@ -9,10 +9,10 @@ Reasons: `error` (inference failed), `no_answer` (empty, or nothing parseable), 
 the token limit before a final answer), `match`, `mismatch` (also: several different answers).
 `marked_by` is `rules`, or `math-verify` for math rows its equivalence check decided. `grade_table`
 also returns `undecided` (a non-empty answer with nothing parseable, a math-verify timeout): the only
-rows the optional supervisory LLM (lossaverse.pipeline.judge) may be asked about.
+rows the optional supervisory LLM (lossaverse.pipeline.marker.judge) may be asked about.
 
-The reading rules live in lossaverse.pipeline.marktext (text preparation, `numeric`, `choice`, `exact`) and
-lossaverse.pipeline.markmath (`math`: sets decided from the reference, math-verify within the row's budget).
+The reading rules live in lossaverse.pipeline.marker.marktext (text preparation, `numeric`, `choice`, `exact`) and
+lossaverse.pipeline.marker.markmath (`math`: sets decided from the reference, math-verify within the row's budget).
 Every row first loses what is not its answer (`marktext.prepare`): text after a chat control token
 (`<|im_end|>`, `<|im_start|>user`) or a new question the model writes itself, and a reasoning trace
 (`<think>...</think>`); cut by the token limit inside an unclosed trace, it is `truncated`.
@@ -42,11 +42,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.markmath import read_math
-from lossaverse.pipeline.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
-    READ_CHARS, Reading, _WS, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
+from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.marker.markmath import read_math
+from lossaverse.pipeline.marker.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
+    ASCII_SPACE, READ_CHARS, Reading, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
 )
-from lossaverse.pipeline.schemas import ANSWERS, MARKED, check
 
 
 class Verdict(NamedTuple):
@@ -93,7 +93,7 @@ GRADERS: dict[str, Callable[..., Reading]] = {
 def grade_row(completion, reference: str, kind: str, choices=None, finish_reason: str | None = None,
               error: str | None = None, timeout_s: float = 5, question: str | None = None) -> Graded:
     """One verdict with its `undecided` flag. Pure: the same inputs always give the same result.
-    `timeout_s`: the row's time budget for math-verify, in any thread (lossaverse.pipeline.markmath.budget)."""
+    `timeout_s`: the row's time budget for math-verify, in any thread (lossaverse.pipeline.marker.markmath.budget)."""
     if kind not in GRADERS:
         raise ValueError(f"unknown benchmark kind {kind!r}; valid: {sorted(GRADERS)}")
     if error:
@@ -133,8 +133,8 @@ _ANSWER_CI = r"[Aa][Nn][Ss][Ww][Ee][Rr]"
 # MARKER under RE2 (case classes instead of the IGNORECASE flag: RE2's folding is Unicode's).
 _FINAL_CI = r"[Ff][Ii][Nn][Aa][Ll]"
 MARKER_RE2 = (
-    r"####|\\[Bb][Oo][Xx][Ee][Dd]\{|\b(?:" + _FINAL_CI + _WS + r"+)?" + _ANSWER_CI + _WS + r"*(?:[Ii][Ss]|:|=)"
-    r"(?:" + _WS + r"*(?:[Tt][Hh][Ee]" + _WS + r"+)?(?:" + _FINAL_CI + _WS + r"+)?" + _ANSWER_CI + _WS + r"+[Ii][Ss]\b)?"
+    r"####|\\[Bb][Oo][Xx][Ee][Dd]\{|\b(?:" + _FINAL_CI + ASCII_SPACE + r"+)?" + _ANSWER_CI + ASCII_SPACE + r"*(?:[Ii][Ss]|:|=)"
+    r"(?:" + ASCII_SPACE + r"*(?:[Tt][Hh][Ee]" + ASCII_SPACE + r"+)?(?:" + _FINAL_CI + ASCII_SPACE + r"+)?" + _ANSWER_CI + ASCII_SPACE + r"+[Ii][Ss]\b)?"
 )
 _FAST_NUM = r"(?P<n>-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?)[ \t]*\.?[ \t]*\n?$"
 _FAST_STATED = r"(?s).(?:####|\b" + _ANSWER_CI + r" [Ii][Ss]|\b" + _ANSWER_CI + r":)[ \t]*" + _FAST_NUM
@@ -143,7 +143,7 @@ _FAST_REF = r"^-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?$"
 # Text that `clean` would change, a new turn that `cut_new_turn` would cut, or a chat or reasoning
 # tag that `prepare` would cut at.
 _FAST_UNSAFE = (
-    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + _WS + r"*(?:(?:Question|Q)" + _WS + r"*:|(?:user|assistant|system)[ \t]*\n)"
+    r"[\\{\x{2212}\x{00a0}\x{2009}\x{202f}]|\*\*|\n" + ASCII_SPACE + r"*(?:(?:Question|Q)" + ASCII_SPACE + r"*:|(?:user|assistant|system)[ \t]*\n)"
     r"|<(?:\||/?think>|/s>|end_of_turn>|start_of_turn>)"
 )
 
@@ -224,10 +224,10 @@ def mark_table(table: pa.Table, timeout_s: float = 5) -> pa.Table:
 
 def mark_dataset(ds, batch_size: int, timeout_s: float = 5, judge=None):
     """The stateless Ray Data stage: a map over pyarrow batches; with a `judge` config (enabled),
-    the rows the rules cannot decide are then put to the supervisory LLM (lossaverse.pipeline.judge)."""
+    the rows the rules cannot decide are then put to the supervisory LLM (lossaverse.pipeline.marker.judge)."""
     if judge is None or not judge.enabled:
         return ds.map_batches(mark_table, batch_format="pyarrow", batch_size=batch_size, fn_kwargs={"timeout_s": timeout_s})
-    from lossaverse.pipeline.judge import judge_dataset
+    from lossaverse.pipeline.marker.judge import judge_dataset
 
     graded = ds.map_batches(grade_table, batch_format="pyarrow", batch_size=batch_size, fn_kwargs={"timeout_s": timeout_s})
     return judge_dataset(graded, judge)

@@ -1,13 +1,13 @@
 """The run report's plots: accuracy with CIs and paired differences, accuracy per round, the
 competitors' labels and wrong-answer reasons, training curves. Matplotlib's object API: no pyplot,
-no global backend state. `lossaverse.pipeline.report` renders them and writes the markdown around them."""
+no global backend state. `lossaverse.pipeline.report.report` renders them and writes the markdown around them."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from lossaverse.pipeline.evalstats import model_label, models_of
+from lossaverse.pipeline.report.evalstats import model_label, models_of
 
 GOOD, BAD, NEUTRAL, MODEL = "#2a9d8f", "#e76f51", "#8d99ae", "#457b9d"
 REASON_COLOURS = {"mismatch": "#e76f51", "no_answer": "#f4a261", "truncated": "#e9c46a", "error": "#6d597a",

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lossaverse.pipeline.generate import answers_from_outputs
+from lossaverse.pipeline.generation.generate import answers_from_outputs
 
 STATE = "_state.json"
 
@@ -99,7 +99,7 @@ class Tally:
     engines_asked: int | None = None  # engine replicas configured (None: an endpoint)
     # engine actor -> its processes seen (a restarted replica keeps its actor, in a new process)
     engines: dict[str, set] = field(default_factory=dict)
-    started: bool = False  # its wave of engines began (lossaverse.pipeline.generate.engine_waves)
+    started: bool = False  # its wave of engines began (lossaverse.pipeline.generation.generate.engine_waves)
     reported_end: bool = False  # its last progress line was printed
 
     def add(self, tokens: int, error: bool, batch: str | None = None, engine: tuple | None = None) -> None:
@@ -277,7 +277,7 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     Returns per-competitor totals (rows, generated, resumed, tokens, errors, seconds, tokens/s).
     Raises RuntimeError if a shard came out incomplete (it never should: a failed prompt is a row).
     """
-    from lossaverse.pipeline.generate import stream_answers
+    from lossaverse.pipeline.generation.generate import stream_answers
 
     work_dir, final_dir = Path(work_dir), Path(final_dir)
     if not work_dir.exists() and _state_of(final_dir) == fingerprint:

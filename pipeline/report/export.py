@@ -29,8 +29,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lossaverse.pipeline.datacard import render_card
-from lossaverse.pipeline.rundir import MANIFEST, read_json, read_table, replace_dir
+from lossaverse.pipeline.data.rundir import MANIFEST, read_json, read_table, replace_dir
+from lossaverse.pipeline.report.datacard import render_card
 
 DATASETS = ("kto", "pairs", "negatives")
 SPLIT = "train"

@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lossaverse.pipeline.rundir import cache_root, fingerprint
+from lossaverse.pipeline.data.rundir import cache_root, fingerprint
 
 CONVERTER_VERSION = 1
 PYPI_PREFIX = "pypi:"
