@@ -313,8 +313,9 @@ def test_dockerfile_builds_what_the_manifests_use():
     dirs = setuptools["package-dir"]
 
     def folder(pkg: str) -> str:  # as setuptools finds it: the nearest mapped parent, then the rest of the name
-        parent = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len, default=None)
-        return "/".join([dirs[parent], *pkg[len(parent) + 1:].split(".")] if parent and pkg != parent else [dirs.get(pkg, pkg.replace(".", "/"))])
+        parent = max((p for p in dirs if pkg == p or pkg.startswith(p + ".")), key=len, default="")
+        rest = pkg[len(parent):].lstrip(".").replace(".", "/")
+        return "/".join(part for part in (dirs.get(parent, ""), rest) if part)
 
     sources = {src for sources in copied for src in sources.split()}
     missing = {f for f in map(folder, setuptools["packages"]) if not any(f == s or f.startswith(s + "/") for s in sources)}
