@@ -57,14 +57,21 @@ class Placement:
 
 
 def placements(competitors: list) -> list[Placement]:
-    """One Placement per competitor (lossaverse.pipeline.generation.generate.Competitor)."""
-    out = []
+    """One Placement per engine (lossaverse.pipeline.generation.generate.Competitor): one per
+    competitor, and one for competitors that share an engine (a base with LoRA adapters)."""
+    out, seen = [], set()
     for c in competitors:
         if c.endpoint is not None:
             out.append(Placement(c.name, c.endpoint.url, c.endpoint.concurrency, 1, {"CPU": 1.0}, "PACK", "endpoint"))
             continue
+        if c.engine_name in seen:
+            continue
+        seen.add(c.engine_name)
+        shared = [x for x in competitors if x.endpoint is None and x.engine_name == c.engine_name]
+        adapters = sum(1 for x in shared if x.lora)
+        model = f"{c.model} + {adapters} LoRA adapter(s) for {', '.join(x.name for x in shared)}" if c.shared_engine else c.model
         e = c.engine
-        out.append(Placement(c.name, c.model, e.concurrency, e.bundles_per_replica, e.bundle, e.placement_strategy, "vllm"))
+        out.append(Placement(c.engine_name, model, e.concurrency, e.bundles_per_replica, e.bundle, e.placement_strategy, "vllm"))
     return out
 
 

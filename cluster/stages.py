@@ -130,7 +130,9 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
         hf_config = read_hf_config(c.model) if c.engine is not None else None
         if hf_config is not None:
             kv = plan_kv(c.engine, hf_config)
-            kv_lines[c.name] = f"; {'[yellow]warning[/] ' if not kv.fits else ''}{kv.describe()}"
+            kv_lines[c.engine_name] = f"; {'[yellow]warning[/] ' if not kv.fits else ''}{kv.describe()}"
+            if c.engine.cpu_reserved_cores is not None and not c.engine.num_gpus:
+                kv_lines[c.engine_name] += f"; vLLM CPU threads on all cores but {c.engine.cpu_reserved_cores}"
     for p in plan:  # one line a model: its placement, then its engine's KV-cache sizing
         report(f"plan {p.describe()}{kv_lines.get(p.competitor, '')}")
     try:
@@ -401,6 +403,35 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     return models
 
 
+def one_engine(models: list, out: Path) -> tuple[list, str | None]:
+    """The evaluated models as LoRA adapters of the untrained target, all answered by its one engine
+    (with vLLM's `enable_lora`), or the models unchanged and why not. A model trained from another
+    trained model (the recipe's KTO step) is the chain of adapters back to the base, stacked into one
+    in `out/<name>` (lossaverse.pipeline.models.adapters)."""
+    from dataclasses import replace
+
+    from lossaverse.pipeline.models.adapters import lora_chain, stack_adapters, unstackable, vllm_rank, zero_adapter
+
+    base, trained = models[0], models[1:]
+    chains = {m.name: lora_chain(m.model) for m in trained}
+    if not trained or any(c is None for c in chains.values()):
+        return models, "a model was trained without LoRA"
+    if any(Path(c.base).resolve() != Path(base.model).resolve() for c in chains.values()):
+        return models, "a model's adapters are not on the untrained target"
+    if (why := next((w for c in chains.values() if (w := unstackable(c.adapters))), None)) is not None:
+        return models, why
+    rank = vllm_rank(max(c.rank for c in chains.values()))
+    slots = len(trained) + 1  # the base is a (zero) adapter too: see zero_adapter
+    lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots, "max_cpu_loras": slots}
+    engine = base.engine.model_copy(update={"engine_kwargs": {**base.engine.engine_kwargs, **lora}})
+    zero = zero_adapter(chains[trained[0].name].adapters[0], out / base.name)
+    shared = [replace(base, engine=engine, lora=str(zero.resolve()), shared_engine=base.name)]
+    for m in trained:
+        adapter = stack_adapters(chains[m.name].adapters, out / m.name)
+        shared.append(replace(m, model=base.model, engine=engine, lora=str(Path(adapter).resolve()), shared_engine=base.name))
+    return shared, None
+
+
 def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     """The target before training and after each method on the eval split (`evaluate.split:
     validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
@@ -427,6 +458,10 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     stamps = [(Path(m.model) / "config.json").stat().st_mtime_ns for m in models[1:]]
     fp = fingerprint(stage_fingerprints(cfg)["evaluate"], stamps)
     out_dir = run_dir / "eval"
+    if cfg.evaluate.one_engine:
+        models, why_not = one_engine(models, out_dir / "adapters")
+        if why_not is not None:
+            REPORT.get()(f"evaluate: one engine per model ({why_not})")
     generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)
     mark_answers(out_dir / "answers", out_dir / "marked", cfg.mark.batch_size, cfg.mark)
     marked = read_table(out_dir / "marked", MARKED)

@@ -58,12 +58,14 @@ def run_baseline(model: str, engine, items, sampling, seed: int) -> dict:
 
     from lossaverse.pipeline.generation.generate import expand_requests
     from lossaverse.pipeline.generation.kvcache import read_hf_config
-    from lossaverse.pipeline.generation.processors import engine_kwargs
+    from lossaverse.pipeline.generation.processors import engine_env, engine_kwargs
 
     requests = expand_requests(items, "baseline", model, sampling, seed)
     # max_calls=1: the worker process exits with the task, and its engine processes with it; a kept
     # worker holds the engine's busy processes alive and slows the stage measured after it.
-    task = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, max_calls=1)(_vllm_offline)
+    # The engine's environment too (its CPU thread binding), as the stage's engine actors get it.
+    env = {"runtime_env": {"env_vars": e}} if (e := engine_env(engine)) else {}
+    task = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, max_calls=1, **env)(_vllm_offline)
     start = time.perf_counter()
     with PeakRSS() as rss:
         out = ray.get(task.remote(model, engine_kwargs(engine, hf_config=read_hf_config(model)), [r["prompt"] for r in requests],

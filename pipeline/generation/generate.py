@@ -38,6 +38,15 @@ class Competitor:
     endpoint: Any = None  # lossaverse.pipeline.config.EndpointConfig
     params: int | None = None
     style: "PromptStyle | None" = None  # None: the job's (generate's) prompt style
+    # Competitors with the same `shared_engine` are answered by one vLLM engine of `model` (their
+    # common base); each with a `lora` adapter folder gets it as a LoRA request (vLLM `enable_lora`).
+    lora: str | None = None
+    shared_engine: str | None = None
+
+    @property
+    def engine_name(self) -> str:
+        """The engine that answers this competitor: its own, or the one it shares."""
+        return self.shared_engine or self.name
 
 
 @dataclass(frozen=True)
@@ -136,8 +145,10 @@ def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, s
     """`expand_requests` as a Ray Data map over item blocks (runs in the workers, not the driver)."""
     api = competitor.endpoint.api if competitor.endpoint is not None else None
     tokenizer = tokenizer_for(competitor.model) if competitor.chat and api is None else None
-    rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.model, sampling, seed,
-                           tokenizer=tokenizer, style=style, api=api)
+    # The request's `model`: Ray Data LLM's engine stage sends a row whose model is not the engine's
+    # own as a LoRA request for that adapter.
+    rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.lora or competitor.model, sampling,
+                           seed, tokenizer=tokenizer, style=style, api=api)
     return pa.Table.from_pylist(rows)
 
 
@@ -215,23 +226,32 @@ def http_output(row: dict) -> dict:
 def processor_for(competitor: Competitor):
     if competitor.endpoint is not None:
         return http_processor(competitor.endpoint, http_payload, http_output)
-    return vllm_processor(competitor.model, competitor.engine, name=competitor.name)
+    return vllm_processor(competitor.model, competitor.engine, name=competitor.engine_name)
+
+
+def engine_units(competitors: list[Competitor]) -> list[list[Competitor]]:
+    """The competitors grouped by the engine that answers them, in order of first appearance."""
+    units: dict[str, list[Competitor]] = {}
+    for c in competitors:
+        units.setdefault(c.engine_name, []).append(c)
+    return list(units.values())
 
 
 def engine_waves(competitors: list[Competitor], at_once: int | None, nodes: int) -> list[list[Competitor]]:
     """The competitors in waves whose engines run side by side. `at_once` (generate.models_at_once)
-    sets the wave size; None chooses it: every model at once where engines have devices of their own
-    (GPU engines, or a cluster of several nodes), one at a time where CPU engines share one machine's
-    cores. On 2 cores, 5 CPU engines at once ran 3 of them at 14 tokens/s each (their threads fight
-    for the same cores) where one alone ran at ~500 tokens/s. Endpoint competitors cost this machine
-    nothing and join the first wave."""
-    local = [c for c in competitors if c.endpoint is None]
+    sets the wave size in engines (competitors sharing one engine count once); None chooses it:
+    every engine at once where engines have devices of their own (GPU engines, or a cluster of
+    several nodes), one at a time where CPU engines share one machine's cores. On 2 cores, 5 CPU
+    engines at once ran 3 of them at 14 tokens/s each (their threads fight for the same cores)
+    where one alone ran at ~500 tokens/s. Endpoint competitors cost this machine nothing and join
+    the first wave."""
+    local = engine_units([c for c in competitors if c.endpoint is None])
     remote = [c for c in competitors if c.endpoint is not None]
     if at_once is None:
-        on_devices = nodes > 1 or any(c.engine is not None and c.engine.num_gpus for c in local)
+        on_devices = nodes > 1 or any(c.engine is not None and c.engine.num_gpus for unit in local for c in unit)
         at_once = len(local) if on_devices else 1
     at_once = max(1, at_once)
-    waves = [local[i:i + at_once] for i in range(0, len(local), at_once)] or [[]]
+    waves = [[c for unit in local[i:i + at_once] for c in unit] for i in range(0, len(local), at_once)] or [[]]
     waves[0] = remote + waves[0]
     return [w for w in waves if w]
 
@@ -260,25 +280,25 @@ def _stream_wave(shards: dict[str, list[pa.Table]], competitors: list[Competitor
     import ray.data
 
     outputs = []
-    for competitor in competitors:
-        requests = ray.data.from_arrow(shards[competitor.name]).map_batches(
+    for unit in engine_units(competitors):  # one processor per engine; competitors sharing it in one stream
+        requests = [ray.data.from_arrow(shards[c.name]).map_batches(
             expand_batch, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"competitor": competitor, "sampling": sampling, "seed": seed, "style": competitor.style or style},
-        )
-        outputs.append(processor_for(competitor)(requests))
+            fn_kwargs={"competitor": c, "sampling": sampling, "seed": seed, "style": c.style or style},
+        ) for c in unit]
+        outputs.append(processor_for(unit[0])(requests[0].union(*requests[1:]) if len(requests) > 1 else requests[0]))
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
+    engines = {c.engine_name: c for c in competitors if c.endpoint is None}
     try:
         yield from ds.iter_rows()
-        for c in competitors:  # engines that died and came back: their errors are not needed
-            if c.endpoint is None:
-                engine_error(c.name)
+        for name in engines:  # engines that died and came back: their errors are not needed
+            engine_error(name)
     except ray.exceptions.RayError as exc:
-        died = [(c, engine_error(c.name)) for c in competitors if c.endpoint is None]
+        died = [(c, engine_error(name)) for name, c in engines.items()]
         died = [(c, cause) for c, cause in died if cause]
         if not died:
             raise
         c, cause = died[0]
         raise EngineFailed(
-            f"the vLLM engine of competitor {c.name!r} kept dying and was restarted {c.engine.max_restarts} time(s) "
+            f"the vLLM engine of competitor {c.engine_name!r} kept dying and was restarted {c.engine.max_restarts} time(s) "
             f"(generate.engine.max_restarts), so the job stopped; the engine's error: {cause}"
         ) from exc

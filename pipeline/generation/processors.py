@@ -60,6 +60,15 @@ def engine_kwargs(engine, prefix_caching: bool | None = True, hf_config: dict | 
     return {**kwargs, **engine.engine_kwargs}
 
 
+def engine_env(engine) -> dict[str, str]:
+    """Environment variables of a vLLM engine process: on CPU, `cpu_reserved_cores` as vLLM's
+    VLLM_CPU_NUM_OF_RESERVED_CPU (the worker binds its OpenMP threads to the node's cores minus
+    those, at start-up; vLLM reads it from the environment only). Empty for GPU engines."""
+    if engine.num_gpus or engine.cpu_reserved_cores is None:
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(engine.cpu_reserved_cores)}
+
+
 def vllm_config(model_path: str, engine):
     """EngineConfig -> ray.data.llm.vLLMEngineProcessorConfig: replicas, parallelism, bundles.
 
@@ -70,6 +79,9 @@ def vllm_config(model_path: str, engine):
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(engine, hf_config=read_hf_config(model_path)),
+        # The engine actors' environment (Ray Data passes it to their map_batches), which the
+        # engine's own processes inherit.
+        runtime_env={"env_vars": env} if (env := engine_env(engine)) else None,
         concurrency=(engine.concurrency, engine.concurrency),
         batch_size=engine.batch_size,
         max_concurrent_batches=engine.max_concurrent_batches,

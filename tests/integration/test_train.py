@@ -176,6 +176,10 @@ def test_dpo_with_lora_exports_a_merged_plain_model(local_ray, tmp_path):
     files = {p.name for p in (tmp_path / "model").iterdir()}
     assert "adapter_config.json" not in files and "model.safetensors" in files
     assert changed(tmp_path / "model")
+    # The adapters stay beside the merged weights, naming the model they were trained on.
+    adapter = json.loads((tmp_path / "model" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["base_model_name_or_path"] == resolve_model("tiny:small")
+    assert (tmp_path / "model" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_sft_trains_on_the_correct_answers_only(local_ray, tmp_path):

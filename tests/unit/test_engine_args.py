@@ -2,6 +2,8 @@
 Serve: chunked prefill off on CPU (vLLM CPU 0.32 crashes on a split seeded prompt), engine pools
 pinned to the configured size, restarts bounded."""
 
+import pytest
+
 from lossaverse.cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
 from lossaverse.pipeline.generation.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
 from lossaverse.pipeline.models.tinymodels import resolve_model
@@ -43,6 +45,17 @@ def test_concurrency_n_is_a_pool_of_exactly_n_engines():
     """Ray Data LLM reads a plain int n as an autoscaling pool from 1 to n."""
     cfg = vllm_config("m", EngineConfig(concurrency=4))
     assert cfg.concurrency == (4, 4) and cfg.get_concurrency() == {"min_size": 4, "max_size": 4}
+
+
+def test_cpu_engines_reserve_the_cores_asked_for_and_gpu_engines_are_left_alone():
+    """cpu_reserved_cores reaches the engine actors' environment as vLLM's own variable; unset, or
+    on a GPU engine, the actors get no environment of ours."""
+    assert vllm_config("m", EngineConfig(cpu_reserved_cores=0)).runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+    assert vllm_config("m", EngineConfig(cpu_reserved_cores=2)).runtime_env["env_vars"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
+    assert vllm_config("m", EngineConfig()).runtime_env is None
+    assert vllm_config("m", EngineConfig(cpu_reserved_cores=0, num_gpus=1)).runtime_env is None
+    with pytest.raises(ValueError, match="cpu_reserved_cores"):
+        EngineConfig(cpu_reserved_cores=-1)
 
 
 def test_the_engines_own_error_is_read_from_its_log():
@@ -105,8 +118,7 @@ def test_the_cache_is_sized_for_the_sequences_the_engine_runs_and_a_small_one_is
 
 
 def test_an_unknown_cache_dtype_is_named():
-    import pytest
-
+    
     from lossaverse.pipeline.generation.kvcache import kv_bytes_per_token
 
     with pytest.raises(ValueError, match="dtype 'float64': unknown"):

@@ -1,0 +1,79 @@
+"""One vLLM engine for every evaluated model: LoRA-trained models as adapters of their base (the
+evaluate stage's `one_engine`), against one engine per merged model, on the real vLLM CPU engine."""
+
+import shutil
+
+import pyarrow.compute as pc
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lossaverse.cluster.config import BenchmarkConfig, EngineConfig, SamplingConfig
+from lossaverse.cluster.plan import placements
+from lossaverse.cluster.stages import one_engine
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
+from lossaverse.pipeline.generation.shards import generate_sharded
+from lossaverse.pipeline.models.adapters import adapter_config
+from lossaverse.pipeline.sources.benchmarks import load_items
+from lossaverse.pipeline.models.tinymodels import resolve_model
+from lossaverse.training.export import merge_lora
+
+pytestmark = pytest.mark.integration
+
+ENGINE = EngineConfig(max_model_len=128, kv_cache_gib=0.1, enforce_eager=True, dtype="float32", batch_size=8)
+
+
+def lora_model(start: str, out, seed: int) -> str:
+    """A LoRA of random (nonzero) weights on `start`, exported as training exports one: the merged
+    weights in `out`, the adapters in `out/adapter` naming `start` as their base."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    scratch = out.parent / f"{out.name}-scratch"
+    get_peft_model(model, config).save_pretrained(scratch)
+    merge_lora(start, str(scratch), str(out))
+    AutoTokenizer.from_pretrained(start).save_pretrained(out)
+    shutil.move(scratch, out / "adapter")
+    return str(out)
+
+
+def answers(tmp, name, items, models):
+    generate_sharded(items, models, SamplingConfig(samples=1, temperature=0.0, max_tokens=12), PromptStyle(), 0,
+                     tmp / f"{name}.shards", tmp / name, "fp", 8, [].append, 1.0)
+    table = read_table(tmp / name, ANSWERS)
+    assert pc.all(pc.is_null(table["error"])).as_py()
+    return {(r["competitor"], r["id"]): r["completion"] for r in table.to_pylist()}
+
+
+def test_two_lora_models_through_one_engine_answer_as_their_merged_models_do(local_ray, tmp_path):
+    base = resolve_model("tiny:small")
+    first = lora_model(base, tmp_path / "first", seed=1)
+    second = lora_model(first, tmp_path / "second", seed=2)  # trained from a trained model: a chain of two
+    merged = [Competitor("base", base, engine=ENGINE), Competitor("first", first, engine=ENGINE),
+              Competitor("second", second, engine=ENGINE)]
+    shared, why_not = one_engine(merged, tmp_path / "adapters")
+    assert why_not is None
+    assert [c.engine_name for c in shared] == ["base"] * 3 and len(placements(shared)) == 1
+    assert shared[1].lora == str((tmp_path / "first" / "adapter").resolve())  # one adapter: used as it is
+    stacked = adapter_config(shared[2].lora)  # the chain, stacked: rank 8 + 8 at scale 1
+    assert stacked["r"] == 16 and stacked["lora_alpha"] == 16 and stacked["base_model_name_or_path"] == base
+    assert shared[0].engine.engine_kwargs["max_lora_rank"] == 16 and shared[0].engine.engine_kwargs["max_loras"] == 3
+
+    items, _ = load_items(BenchmarkConfig(n_train=24, n_eval=1), seed=0)
+    items = items.filter(pc.equal(items["split"], "train"))
+    one = answers(tmp_path, "one", items, shared)
+    each = answers(tmp_path, "each", items, merged)
+    assert len(one) == len(each) == 3 * 24
+    assert one == each  # greedy: the adapters answer exactly as the merged models
+    for name in ("first", "second"):  # and the adapters were applied: the models answer otherwise than the base
+        assert sum(one[(name, i)] != one[("base", i)] for i in items["id"].to_pylist()) >= 12
+
+
+def test_a_model_trained_without_lora_keeps_one_engine_per_model(tmp_path):
+    base = resolve_model("tiny:small")
+    models = [Competitor("base", base, engine=ENGINE), Competitor("full", base, engine=ENGINE)]
+    kept, why_not = one_engine(models, tmp_path)
+    assert kept == models and why_not == "a model was trained without LoRA"
