@@ -458,10 +458,12 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     stamps = [(Path(m.model) / "config.json").stat().st_mtime_ns for m in models[1:]]
     fp = fingerprint(stage_fingerprints(cfg)["evaluate"], stamps)
     out_dir = run_dir / "eval"
+    engines = "one per model (evaluate.one_engine: false)"
     if cfg.evaluate.one_engine:
         models, why_not = one_engine(models, out_dir / "adapters")
+        engines = f"one per model ({why_not})" if why_not else f"one, {len(models) - 1} LoRA model(s) and the base"
         if why_not is not None:
-            REPORT.get()(f"evaluate: one engine per model ({why_not})")
+            REPORT.get()(f"evaluate: engines {engines}")
     generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)
     mark_answers(out_dir / "answers", out_dir / "marked", cfg.mark.batch_size, cfg.mark)
     marked = read_table(out_dir / "marked", MARKED)
@@ -470,7 +472,7 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     results["split"] = cfg.evaluate.split
     write_json(results, out_dir / "results.json")
     out = {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in models_of(results).items()},
-           "split": cfg.evaluate.split, "models": models_of(results), "pairs": results["pairs"]}
+           "split": cfg.evaluate.split, "engines": engines, "models": models_of(results), "pairs": results["pairs"]}
     if cfg.evaluate.transfer is not None:
         tr = evaluation_results(marked.filter(pc.equal(marked["split"], TRANSFER)), names, seed=cfg.seed)
         tr["benchmark"] = cfg.evaluate.transfer.name

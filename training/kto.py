@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lossaverse.pipeline.data.build import KTO_RATIO_RANGE
+from lossaverse.pipeline.data.build import KTO_RATIO_RANGE, auto_desirable_weight
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def kto_weights(train, n_desirable: int, n_undesirable: int) -> KTOWeights:
         desirable = 1 / train.loss_aversion if train.loss_aversion else 1.0
         return KTOWeights(desirable, 1.0, None)
     if train.loss_aversion is None:
-        desirable = n_undesirable / n_desirable * lo
+        desirable = auto_desirable_weight(n_desirable, n_undesirable)
         return KTOWeights(desirable, 1.0, weight_ratio(desirable, 1.0, n_desirable, n_undesirable))
     desirable = 1 / train.loss_aversion
     ratio = weight_ratio(desirable, 1.0, n_desirable, n_undesirable)

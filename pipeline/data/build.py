@@ -96,12 +96,21 @@ def pairs_table(marked: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(pairs, schema=PAIRS)
 
 
-def recommended_weights(n_desirable: int, n_undesirable: int) -> dict | None:
-    """lambda_U = 1 and lambda_D chosen so that lambda_D*n_D/(lambda_U*n_U) = 1, the low end of
-    the paper's range; None when one label is absent (the ratio is undefined)."""
+def auto_desirable_weight(n_desirable: int, n_undesirable: int) -> float | None:
+    """KTO's `weights: auto`: with lambda_U = 1, the lambda_D that puts lambda_D*n_D/(lambda_U*n_U)
+    at the low end of the paper's range (1); None when one label is absent (the ratio is undefined).
+    The one formula behind the datasets' recommendation and the trainer's weights
+    (lossaverse.training.kto.kto_weights)."""
     if n_desirable == 0 or n_undesirable == 0:
         return None
-    desirable = round(n_undesirable / n_desirable * KTO_RATIO_RANGE[0], 4)
+    return n_undesirable / n_desirable * KTO_RATIO_RANGE[0]
+
+
+def recommended_weights(n_desirable: int, n_undesirable: int) -> dict | None:
+    """`auto_desirable_weight` as the datasets' stats record it, with its ratio and the range."""
+    if (auto := auto_desirable_weight(n_desirable, n_undesirable)) is None:
+        return None
+    desirable = round(auto, 4)
     return {
         "desirable_weight": desirable,
         "undesirable_weight": 1.0,

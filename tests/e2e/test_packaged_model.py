@@ -94,6 +94,9 @@ def test_smollm2_lora_target_changed_after_merging_and_answers_in_vllm(smol_run)
     results = json.loads((smol_run / "eval" / "results.json").read_text())
     models = models_of(results)
     assert list(models) == ["target-base", "target-kto"]
-    assert all(r["answers"] == SMOL_EVAL for r in models.values())  # the merged model answered every item in vLLM
+    assert all(r["answers"] == SMOL_EVAL for r in models.values())  # both answered every item in vLLM
+    manifest = json.loads((smol_run / "manifest.json").read_text())
+    # LoRA: the trained model answered as an adapter of the base, in the base's one engine.
+    assert manifest["stages"]["evaluate"]["engines"] == "one, 1 LoRA model(s) and the base"
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
     assert "target-kto" in (smol_run / "report.md").read_text()
