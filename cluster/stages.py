@@ -462,8 +462,6 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     if cfg.evaluate.one_engine:
         models, why_not = one_engine(models, out_dir / "adapters")
         engines = f"one per model ({why_not})" if why_not else f"one, {len(models) - 1} LoRA model(s) and the base"
-        if why_not is not None:
-            REPORT.get()(f"evaluate: engines {engines}")
     generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)
     mark_answers(out_dir / "answers", out_dir / "marked", cfg.mark.batch_size, cfg.mark)
     marked = read_table(out_dir / "marked", MARKED)
