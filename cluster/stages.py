@@ -458,8 +458,11 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     stamps = [(Path(m.model) / "config.json").stat().st_mtime_ns for m in models[1:]]
     fp = fingerprint(stage_fingerprints(cfg)["evaluate"], stamps)
     out_dir = run_dir / "eval"
-    engines = "one per model (evaluate.one_engine: false)"
-    if cfg.evaluate.one_engine:
+    on = cfg.evaluate.one_engine
+    if on is None:  # GPU engines only: see EvaluateConfig.one_engine
+        on = bool(models[0].engine.num_gpus)
+    engines = "one per model (evaluate.one_engine: false)" if cfg.evaluate.one_engine is False else "one per model (CPU engines)"
+    if on:
         models, why_not = one_engine(models, out_dir / "adapters")
         engines = f"one per model ({why_not})" if why_not else f"one, {len(models) - 1} LoRA model(s) and the base"
     generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)

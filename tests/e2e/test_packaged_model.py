@@ -96,7 +96,7 @@ def test_smollm2_lora_target_changed_after_merging_and_answers_in_vllm(smol_run)
     assert list(models) == ["target-base", "target-kto"]
     assert all(r["answers"] == SMOL_EVAL for r in models.values())  # both answered every item in vLLM
     manifest = json.loads((smol_run / "manifest.json").read_text())
-    # LoRA: the trained model answered as an adapter of the base, in the base's one engine.
-    assert manifest["stages"]["evaluate"]["engines"] == "one, 1 LoRA model(s) and the base"
+    # LoRA on CPU engines: the merged model answered in an engine of its own (vLLM CPU's LoRA is slow).
+    assert manifest["stages"]["evaluate"]["engines"] == "one per model (CPU engines)"
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
     assert "target-kto" in (smol_run / "report.md").read_text()
