@@ -41,14 +41,15 @@ def machine() -> dict:
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
-def default_prompts(batch_size: int) -> int:
-    """Prompts per engine replica: 2 x (MIN_WAVES + 1) engine batches. `lossaverse.pipeline.generation.shards.
-    steady_state` needs MIN_WAVES + 1 waves of completions, and batches that complete together
-    make fewer waves than batches (measured on 2 cores: 4 batches made 3 waves, 5 made exactly 4),
-    so twice that leaves a margin and a window of several seconds to time."""
+def default_prompts(engine) -> int:
+    """Prompts per engine replica: 2 x (MIN_WAVES + 1) rounds of the batches a replica holds at once
+    (`batch_size` x `max_concurrent_batches`). `lossaverse.pipeline.generation.shards.steady_state`
+    needs MIN_WAVES + 1 waves of completions; the batches in flight together tend to complete
+    together (the default job's 8 batches of 8 on 64 prompts made one wave), and twice that leaves
+    a margin and a window of several seconds to time (384 prompts, 6 rounds, measured it)."""
     from lossaverse.pipeline.generation.shards import MIN_WAVES
 
-    return 2 * (MIN_WAVES + 1) * batch_size
+    return 2 * (MIN_WAVES + 1) * engine.batch_size * engine.max_concurrent_batches
 
 
 def _replica_figures(runs: list[dict], hint: str) -> dict:
@@ -93,7 +94,7 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     ref = cfg.competitors["large"]
     model, engine = resolve_model(ref.path), cfg.engine_for(ref)
     sampling = cfg.generate.sampling.model_copy(update={"samples": 1})
-    needed = default_prompts(engine.batch_size)
+    needed = default_prompts(engine)
     prompts = prompts or needed
     if prompts < needed:
         report(f"bench generate: {prompts} prompts per replica are fewer than {needed} ({needed // engine.batch_size} "

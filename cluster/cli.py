@@ -234,7 +234,7 @@ def bench(
     rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
     steps: int = typer.Option(100, "--steps", min=10, help="train: optimizer steps per run (the first 5 are warm-up)"),
     prompts: Optional[int] = typer.Option(None, "--prompts", min=1,
-                                          help="generate: prompts per engine replica (default: 8 engine batches)"),
+                                          help="generate: prompts per engine replica (default: 8 rounds of the batches in flight)"),
     repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
     out: Optional[Path] = typer.Option(None, "--out", help="where bench.json and the plot go (default runs/<name>/bench)"),
     cost_prompts: int = typer.Option(10_000, "--cost-prompts", help="cost model: prompts of the job to size"),

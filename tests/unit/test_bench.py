@@ -9,7 +9,7 @@ import matplotlib.image as mpimg
 from rich.console import Console
 
 from lossaverse.cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
-from lossaverse.cluster.config import load_config
+from lossaverse.cluster.config import EngineConfig, load_config
 from lossaverse.pipeline.bench.measure import PeakRSS, Timer, nvml, peak_memory, ratio, spread
 from lossaverse.pipeline.generation.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
@@ -77,7 +77,9 @@ def test_batches_completing_together_count_as_one_wave():
 def test_too_few_waves_are_refused_and_the_default_prompts_give_enough():
     assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES)])["steady_tokens_per_s"] is None
     assert steady_state([(10.0 + 3 * i, 100) for i in range(MIN_WAVES + 1)])["steady_tokens_per_s"] == round(300 / 9, 1)
-    assert default_prompts(256) == 8 * 256  # per replica: twice the 4 waves needed, as batches may complete together
+    # per replica: twice the 4 waves needed, of the batches one replica holds at once (they tend to complete together)
+    assert default_prompts(EngineConfig(batch_size=256, max_concurrent_batches=1)) == 8 * 256
+    assert default_prompts(EngineConfig(batch_size=8, max_concurrent_batches=8)) == 512
 
 
 def test_tally_groups_rows_by_engine_batch():
