@@ -68,8 +68,8 @@ def placements(competitors: list) -> list[Placement]:
             continue
         seen.add(c.engine_name)
         shared = [x for x in competitors if x.endpoint is None and x.engine_name == c.engine_name]
-        adapters = sum(1 for x in shared if x.lora)
-        model = f"{c.model} + {adapters} LoRA adapter(s) for {', '.join(x.name for x in shared)}" if c.shared_engine else c.model
+        others = [x.name for x in shared if x.name != c.engine_name]  # the base's own (zero) adapter is not counted
+        model = f"{c.model} + LoRA adapters for {', '.join(others)}" if c.shared_engine else c.model
         e = c.engine
         out.append(Placement(c.engine_name, model, e.concurrency, e.bundles_per_replica, e.bundle, e.placement_strategy, "vllm"))
     return out
