@@ -34,6 +34,73 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
+# What the suite starts, counted from the process table: every vLLM engine runs an engine-core
+# process titled `VLLM::EngineCore` (Ray Data replicas, Serve replicas and `LLM.generate` alike),
+# every Ray Train run a `TrainController` actor, and every worker group its `RayTrainWorker`
+# actors, started together. A daemon thread polls /proc (the processes live for seconds at least)
+# and the summary at the end names the totals and the test files that started the most.
+STARTS = {"vLLM engines": "VLLM::EngineCore", "Ray Train runs": "ray::TrainController", "Ray Train workers": "ray::RayTrainWorker"}
+GROUP_GAP_TICKS = 5 * os.sysconf("SC_CLK_TCK")  # workers that start within 5 s of each other: one group
+
+
+class StartCounter:
+    def __init__(self):
+        self.seen: dict[tuple[int, int], tuple[str, str]] = {}  # (pid, start tick) -> (kind, test file)
+        self.test = "(setup)"
+        self.since = 0  # boot ticks when the session started: older processes are not the suite's
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True, name="start-counter")
+
+    def _poll(self):
+        while not self.stop.wait(0.25):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        title = f.read(64).split(b"\0")[0].decode(errors="replace")
+                    with open(f"/proc/{entry}/stat") as f:
+                        tick = int(f.read().rpartition(")")[2].split()[19])
+                except OSError:
+                    continue
+                kind = next((k for k, prefix in STARTS.items() if title.startswith(prefix)), None)
+                if kind is not None and tick >= self.since:
+                    self.seen.setdefault((int(entry), tick), (kind, self.test))
+
+    def summary(self) -> list[str]:
+        counts = {kind: 0 for kind in STARTS}
+        per_file: dict[str, dict[str, int]] = {}
+        for kind, test in self.seen.values():
+            counts[kind] += 1
+            per_file.setdefault(test, dict.fromkeys(STARTS, 0))[kind] += 1
+        ticks = sorted(t for (_, t), (kind, _) in self.seen.items() if kind == "Ray Train workers")
+        groups = sum(1 for i, t in enumerate(ticks) if i == 0 or t - ticks[i - 1] > GROUP_GAP_TICKS)
+        lines = [", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" (about {groups} worker groups)"]
+        top = sorted(per_file.items(), key=lambda kv: -sum(kv[1].values()))[:12]
+        lines += [f"  {test}: " + ", ".join(f"{n} {kind}" for kind, n in c.items() if n) for test, c in top]
+        return lines
+
+
+COUNTER = StartCounter()
+
+
+def pytest_sessionstart(session):
+    with open("/proc/uptime") as f:
+        COUNTER.since = int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+    COUNTER.thread.start()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    COUNTER.test = nodeid.split("::")[0]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    COUNTER.stop.set()
+    terminalreporter.section("starts (from the process table)")
+    for line in COUNTER.summary():
+        terminalreporter.write_line(line)
+
+
 def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run the real `lossaverse` command line in a child process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
