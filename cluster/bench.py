@@ -396,6 +396,12 @@ def bench_table(result: dict):
                               f"{su['rules']['agreement']:.3f}", f"{su['math_verify']['agreement']:.3f}", "")
                 for d in su["disagreements"]:
                     notes.append(f"mark suite {d['id']}: grader {d['grader']}, rules {d['rules']}, math-verify {d['math_verify']}: {d['why']}")
+            if "math_verify_suite" in m:
+                mv = m["math_verify_suite"]
+                table.add_row("mark", f"agreement with math-verify's tests ({mv['graded']} rows, {mv['excluded']} excluded), "
+                              f"false positives {len(mv['false_positives'])}", f"{mv['agreement']:.3f}", "", "")
+                for d in mv["disagreements"]:
+                    notes.append(f"mark math-verify suite {d['id']}: expected {d['correct']}, rules {d['rules']} ({d['source']})")
         _memory_rows(table, "mark", result["mark"]["memory"])
     if "train" in result:
         t = result["train"]

@@ -249,6 +249,7 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
 
 
 SUITE = Path(__file__).resolve().parents[2] / "tests" / "data" / "marker" / "model_outputs.jsonl"
+MATH_VERIFY_SUITE = Path(__file__).resolve().parents[2] / "tests" / "data" / "marker" / "math_verify_cases.jsonl"
 
 
 def _math_verify_verdict(completion: str, reference: str) -> bool | None:
@@ -296,6 +297,42 @@ def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
 
     return {"rows": len(rows), "formats": sorted({r["format"] for r in rows}), "rules": score(ours), "math_verify": score(theirs),
             "rules_vs_math_verify": 1 - len(disagreements) / len(rows), "disagreements": disagreements,
+            "worst_row_s": worst[0], "worst_row": worst[1]}
+
+
+def math_verify_suite_agreement(path: Path = MATH_VERIFY_SUITE, timeout_s: float = 5) -> dict:
+    """The marker against math-verify's own regression suite (its tests/ cases as rows,
+    tests/data/marker/math_verify_cases.jsonl, made by make_math_verify_cases.py there).
+
+    `rows`: every case; `excluded`: how many are left out, by reason (an expectation that is
+    math-verify's parser configuration, not the answer's correctness); on the rest (`graded`):
+    `agreement` with `correct` (math-verify's expectation; a careful grader's where the row's note
+    says math-verify's is a defect of its parse, `overridden`), `agreement_math_verify` with the
+    expectation as its tests write it, `false_positives` (ids marked right where `correct` is
+    false), `disagreements` (every row the marker gets wrong, with its source and note) and the
+    slowest row of the marker (`worst_row_s`, `worst_row`)."""
+    from lossaverse.pipeline.marker.mark import grade_row
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    graded = [r for r in rows if r["excluded"] is None]
+    excluded: dict[str, int] = {}
+    for r in rows:
+        if r["excluded"] is not None:
+            excluded[r["excluded"]] = excluded.get(r["excluded"], 0) + 1
+    grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars: not a row's time
+    verdicts, worst = [], (0.0, None)
+    for r in graded:
+        start = time.perf_counter()
+        verdicts.append(grade_row(r["completion"], r["reference"], r["kind"], r["choices"], r["finish_reason"], None, timeout_s).correct)
+        worst = max(worst, (time.perf_counter() - start, r["id"]))
+    wrong = [(r, v) for r, v in zip(graded, verdicts) if v != r["correct"]]
+    return {"rows": len(rows), "excluded": sum(excluded.values()), "excluded_by_reason": excluded, "graded": len(graded),
+            "agree": len(graded) - len(wrong), "agreement": 1 - len(wrong) / len(graded),
+            "agreement_math_verify": sum(v == bool(r["expected"]) for r, v in zip(graded, verdicts)) / len(graded),
+            "overridden": sum(r["correct"] != bool(r["expected"]) for r in graded),
+            "false_positives": [r["id"] for r, v in wrong if v], "false_negatives": [r["id"] for r, v in wrong if not v],
+            "disagreements": [{"id": r["id"], "source": r["source"], "correct": r["correct"], "rules": v, "note": r["note"]}
+                              for r, v in wrong],
             "worst_row_s": worst[0], "worst_row": worst[1]}
 
 
@@ -364,7 +401,9 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
     baseline median. row_rules: the same rules as a plain per-row loop. worst_row_s: the slowest
     row per kind (per-row loop over generated rows); hostile: the slowest row (CPU and wall) on text
     made to be slow (`hostile_rows`); suite: agreement with a careful grader and with math-verify on
-    real-format model outputs (`suite_agreement`), every disagreement and why. peak_rss_bytes: a fresh
+    real-format model outputs (`suite_agreement`), every disagreement and why; math_verify_suite:
+    agreement with math-verify's own test cases, exclusions and false positives
+    (`math_verify_suite_agreement`). peak_rss_bytes: a fresh
     process marking rows/10 and rows numeric rows in streamed batches (flat = memory does not grow).
     """
     from lossaverse.pipeline.marker.mark import mark_table
@@ -380,6 +419,7 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
         out["worst_row_s"] = {kind: row_rules_rate(generate_answers_table(kind, min(rows, 2_000), seed), timeout_s)["worst_row_s"]
                               for kind in kinds}
         out["suite"] = suite_agreement(timeout_s=timeout_s)
+        out["math_verify_suite"] = math_verify_suite_agreement(timeout_s=timeout_s)
         out["hostile"] = hostile_worst(timeout_s)
     if "numeric" in out["kinds"]:
         numeric = out["kinds"]["numeric"]

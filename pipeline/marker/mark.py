@@ -26,7 +26,8 @@ How a careful human grader reads an answer, as rules (the same for every kind):
   the answer; LaTeX and markdown decorations (`**`, `\\dfrac`, `\\text{}`, `\\$`) are read through.
 - A *stated* final answer (`#### X`, `\\boxed{X}`, "the answer is X", "Answer: X", Minerva's
   "Final Answer: The final answer is $X$.") wins over any number in the reasoning; of several
-  statements the last one counts (a self-correction), but
+  statements the last one counts (a self-correction), and a "Final Answer:" line overrides the
+  boxes before it (boxed intermediate results), but
   stating three or more different answers (two for `choice` and `exact`, whose answer spaces are
   small enough that hedging pays) is guessing and is wrong. "The answer is 3 or 4" is wrong.
 - Without a statement the answer is guessed from the text: the last number (`numeric`), the one
@@ -139,7 +140,8 @@ MARKER_RE2 = (
 _FAST_NUM = r"(?P<n>-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?)[ \t]*\.?[ \t]*\n?$"
 _FAST_STATED = r"(?s).(?:####|\b" + _ANSWER_CI + r" [Ii][Ss]|\b" + _ANSWER_CI + r":)[ \t]*" + _FAST_NUM
 _FAST_LAST = r"[^!<>=]=[ \t]*" + _FAST_NUM
-_FAST_REF = r"^-?\$?(?:\d{1,3}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?$"
+# A comma after a leading 0 is a decimal comma (`reference_text`): "0,111" is not taken.
+_FAST_REF = r"^-?\$?(?:[1-9]\d{0,2}(?:,\d{3}){1,2}|\d{1,9})(?:\.\d{1,6})?$"
 # Text that `clean` would change, a new turn that `cut_new_turn` would cut, or a chat or reasoning
 # tag that `prepare` would cut at.
 _FAST_UNSAFE = (

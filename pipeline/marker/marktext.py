@@ -45,8 +45,8 @@ NUMBER = (
 # ASCII semantics throughout (digits, \b, \s, case folding), so that the vectorised path's RE2
 # patterns (lossaverse.pipeline.marker.mark) mean exactly the same.
 _NUMBER = re.compile(NUMBER, re.ASCII)
-# A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$".
-_DELIMITED_NUMBER = re.compile(r"\$\s*+(" + NUMBER + r")\s*+\$", re.ASCII)
+# A number in math delimiters, as Minerva-style answers write it: "$-5$", "$\$18$", "$$667$$".
+_DELIMITED_NUMBER = re.compile(r"\$\$?\s*+(" + NUMBER + r")\s*+\$\$?", re.ASCII)
 ASCII_SPACE = r"[ \t\n\r\f\v]"  # \s under re.ASCII, spelled out for the RE2 patterns of mark.py too
 # Where a stated final answer starts. "Final Answer: The final answer is" (Minerva) is one marker.
 MARKER = (
@@ -54,6 +54,8 @@ MARKER = (
     r"(?:" + ASCII_SPACE + r"*+(?:the" + ASCII_SPACE + r"++)?(?:final" + ASCII_SPACE + r"++)?answer" + ASCII_SPACE + r"++is\b)?"
 )
 _MARKER = re.compile(MARKER, re.IGNORECASE | re.ASCII)
+# A statement that declares itself final: "Final Answer: ...", "#### ...".
+FINAL_MARK = re.compile(r"####|final\s", re.IGNORECASE)
 # MARKER less `\boxed{` (lossaverse.pipeline.marker.markmath finds boxes itself).
 HASH_OR_SAID = re.compile("####|" + MARKER.split("|", 2)[2], re.IGNORECASE | re.ASCII)
 _FILLER = re.compile(
@@ -85,8 +87,11 @@ _SENTENCE = re.compile(r"[^.?!\n]++[.?!\n]?|[.?!\n]")
 _QUESTION_SENTENCE = re.compile(r"(?<![^.?!\n])[^.?!\n]*+\?")
 _TEX = [
     (re.compile(r"\\[dt]frac"), r"\\frac"),
-    (re.compile(r"\\frac\s*+\{\s*+(-?[\d.,]++)\s*+\}\s*+\{\s*+(-?[\d.,]++)\s*+\}"), r"\1/\2"),
-    (re.compile(r"\\frac\s*+(\d)\s*+(\d)"), r"\1/\2"),
+    # \frac{3}{4}, and the forms LaTeX accepts with a one-digit argument unbraced: \frac34, \frac3{4}, \frac{3}4
+    (re.compile(r"\\frac\s*+(?:\{\s*+(-?[\d.,]++)\s*+\}|(\d))\s*+(?:\{\s*+(-?[\d.,]++)\s*+\}|(\d))"),
+     lambda m: f"{m.group(1) or m.group(2)}/{m.group(3) or m.group(4)}"),
+    # A relation or operator written against its number ("x\approx11"): the number stands on its own.
+    (re.compile(r"(\\(?:approx|simeq|sim|cong|equiv|times|cdot|div))(?=\d)"), r"\1 "),
     (re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*+\{([^{}]*+)\}"), r" \1 "),
     (re.compile(r"\^\s*+\{?\\circ\}?|\\left|\\right|\\[,!;:]|\\quad"), ""),
     (re.compile(r"\\[()\[\]]"), " "),
@@ -171,10 +176,13 @@ _REFERENCE_TAIL = re.compile(r"[ \t]*+(?:[A-Za-z][A-Za-z.]*+[ \t]*+){0,3}")
 
 def reference_text(reference: str) -> str | None:
     """A numeric reference read as a completion's number is: cleaned like one ("−5" -> "-5",
-    "\\$5" -> "$5", "1{,}000" -> "1,000"), then one number, optionally followed by a unit word
-    ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five"); lossaverse.pipeline.sources.benchmarks
-    quarantines such items."""
+    "\\$5" -> "$5", "1{,}000" -> "1,000"), a decimal comma read as a point ("1,22" -> "1.22";
+    not in a number whose commas group thousands), then one number, optionally followed by a unit
+    word ("5 dollars" -> "5"). None if it is not that ("3:30", "5 - 3", "five");
+    lossaverse.pipeline.sources.benchmarks quarantines such items."""
     text = clean(reference).strip().rstrip(".").strip()
+    if "," in text:
+        text = _DECIMAL_COMMA.sub(_decimal_comma, text)
     d = _DELIMITED_NUMBER.fullmatch(text)
     if d:
         text = d.group(1).strip()
@@ -286,6 +294,10 @@ def _stated_number(s: str) -> tuple[str, bool] | None:
     return None
 
 
+# Where a number is part of a LaTeX expression: after "}{" (a denominator), "^" or "_", or \sqrt.
+_IN_EXPRESSION = re.compile(r"(?:\}\s*+\{|[\^_]\s*+\{?|\\sqrt\s*+\{?)\s*+$")
+
+
 # "1000,99", "0,111", "2,74": a comma between digits that is no thousands separator (one comma,
 # and not 1-3 digits, not starting with 0, before 3 digits).
 _DECIMAL_COMMA = re.compile(r"(?<![\d,.])(\d++),(\d++)(?![\d,]|\.\d)")
@@ -306,13 +318,19 @@ def decimal_commas(text: str, ref: Fraction | None) -> str:
     return _DECIMAL_COMMA.sub(_decimal_comma, text)
 
 
+def _after_final_line(text: str, said: list[Statement]) -> list[Statement]:
+    """A "Final Answer:" / "####" line is the final answer: boxes before it boxed intermediate results."""
+    finals = [i for i, s in enumerate(said) if not s.boxed and FINAL_MARK.match(text, s.start)]
+    return [s for i, s in enumerate(said) if not (s.boxed and i < finals[-1])] if finals else said
+
+
 def read_number(text: str, reference: str, question: str | None = None) -> Reading:
     """The final number of a completion (numeric kind), compared with the reference as numbers."""
     ref = reference_number(reference) if reference else None
     text = decimal_commas(clean(text), ref)
     values = []  # (value, hedged)
-    for s in statements(text):
-        s = after_equals(s)
+    for s in _after_final_line(text, stated(text)):
+        s = after_equals(s.text)
         got = _stated_number(s)
         if got is None and (prose := prose_value(s)) is not None:
             got = _stated_number(prose)
@@ -337,6 +355,10 @@ def read_number(text: str, reference: str, question: str | None = None) -> Readi
     if i < 0:
         return Reading(None, False, False)
     last, value = tokens[i], tokens[i].group(0)
+    if _IN_EXPRESSION.search(text, max(0, last.start() - 12), last.start()):
+        # A denominator, exponent or root ("$\\frac{1+\\sqrt{5}}{2}$"): the answer is an expression, not this number.
+        line, end = text.rfind("\n", 0, last.start()) + 1, text.find("\n", last.end())
+        return Reading(bound(text[max(line, last.start() - 80) : end if end >= 0 else len(text)]), False, False)
     if i > 0 and _LIST_GAP.fullmatch(text, tokens[i - 1].end(), last.start()) and to_number(tokens[i - 1].group(0)) != to_number(value):
         return Reading(bound(text[tokens[i - 1].start() : last.end()]), False, False)  # the end of a list
     return Reading(bound(value), ref is not None and to_number(value) == ref, False)

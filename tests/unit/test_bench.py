@@ -179,6 +179,17 @@ def test_table_shows_ratios_memory_and_refuses_an_unmeasured_steady_rate():
     assert "n/a" in refused and "give more prompts" in refused and "1,000" not in refused
 
 
+def test_table_reports_the_math_verify_suite_and_each_disagreement():
+    result = _generate_result()
+    result["mark"]["rows"][100000]["math_verify_suite"] = {
+        "rows": 277, "excluded": 17, "graded": 260, "agreement": 0.981, "false_positives": [],
+        "disagreements": [{"id": "mv-test_all-test_number_extraction-02", "correct": True, "rules": False,
+                           "source": "math-verify tests/test_all.py::test_number_extraction"}]}
+    text = _render(result)
+    assert "agreement with math-verify's tests (260 rows, 17 excluded), false positives 0" in text and "0.981" in text
+    assert "mv-test_all-test_number_extraction-02: expected True, rules False" in text
+
+
 def test_scaling_plot_is_written_also_without_a_steady_rate(tmp_path):
     for steady in (True, False):
         plot_scaling(_generate_result(steady=steady), tmp_path / f"scaling-{steady}.png")
