@@ -36,6 +36,10 @@ from lossaverse.pipeline.data.rundir import fingerprint, read_json, read_table, 
 from lossaverse.pipeline.data.schemas import ITEMS, MARKED
 
 ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
+# The KTO step's own settings (`train.<key>`): neither the SFT step nor the on-policy answers depend
+# on them, so a tune trial that changes only these trains the KTO step alone from the run's SFT start.
+KTO_STEP_ONLY = frozenset({"beta", "weights", "desirable_weight", "undesirable_weight", "loss_aversion",
+                           "nll_weight", "precompute_ref_log_probs"})
 
 
 def on_policy_items(cfg: RunConfig) -> pa.Table:
@@ -101,6 +105,25 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
     return kto, stats
 
 
+def sft_settings(cfg: RunConfig, shared: bool):
+    """The recipe's SFT step's training settings; `shared`: the SFT baseline's run of the whole
+    budget (sft_steps + max_steps), whose model after sft_steps is the recipe's start."""
+    steps = cfg.train.sft_steps + (cfg.train.max_steps if shared else 0)
+    return cfg.train.for_method("sft").model_copy(update={"max_steps": steps, "recipe": "single"})
+
+
+def step_fingerprints(cfg: RunConfig, datasets_fp: str, shared: bool) -> tuple[str, str, str]:
+    """The fingerprints of the recipe's SFT step, on-policy answers and datasets (each step is
+    skipped on a re-run while its done.json holds the same). SFT depends on the data, the target
+    and the shared optimizer settings, not on the KTO step's own (KTO_STEP_ONLY): changing beta or
+    the weights re-runs the KTO step alone, and a tune trial of those settings shares the steps."""
+    kto_only = KTO_STEP_ONLY | {"method", "compare", "recipe", "on_policy", "resume"}
+    sft_fp = fingerprint("recipe-sft", datasets_fp, cfg.target.model_dump(mode="json"),
+                         sft_settings(cfg, shared).model_dump(mode="json", exclude=kto_only), shared)
+    op_fp = fingerprint(sft_fp, "on_policy", cfg.train.on_policy.model_dump(), cfg.rounds.count)
+    return sft_fp, op_fp, fingerprint(op_fp, "datasets", cfg.datasets.model_dump())
+
+
 def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callable[..., dict],
                answer_one: Callable[..., dict], report: Callable[[str], None], fp: str, datasets_fp: str,
                sft_dirs: tuple[Path, Path] | None = None) -> dict:
@@ -120,15 +143,8 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
 
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"
-    sft_train = cfg.train.for_method("sft").model_copy(update={"max_steps": cfg.train.sft_steps, "recipe": "single"})
-    # SFT depends on the data, the target and the shared optimizer settings, not on KTO's own
-    # settings: changing beta or the weights re-runs only the KTO step.
-    kto_only = {"method", "compare", "recipe", "beta", "weights", "desirable_weight", "undesirable_weight",
-                "loss_aversion", "nll_weight", "on_policy", "precompute_ref_log_probs", "resume"}
-    if sft_dirs is not None:
-        sft_train = sft_train.model_copy(update={"max_steps": cfg.train.sft_steps + cfg.train.max_steps})
-    sft_fp = fingerprint("recipe-sft", datasets_fp, cfg.target.model_dump(mode="json"),
-                         sft_train.model_dump(mode="json", exclude=kto_only), sft_dirs is not None)
+    sft_train = sft_settings(cfg, sft_dirs is not None)
+    sft_fp, op_fp, data_fp = step_fingerprints(cfg, datasets_fp, sft_dirs is not None)
     sft = _done(sft_dir, sft_fp)
     if sft is None and sft_dirs is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
@@ -142,7 +158,6 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     sft_model = str((sft_dir / "model").resolve())
 
     op_dir = folder / "on_policy"
-    op_fp = fingerprint(sft_fp, "on_policy", cfg.train.on_policy.model_dump(), cfg.rounds.count)
     op = _done(op_dir, op_fp)
     if op is None:
         items = on_policy_items(cfg)
@@ -152,7 +167,6 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
         op = _record(op_dir, op_fp, {**marked, "items": items.num_rows})
 
     data_dir = folder / "datasets"
-    data_fp = fingerprint(op_fp, "datasets", cfg.datasets.model_dump())
     data = _done(data_dir, data_fp)
     if data is None:
         kto, stats = on_policy_datasets(cfg, read_table(op_dir / "marked", MARKED),

@@ -8,6 +8,13 @@ tune.json ranks the trials by validation accuracy (with those of earlier tune ru
 overrides and baselines, so one-factor grids add up to one ablation table); the winner is printed as the `--set` line to
 use for the real run, which then reports on the eval split.
 
+With `train.recipe: sft_then_kto` the run's own train stage runs first, as `lossaverse run` runs it
+(SFT, the on-policy answers, KTO, and the baselines of `train.compare` from the one SFT checkpoint).
+Its models, evaluated on the validation items in the trial `configured`, are the baselines (SFT at
+the whole budget, RFT), and a trial that changes only the KTO step's own settings (beta, the
+weights, the NLL term: `shares_recipe_start`) links the run's recipe/ folder and trains the KTO step
+alone from that SFT checkpoint. Every trial then reads against SFT and RFT from the same start.
+
 Written here rather than with Ray Tune: each trial is itself a Ray Train job plus Ray Data vLLM
 generation launched through the stage runner, with its own resumable run directory, and the grid
 is small; Ray Tune's trial actors would wrap jobs that already schedule their own resources.
@@ -23,6 +30,7 @@ from typing import Callable
 import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
+from lossaverse.cluster.recipe import KTO_STEP_ONLY
 from lossaverse.pipeline.data.rundir import read_json, write_json
 from lossaverse.training.config import RECIPE_BASELINES
 
@@ -57,75 +65,148 @@ def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
     return item_scores(read_table(trial_dir / "eval" / "marked", MARKED))[model]
 
 
+def shares_recipe_start(cfg: RunConfig, sets: list[str]) -> bool:
+    """Whether a trial of an `sft_then_kto` config changes only the KTO step's own settings
+    (lossaverse.cluster.recipe.KTO_STEP_ONLY). Such a trial starts from the run's own SFT checkpoint
+    and on-policy answers (their fingerprints leave those settings out) and trains the KTO step
+    alone, so each costs one KTO step and not a whole recipe."""
+    if cfg.train.recipe != "sft_then_kto" or not sets:
+        return False
+    for item in sets:
+        section, _, key = item.split("=", 1)[0].strip().partition(".")
+        if section != "train" or key not in KTO_STEP_ONLY:
+            return False
+    return True
+
+
+def link_into(trial_dir: Path, top: Path, subs: list[str]) -> None:
+    """Symlink each of the run's folders `subs` (relative paths) into the trial directory."""
+    for sub in subs:
+        link = trial_dir / sub
+        if not link.is_symlink() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((top / sub).resolve(), target_is_directory=True)
+
+
+def _flow(values: list[str]) -> str:
+    return "[" + ", ".join(values) + "]"
+
+
+def _trial_config(config: Path, overrides: list[str], sets: list[str], name: str, top: Path, compare: list[str]) -> RunConfig:
+    return load_config(config, overrides + sets + [f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation",
+                                                   "evaluate.transfer=null", f"train.compare={_flow(compare)}"])
+
+
+def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str) -> dict:
+    """A trial's entry of tune.json: `model`'s validation accuracy and its gain over the untrained target."""
+    trial_dir = tcfg.run_dir
+    results = read_json(trial_dir / "eval" / "results.json")
+    pair = next(p for p in results["pairs"] if p["model"] == model and p["baseline"] == "target-base")
+    info = (read_json(trial_dir / "manifest.json") or {}).get("stages", {}).get("train", {})
+    method = model.removeprefix("target-")
+    entry = {"trial": name, "set": sets, "method": method, "recipe": tcfg.train.recipe,
+             "validation_accuracy": results[model]["accuracy"], "ci95": results[model]["ci95"],
+             "items": results[model]["items"], "base_accuracy": results["target-base"]["accuracy"],
+             "gain": pair["diff"], "gain_ci95": pair["ci95"], "mcnemar_p": pair["mcnemar_p"],
+             "steps": info.get("budget_steps") or info.get("steps")}
+    if method == "kto" and tcfg.train.method == "kto":
+        entry.update(beta=tcfg.train.beta, nll_weight=tcfg.train.nll_weight,
+                     divergent_negatives=tcfg.datasets.divergent_negatives,
+                     **{k: info[k] for k in ("desirable_weight", "undesirable_weight", "loss_aversion") if k in info})
+    return entry
+
+
 def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, top: Path,
                report: Callable[[str], None]) -> tuple[RunConfig, dict]:
     """Train and evaluate one trial on the validation items; (its config, its entry of tune.json)."""
     from lossaverse.cluster.stages import execute
 
-    tcfg: RunConfig = load_config(config, overrides + sets + [
-        f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation", "evaluate.transfer=null", "train.compare=[]"])
+    cfg = load_config(config, overrides)
+    shared = shares_recipe_start(cfg, sets)
+    # A shared trial keeps the run's SFT baseline in `compare`: with it, the recipe's SFT step is the
+    # SFT baseline's run (see run_recipe), and only then do the step fingerprints match the run's.
+    compare = [m for m in cfg.train.methods if m == "sft"] if shared else []
+    tcfg = _trial_config(config, overrides, sets, name, top, compare)
     trial_dir = tcfg.run_dir
     trial_dir.mkdir(parents=True, exist_ok=True)
     # A trial that changes how datasets/ is built builds its own from the run's marked answers.
     own_datasets = any(s.split("=", 1)[0].startswith("datasets.") for s in sets)
-    for sub in ("items", "marked" if own_datasets else "datasets"):
-        link = trial_dir / sub
-        if not link.exists():
-            link.symlink_to((top / sub).resolve(), target_is_directory=True)
-    report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets))
+    link_into(trial_dir, top, ["items", "marked" if own_datasets else "datasets"])
+    if shared:
+        link_into(trial_dir, top, ["recipe"] + [f"compare/{m}" for m in compare])
+    report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets)
+           + (" (from the run's SFT checkpoint and on-policy answers)" if shared else ""))
     execute(tcfg, (["datasets"] if own_datasets else []) + ["train", "evaluate"], report=report)
-    results = read_json(trial_dir / "eval" / "results.json")
-    trained = f"target-{tcfg.train.method}"
-    pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
-    info = (read_json(trial_dir / "manifest.json") or {}).get("stages", {}).get("train", {})
-    entry = {"trial": name, "set": sets, "method": tcfg.train.method, "recipe": tcfg.train.recipe,
-             "validation_accuracy": results[trained]["accuracy"], "ci95": results[trained]["ci95"],
-             "items": results[trained]["items"], "base_accuracy": results["target-base"]["accuracy"],
-             "gain": pair["diff"], "gain_ci95": pair["ci95"], "mcnemar_p": pair["mcnemar_p"],
-             "steps": info.get("budget_steps") or info.get("steps")}
-    if tcfg.train.method == "kto":
-        entry.update(beta=tcfg.train.beta, nll_weight=tcfg.train.nll_weight,
-                     divergent_negatives=tcfg.datasets.divergent_negatives,
-                     **{k: info[k] for k in ("desirable_weight", "undesirable_weight", "loss_aversion") if k in info})
-    return tcfg, entry
+    return tcfg, _entry(tcfg, name, sets, f"target-{tcfg.train.method}")
+
+
+def _configured(config: Path, overrides: list[str], top: Path, report: Callable[[str], None]) -> RunConfig:
+    """The run's own recipe and its baselines (trained in the run directory, as `lossaverse run`
+    trains them) evaluated on the validation items, in the trial directory `configured`."""
+    from lossaverse.cluster.stages import execute
+
+    cfg = load_config(config, overrides)
+    tcfg = _trial_config(config, overrides, [], "configured", top, cfg.train.compare)
+    link_into(tcfg.run_dir, top, ["items", "datasets", "recipe", "model"] + [f"compare/{m}" for m in cfg.train.methods[1:]])
+    report("[bold]trial[/] configured: the run's own models on the validation items")
+    execute(tcfg, ["evaluate"], report=report)
+    return tcfg
+
+
+def _versus(scores: dict, baselines: dict, seed: int) -> dict:
+    """A trial's paired difference against each baseline on the same validation items."""
+    from lossaverse.pipeline.report.evalstats import compare
+
+    out = {}
+    for method, (_, base_scores) in baselines.items():
+        pair = compare(scores, base_scores, seed=seed)
+        out[method] = {k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}
+    return out
 
 
 def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Callable[[str], None] = print) -> dict:
     """Run every trial of `grid` (the caller has started Ray); write and return tune.json.
 
     Each method in the config's `train.compare` (other than `train.method`) is trained once more as
-    a baseline trial (`baseline-<method>`) with the config's whole step budget (with `recipe:
-    sft_then_kto`, its sft_steps + max_steps), and every trial gets its paired difference against
-    each baseline on the same validation items (`vs`), so an ablation reads against SFT as well as
-    against the untrained target."""
+    a baseline trial (`baseline-<method>`) with the config's whole step budget; with `recipe:
+    sft_then_kto` the baselines are the run's own compared models instead (see the module
+    docstring), beside the trial `configured`. Every trial gets its paired difference against each
+    baseline on the same validation items (`vs`), so an ablation reads against SFT (and RFT) as
+    well as against the untrained target."""
     from lossaverse.cluster.stages import execute, stage_fingerprints
-    from lossaverse.pipeline.report.evalstats import compare
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:
         raise ConfigError("tune chooses settings on validation items: set benchmark.n_validation (for example --set benchmark.n_validation=400)")
     if cfg.rounds.count > 1:
         raise ConfigError("tune trains one round: tune with rounds: 1, then run the rounds with the chosen settings")
-    execute(cfg, ["items", "generate", "mark", "datasets"], report=report)
+    recipe = cfg.train.recipe == "sft_then_kto"
+    # With the recipe, the run's own train stage (SFT, on-policy answers, KTO and the baselines from
+    # one SFT checkpoint) runs once here, as `lossaverse run` would run it: its models are the
+    # baselines, and trials of the KTO step's own settings start from its SFT checkpoint.
+    execute(cfg, ["items", "generate", "mark", "datasets"] + (["train"] if recipe else []), report=report)
     top = cfg.top_dir
-    budget = cfg.train.sft_steps + cfg.train.max_steps if cfg.train.recipe == "sft_then_kto" else cfg.train.max_steps
+    budget = cfg.train.sft_steps + cfg.train.max_steps if recipe else cfg.train.max_steps
     baselines = {}
+    trials = []
+    if recipe:
+        ccfg = _configured(config, overrides, top, report)
+        for method in cfg.train.methods[1:]:
+            entry = {**_entry(ccfg, f"baseline-{method}", [], f"target-{method}"), "steps": budget}
+            baselines[method] = (entry, _trial_scores(ccfg.run_dir, f"target-{method}"))
+        trials.append(_entry(ccfg, "configured", [], f"target-{cfg.train.method}"))
+        trials[-1]["vs"] = _versus(_trial_scores(ccfg.run_dir, f"target-{cfg.train.method}"), baselines, cfg.seed)
     # rft starts from a recipe's own SFT checkpoint: each trial is one method, so it is no baseline trial here.
-    for method in [m for m in cfg.train.compare if m != cfg.train.method and m not in RECIPE_BASELINES]:
+    for method in [m for m in cfg.train.compare if not recipe and m != cfg.train.method and m not in RECIPE_BASELINES]:
         sets = [f"train.method={method}", "train.recipe=single"] + ([f"train.max_steps={budget}"] if budget else [])
         bcfg, entry = _run_trial(config, overrides, sets, f"baseline-{method}", top, report)
         baselines[method] = (entry, _trial_scores(bcfg.run_dir, f"target-{method}"))
-    trials = []
     for values in itertools.product(*grid.values()):
         combo = dict(zip(grid, values))
         sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in combo.items()]
         tcfg, entry = _run_trial(config, overrides, sets, trial_name(combo), top, report)
         if baselines:
-            scores = _trial_scores(tcfg.run_dir, f"target-{tcfg.train.method}")
-            entry["vs"] = {}
-            for method, (_, base_scores) in baselines.items():
-                pair = compare(scores, base_scores, seed=cfg.seed)
-                entry["vs"][method] = {k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}
+            entry["vs"] = _versus(_trial_scores(tcfg.run_dir, f"target-{tcfg.train.method}"), baselines, cfg.seed)
         trials.append(entry)
     # Trials of earlier tune runs on the same data (another grid) stay in tune.json, so that
     # one-factor-at-a-time grids add up to one ablation table; a trial run again replaces its entry.

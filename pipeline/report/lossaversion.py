@@ -124,7 +124,7 @@ def ablation_lines(tune: dict) -> list[str]:
     for t in tune.get("baselines", []) + trials:
         lo, hi = t["ci95"]
         baseline = t["trial"].startswith("baseline-")
-        cells = [f"baseline: {t['method']}" if baseline else " ".join(t["set"]),
+        cells = [f"baseline: {t['method']}" if baseline else " ".join(t["set"]) or "the config as it is",
                  str(t.get("steps", "")), f"{100 * t['validation_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
                  f"{_pts(t['gain'])} {_ci(t['gain_ci95'])}"]
         for m in base_names:

@@ -70,3 +70,30 @@ def test_rft_is_a_baseline_of_the_recipe_only():
         load_config(ROOT / "configs" / "tiny.yaml", ["train.recipe=single", "train.compare=[kto, rft]"])
     with pytest.raises(ConfigError, match="unknown training method 'rtf'"):
         load_config(ROOT / "configs" / "tiny.yaml", ["train.compare=[kto, rtf]"])
+
+
+def test_a_tune_trial_of_the_kto_steps_own_settings_has_the_runs_sft_and_on_policy_fingerprints(tmp_path):
+    from lossaverse.cluster.recipe import step_fingerprints
+    from lossaverse.cluster.stages import stage_fingerprints
+    from lossaverse.cluster.tune import _trial_config, shares_recipe_start
+
+    config = ROOT / "configs" / "local.yaml"
+    run = load_config(config, [])
+    shared = "sft" in run.train.methods
+
+    def steps(c):
+        return step_fingerprints(c, stage_fingerprints(c)["datasets"], shared)
+
+    sets = ["train.nll_weight=1.0", "train.beta=0.3", "train.desirable_weight=1.5"]
+    assert shares_recipe_start(run, sets)
+    trial = _trial_config(config, [], sets, "t", tmp_path, ["sft"])
+    assert trial.train.methods == ["kto", "sft"] and trial.evaluate.split == "validation"
+    assert steps(trial) == steps(run)  # so the trial's recipe skips the linked SFT and on-policy steps
+    # Anything the SFT step or the on-policy answers depend on is no shared trial, and would change them.
+    for other in (["train.learning_rate=1e-3"], ["train.sft_steps=32"], ["train.on_policy.samples=8"],
+                  ["datasets.divergent_negatives=true"], ["train.beta=0.3", "train.max_steps=8"]):
+        assert not shares_recipe_start(run, other), other
+        changed = steps(load_config(config, other))
+        assert changed[2] != steps(run)[2] or other == ["train.beta=0.3", "train.max_steps=8"], other
+    assert not shares_recipe_start(run, [])  # the config as it is: the run's own models
+    assert not shares_recipe_start(cfg("train.recipe=single"), ["train.beta=0.3"])
