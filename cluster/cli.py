@@ -37,11 +37,13 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
     from lossaverse.pipeline.data.rundir import lock_run_dir
 
     from lossaverse.cluster.logs import library_logs
+    from lossaverse.cluster.progress import bars
 
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
     start = time.perf_counter()
-    with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)):
+    with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)), \
+            bars(console, console.is_terminal and not VERBOSE["on"]):
         run_stages(cfg, stages, force=force, report=console.print, address=address)
     return cfg, time.perf_counter() - start
 
@@ -179,7 +181,10 @@ def tune(
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)):  # tune/ holds only trials
+        from lossaverse.cluster.progress import bars
+
+        with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)), \
+                bars(console, console.is_terminal and not VERBOSE["on"]):  # tune/ holds only trials
             console.print(init_ray(cfg.ray, address, output_dir=cfg.top_dir))
             try:
                 out = run_tune(config, set, parsed, report=console.print)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -203,13 +204,20 @@ def steady_state(completions: list[tuple[float, int]], min_waves: int = MIN_WAVE
     return out
 
 
+# Where a terminal shows progress bars (the command line sets it there, lossaverse.cluster.progress),
+# every row's tally update goes to it, and the interval lines are left out; the closing line stays.
+PROGRESS: ContextVar[Callable[[str, Tally], None] | None] = ContextVar("progress", default=None)
+
+
 def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dict[int, pa.Table]], samples: int,
                  tallies: dict[str, Tally], report: Callable[[str], None], interval_s: float) -> None:
     """Group streamed output rows by (competitor, shard); write each shard when its last row arrives.
 
     Rows are keyed by (item, sample) within a shard, so a batch that Ray retries after an engine
-    died cannot add a duplicate. Memory holds the open shards only.
+    died cannot add a duplicate. Memory holds the open shards only. Progress: a line per model every
+    `interval_s`, or each row to PROGRESS where it is set.
     """
+    show = PROGRESS.get()
     shard_of = {
         (competitor, item_id): index
         for competitor, shards in pending.items()
@@ -232,6 +240,7 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
         tally = tallies[competitor]
         tally.add(int(row.get("num_generated_tokens") or 0), bool(row.get("__inference_error__") or row.get("api_error")),
                   row.get("batch_uuid"), (row.get("engine_actor"), row.get("engine_pid")))
+        finished = False
         if len(buf) == pending[competitor][index].num_rows * samples:
             table = answers_from_outputs([buf[k] for k in sorted(buf)])
             store.write(competitor, index, table)
@@ -239,15 +248,20 @@ def write_shards(rows: Iterable[dict], store: ShardStore, pending: dict[str, dic
             written.add((competitor, index))
             if tally.done == tally.total:
                 tally.end = time.perf_counter()
-                tally.reported_end = True
-                report(tally.line(competitor))
-        if time.perf_counter() - last >= interval_s:
+                tally.reported_end = finished = True
+        if show is not None:
+            show(competitor, tally)  # a finished model's bar goes before its closing line is printed
+        if finished:
+            report(tally.line(competitor))
+        if show is None and time.perf_counter() - last >= interval_s:
             last = time.perf_counter()
             for name, t in tallies.items():  # the models whose engines run now, one line each
                 if t.total and t.started and t.end is None:
                     report(t.line(name))
     for name, t in tallies.items():
         t.end = t.end or time.perf_counter()
+        if show is not None:
+            show(name, t)
         if t.total and not t.reported_end:
             report(t.line(name))
 
@@ -296,6 +310,8 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     def on_wave(names: list[str]) -> None:  # the progress clock of a model starts with its engines
         for name in names:
             tallies[name].start, tallies[name].started = time.perf_counter(), True
+            if (show := PROGRESS.get()) is not None and tallies[name].total:
+                show(name, tallies[name])
 
     rows = stream_answers({name: list(p.values()) for name, p in pending.items()}, competitors, sampling, seed, style,
                           at_once, on_wave)

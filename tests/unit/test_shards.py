@@ -88,3 +88,36 @@ def test_the_progress_line_counts_from_the_first_answer_not_from_the_engines_sta
     t.done, t.tokens, t.end = 512, 5120, 164.0
     assert t.line("large") == ("generate large: 512/512 prompts (100%) in 164s (first answers after 100s), "
                                "3.1 rows/s, 31 tokens/s, 0 errors")
+
+
+def test_on_a_terminal_a_bar_follows_every_row_and_no_interval_line_is_printed(tmp_path):
+    """The command line's rich bars (lossaverse.cluster.progress) through the PROGRESS hook: one bar
+    per model while it generates, gone at its end; the closing line is still printed after it."""
+    import io
+
+    from rich.console import Console
+
+    from lossaverse.cluster.progress import bars
+
+    items = _items(6)
+    shards = shard_items(items, 4)
+    rows = _outputs(items, "small", samples=2)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    seen, lines = [], []
+    with bars(console, True) as hook:
+        def spy(name, tally):
+            seen.append((name, tally.done, tally.end is not None))
+            hook(name, tally)
+
+        from lossaverse.pipeline.generation.shards import PROGRESS
+
+        PROGRESS.set(spy)
+        write_shards(iter(rows), ShardStore(tmp_path / "s", "fp"), {"small": dict(enumerate(shards))}, 2,
+                     {"small": Tally(total=12)}, lines.append, interval_s=0.0)  # 0: a line every row without bars
+        assert not hook.tasks  # the finished model's bar is gone
+    assert [done for _, done, _ in seen][:12] == list(range(1, 13)) and seen[11][2]
+    assert len(lines) == 1 and lines[0].startswith("generate small: 12/12 prompts (100%)")
+    assert "generate small" in out.getvalue() and "/12" in out.getvalue()
+    with bars(console, False) as off:  # off a terminal: no hook, the interval lines
+        assert off is None
