@@ -141,7 +141,7 @@ class BenchmarkConfig(Strict):
 
     source: str = "synthetic"
     name: str = "arith"
-    kind: Literal["numeric", "choice", "math", "exact"] = "numeric"
+    kind: str = "numeric"  # a key of lossaverse.pipeline.data.kinds.KINDS: numeric | choice | math | exact
     # jsonl/parquet: split -> file path; huggingface: split -> split name of `path`.
     path: str | None = None
     subset: str | None = None
@@ -154,6 +154,13 @@ class BenchmarkConfig(Strict):
     # Carved from the start of the train split for tuning (`evaluate.split: validation`); these items
     # never generate training data, and the eval split is never used to choose settings.
     n_validation: int = Field(default=0, ge=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_known(cls, value: str) -> str:
+        from lossaverse.pipeline.data.kinds import kind_of
+
+        return kind_of(value).name
 
     @model_validator(mode="after")
     def _source_known(self) -> "BenchmarkConfig":

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.pipeline.data.schemas import ITEMS, KTO, MARKED, NEGATIVES, PAIRS, REASONS, check
+from lossaverse.pipeline.data.kinds import KINDS
 from lossaverse.pipeline.data.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 # KTO paper (Ethayarajh et al., 2024, Sec. 4.2): keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
@@ -29,13 +30,8 @@ KTO_RATIO_RANGE = (1.0, 4 / 3)
 
 
 REFERENCE = "reference"  # the competitor name of reference-answer rows in datasets/kto
-# The reference answer, stated in the form the prompt templates ask for (lossaverse.pipeline.data.prompts).
-REFERENCE_FORMS = {
-    "numeric": " The answer is {reference}.",
-    "math": " The answer is $\\boxed{{{reference}}}$.",
-    "choice": " The answer is ({reference}).",
-    "exact": " The answer is {reference}.",
-}
+# The reference answer, stated in the form each kind's prompt template asks for (lossaverse.pipeline.data.kinds).
+REFERENCE_FORMS = {name: kind.reference_form for name, kind in KINDS.items()}
 
 
 def reference_rows(marked: pa.Table) -> pa.Table:

@@ -1,4 +1,4 @@
-"""Prompt templates per benchmark kind, and chat-template rendering for instruction models.
+"""Prompt templates per benchmark kind (lossaverse.pipeline.data.kinds), and chat-template rendering for instruction models.
 
 Each template tells the model how to state its final answer, in the form the marker reads first
 ("The answer is X"). Templates are `str.format` strings over the item columns.
@@ -6,12 +6,9 @@ Each template tells the model how to state its final answer, in the form the mar
 
 from __future__ import annotations
 
-TEMPLATES = {
-    "numeric": "Question: {question}\nAnswer:",
-    "math": "Question: {question}\nPut the final answer in \\boxed{{}}.\nAnswer:",
-    "choice": "Question: {question}\n{options}\nAnswer with the letter of the correct option.\nAnswer:",
-    "exact": "Question: {question}\nAnswer:",
-}
+from lossaverse.pipeline.data.kinds import KINDS, kind_of
+
+TEMPLATES = {name: kind.template for name, kind in KINDS.items()}  # each kind's, from the one registry
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters: a choice item has at most 26 options
 
@@ -19,9 +16,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters: a choice item has at m
 def template_for(kind: str, override: str | None = None) -> str:
     if override:
         return override
-    if kind not in TEMPLATES:
-        raise ValueError(f"no prompt template for kind {kind!r}; valid: {sorted(TEMPLATES)}")
-    return TEMPLATES[kind]
+    return kind_of(kind).template
 
 
 def render(item: dict, template: str) -> str:

@@ -83,6 +83,7 @@ def grade_exact(completion: str, reference: str, choices=None, question=None, ti
     return read_exact(completion, reference)
 
 
+# One grader per benchmark kind of lossaverse.pipeline.data.kinds.KINDS (tests/unit/test_kinds.py holds them equal).
 GRADERS: dict[str, Callable[..., Reading]] = {
     "numeric": grade_numeric,
     "math": grade_math,
