@@ -40,10 +40,10 @@ class Method:
     def select(self, table: pa.Table) -> pa.Table:
         return self.rows(table).select(list(self.columns))
 
-    def trainer(self, model, args: dict, method_args: dict, train_dataset, tokenizer, callbacks, peft_config,
-                train: dict | None = None):
+    def trainer(self, model, args: dict, method_args: dict, train_dataset, tokenizer, callbacks, peft_config, *,
+                train: dict):
         """Build the TRL trainer: `args` are the shared TrainingArguments, `method_args` this method's
-        config fields, `train` the `train:` config (as a dict) the trainer's own arguments come from."""
+        config fields, `train` the whole `train:` config (TrainConfig dumped) its own arguments come from."""
         config_cls, trainer_cls = (_resolve(name) for name in self.trl)
         return trainer_cls(
             model=model,
@@ -52,7 +52,7 @@ class Method:
             processing_class=tokenizer,
             callbacks=callbacks,
             peft_config=peft_config,
-            **self.trainer_kwargs(train or {}),
+            **self.trainer_kwargs(train),
         )
 
 
@@ -76,7 +76,7 @@ METHODS: dict[str, Method] = {
     "kto": Method(
         "kto", "kto", KTO, ("prompt", "completion", "label"), ("KTOConfig", "lossaverse.training.kto_nll:KTONLLTrainer"), True, 2,
         _all, "datasets/kto is empty: mark some answers first (`lossaverse mark`)",
-        lambda train: {"nll_weight": train.get("nll_weight", 0.0)},
+        lambda train: {"nll_weight": train["nll_weight"]},  # train: the whole TrainConfig, dumped
     ),
     "dpo": Method(
         "dpo", "pairs", PAIRS, ("prompt", "chosen", "rejected"), ("DPOConfig", "DPOTrainer"), True, 1, _all,

@@ -144,7 +144,7 @@ def kto_settings(files) -> tuple[float, float, float] | None:
     stage = (read_json((files.source or files.run_dir) / "manifest.json", {}) or {}).get("stages", {}).get("train", {})
     if train.get("method") != "kto" or "desirable_weight" not in stage:
         return None
-    return float(train.get("beta", 0.1)), float(stage["desirable_weight"]), float(stage["undesirable_weight"])
+    return float(train["beta"]), float(stage["desirable_weight"]), float(stage["undesirable_weight"])  # a full config dump
 
 
 def section(files, plots: dict[str, str], tune: dict | None) -> list[str]:
