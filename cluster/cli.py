@@ -203,6 +203,10 @@ def tune(
                           f"{t['gain']:+.3f} [{glo:+.3f}, {ghi:+.3f}]", f"{t['mcnemar_p']:.3g}", *cells)
         console.print(table)
         console.print("best: " + (" ".join(f"--set {s}" for s in out["best"]) or "the config as it is"))
+        if curve := out.get("sft_curve"):
+            points = ", ".join(f"{p['step']}: {100 * p['accuracy']:.1f}%" for p in curve["points"])
+            console.print(f"SFT's validation curve (steps: accuracy) {points}; it stopped gaining at step "
+                          f"{curve['stopped_gaining_at']}, and the recipe's KTO starts at step {curve['sft_steps']} (train.sft_steps)")
         console.print(f"trials: {cfg.top_dir / 'tune.json'}")
 
     _guard(go)

@@ -105,6 +105,15 @@ def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Tabl
     return kto, stats
 
 
+def curve_folder(run_dir: Path, step: int) -> Path:
+    """Where the recipe's SFT run leaves its model after `step` of `train.sft_curve`."""
+    return run_dir / "recipe" / "sft_curve" / f"step-{step}"
+
+
+def curve_exports(cfg: RunConfig, run_dir: Path) -> list[tuple[int, Path]]:
+    return [(step, curve_folder(run_dir, step)) for step in sorted(cfg.train.sft_curve)]
+
+
 def sft_settings(cfg: RunConfig, shared: bool):
     """The recipe's SFT step's training settings; `shared`: the SFT baseline's run of the whole
     budget (sft_steps + max_steps), whose model after sft_steps is the recipe's start."""
@@ -129,7 +138,7 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
                sft_dirs: tuple[Path, Path] | None = None) -> dict:
     """sft_then_kto for one round; returns the KTO step's training result plus `recipe` (each step's
     summary). The train stage hands in its own steps: `train_one(train, model, datasets_dir, out,
-    storage, fp, export_at=None)` trains one method; `answer_one(players, items, sampling, folder,
+    storage, fp, export_at=())` trains one method; `answer_one(players, items, sampling, folder,
     fp)` generates the players' answers into folder/answers and marks them into folder/marked (the
     generate and mark stages' code), returning the mark summary. `datasets_fp` is the datasets
     stage's fingerprint.
@@ -149,12 +158,13 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     if sft is None and sft_dirs is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dir / "model",
-                                                 sft_dir / "checkpoints", sft_fp))
+                                                 sft_dir / "checkpoints", sft_fp, export_at=curve_exports(cfg, run_dir)))
     elif sft is None:
         report(f"recipe: sft ({sft_train.max_steps} steps, the SFT baseline; the model after step "
                f"{cfg.train.sft_steps} is the recipe's SFT start)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dirs[0], sft_dirs[1],
-                                                 sft_fp, export_at=(cfg.train.sft_steps, sft_dir / "model")))
+                                                 sft_fp, export_at=[(cfg.train.sft_steps, sft_dir / "model")]
+                                                 + curve_exports(cfg, run_dir)))
     sft_model = str((sft_dir / "model").resolve())
 
     op_dir = folder / "on_policy"

@@ -26,6 +26,7 @@ from lossaverse.training.config import RECIPE_BASELINES
 
 
 RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
+CURVE_PREFIX = "target-sft-"  # + a step of train.sft_curve: the SFT run's model after that step
 
 # Where stages print progress lines (the CLI's console; `print` by default).
 REPORT: ContextVar[Callable[[str], None]] = ContextVar("report", default=print)
@@ -305,7 +306,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     recipe = cfg.train.recipe == "sft_then_kto"
     many = len(cfg.train.methods) > 1 or recipe
 
-    def train_one(train, start: str, data: Path, out: Path, storage: Path, step_fp: str, export_at=None) -> dict:
+    def train_one(train, start: str, data: Path, out: Path, storage: Path, step_fp: str, export_at=()) -> dict:
         prefix = f"{train.method} " if many else ""
 
         def on_log(entry: dict) -> None:
@@ -388,6 +389,13 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine, style=style)]
     methods = cfg.train.methods
     recipe = cfg.train.recipe == "sft_then_kto"
+    if recipe and cfg.evaluate.sft_curve:  # the SFT run's curve points, earliest first
+        from lossaverse.cluster.recipe import curve_exports
+
+        for step, folder in curve_exports(cfg, run_dir):
+            if not (folder / "config.json").is_file():
+                raise StageError(f"{folder} is missing: the SFT run exports it with train.sft_curve; run `lossaverse train` first")
+            models.append(Competitor(f"{CURVE_PREFIX}{step}", str(folder.resolve()), cfg.target.chat, engine=engine, style=style))
     if recipe:  # baselines first, so that each pair reads "the recipe's KTO - baseline"
         methods = methods[1:] + methods[:1]
     for method in methods:

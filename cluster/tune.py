@@ -146,11 +146,46 @@ def _configured(config: Path, overrides: list[str], top: Path, report: Callable[
     from lossaverse.cluster.stages import execute
 
     cfg = load_config(config, overrides)
-    tcfg = _trial_config(config, overrides, [], "configured", top, cfg.train.compare)
+    tcfg = _trial_config(config, overrides, ["evaluate.sft_curve=true"], "configured", top, cfg.train.compare)
     link_into(tcfg.run_dir, top, ["items", "datasets", "recipe", "model"] + [f"compare/{m}" for m in cfg.train.methods[1:]])
-    report("[bold]trial[/] configured: the run's own models on the validation items")
+    report("[bold]trial[/] configured: the run's own models on the validation items"
+           + (f", with SFT's curve at steps {sorted(cfg.train.sft_curve)}" if cfg.train.sft_curve else ""))
     execute(tcfg, ["evaluate"], report=report)
     return tcfg
+
+
+def sft_curve(cfg: RunConfig, results: dict) -> dict:
+    """SFT's validation curve from the configured trial's results: each exported point of the SFT
+    run (train.sft_curve, the recipe's start at sft_steps, the SFT baseline at the whole budget) and
+    the step where SFT stopped gaining: the first point that no later point beats by a paired
+    difference whose 95% CI is above 0 (ties to the earlier step: fewer SFT steps, more for KTO)."""
+    from lossaverse.cluster.stages import CURVE_PREFIX, RECIPE_SFT
+
+    named = [(k, f"{CURVE_PREFIX}{k}") for k in cfg.train.sft_curve] + [(cfg.train.sft_steps, RECIPE_SFT)]
+    if "sft" in cfg.train.methods:
+        named.append((cfg.train.sft_steps + cfg.train.max_steps, "target-sft"))
+    points = [{"step": k, "model": m, "accuracy": results[m]["accuracy"], "ci95": results[m]["ci95"]}
+              for k, m in sorted(named) if m in results]
+
+    def gain(later: str, earlier: str) -> dict:
+        for p in results.get("pairs", []):
+            if (p["model"], p["baseline"]) == (later, earlier):
+                return p
+            if (p["model"], p["baseline"]) == (earlier, later):
+                return {**p, "diff": -p["diff"], "ci95": [-p["ci95"][1], -p["ci95"][0]]}
+        raise KeyError(f"no paired result of {later} against {earlier}")
+
+    stopped = None
+    for i, point in enumerate(points):
+        later = [gain(q["model"], point["model"]) for q in points[i + 1:]]
+        if all(g["ci95"][0] <= 0 for g in later):
+            stopped = point["step"]
+            break
+    for before, point in zip(points, points[1:]):
+        g = gain(point["model"], before["model"])
+        point["vs_previous"] = {"diff": g["diff"], "ci95": g["ci95"], "mcnemar_p": g["mcnemar_p"]}
+    return {"points": points, "stopped_gaining_at": stopped, "sft_steps": cfg.train.sft_steps,
+            "rule": "the first step no later step beats by a paired difference whose 95% CI is above 0"}
 
 
 def _versus(scores: dict, baselines: dict, seed: int) -> dict:
@@ -196,6 +231,7 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
             baselines[method] = (entry, _trial_scores(ccfg.run_dir, f"target-{method}"))
         trials.append(_entry(ccfg, "configured", [], f"target-{cfg.train.method}"))
         trials[-1]["vs"] = _versus(_trial_scores(ccfg.run_dir, f"target-{cfg.train.method}"), baselines, cfg.seed)
+        curve = sft_curve(cfg, read_json(ccfg.run_dir / "eval" / "results.json"))
     # rft starts from a recipe's own SFT checkpoint: each trial is one method, so it is no baseline trial here.
     for method in [m for m in cfg.train.compare if not recipe and m != cfg.train.method and m not in RECIPE_BASELINES]:
         sets = [f"train.method={method}", "train.recipe=single"] + ([f"train.max_steps={budget}"] if budget else [])
@@ -217,7 +253,7 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
         trials += [t for t in before.get("trials", []) if t["trial"] not in names]
     ranked = sorted(trials, key=lambda t: -t["validation_accuracy"])  # stable: grid order breaks ties
     out = {"split": "validation", "items": cfg.benchmark.n_validation, **same, "grid": grid, "trials": ranked,
-           "baselines": [entry for entry, _ in baselines.values()],
+           "baselines": [entry for entry, _ in baselines.values()], **({"sft_curve": curve} if recipe else {}),
            "best": ranked[0]["set"], "note": "chosen on validation items carved from the train split; the eval split was not read"}
     write_json(out, top / "tune.json")
     return out

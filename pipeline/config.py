@@ -325,6 +325,9 @@ class EvaluateConfig(Strict):
     # vLLM 0.32's LoRA kernels (torch ops that copy each token's adapter weights) ran SmolLM2's
     # five evaluated models at under 10 tokens/s together, against about 240 for one merged model.
     one_engine: bool | None = None
+    # With the recipe: also score the SFT run's curve points (train.sft_curve, recipe/sft_curve/),
+    # as `lossaverse tune` does on the validation items to show where SFT stops gaining.
+    sft_curve: bool = False
 
 
 

@@ -46,6 +46,11 @@ class TrainConfig(Strict):
     # `max_steps`. Compared methods get the recipe's whole budget (sft_steps + max_steps).
     recipe: Literal["single", "sft_then_kto"] = "single"
     sft_steps: int = Field(default=256, ge=1)
+    # The recipe's SFT run also exports its model after each of these steps (recipe/sft_curve/
+    # step-<k>/): with the recipe's start (sft_steps) and, when sft is compared, the SFT baseline at
+    # the whole budget, they are the points of SFT's validation curve, which `lossaverse tune`
+    # scores to show where SFT stops gaining (the step the recipe's KTO should start from).
+    sft_curve: list[int] = Field(default_factory=list)
     on_policy: OnPolicyConfig = OnPolicyConfig()
     # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
     nll_weight: float = Field(default=0.0, ge=0)
@@ -147,6 +152,13 @@ class TrainConfig(Strict):
             if self.max_steps is None:
                 raise ValueError("recipe sft_then_kto needs train.max_steps (the KTO steps after the sft_steps of SFT), "
                                  "so that compared methods get the same total budget")
+            run = self.sft_steps + (self.max_steps if "sft" in self.compare else 0)  # the SFT run's steps
+            wrong = [k for k in self.sft_curve if not 0 < k < run or k == self.sft_steps]
+            if wrong or len(set(self.sft_curve)) != len(self.sft_curve):
+                raise ValueError(f"train.sft_curve {self.sft_curve}: each step once, inside the SFT run's {run} steps and "
+                                 f"other than sft_steps ({self.sft_steps}, the recipe's start, always exported)")
+        elif self.sft_curve:
+            raise ValueError("train.sft_curve exports points of the recipe's SFT run: set train.recipe: sft_then_kto")
         if "kto" in self.methods and self.per_device_batch_size < 2:
             raise ValueError(
                 "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "

@@ -60,11 +60,10 @@ def prepare_storage(storage: Path, fingerprint: str, resume: bool) -> bool:
 
 
 def launch_config(plan: TrainPlan, train, model: str, storage: Path, out_tmp: Path, seed: int,
-                  export: tuple[int, Path] | None = None) -> dict:
+                  exports: list[tuple[int, Path]] = ()) -> dict:
     """The worker's whole input (lossaverse.training.worker.train_func reads nothing else)."""
     return {
-        "export_step": export[0] if export else None,
-        "export_out": str(export[1]) if export else None,
+        "exports": [[step, str(folder)] for step, folder in exports],
         "method": plan.method,
         "method_args": plan.method_args,
         "train": train.model_dump(mode="json"),
@@ -133,10 +132,10 @@ class _Tail(threading.Thread):
 
 def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: Path, seed: int, *,
                 params: tuple[int, int] | None, fingerprint: str = "", resume: bool = False,
-                on_log: Callable[[dict], None] | None = None, export_at: tuple[int, Path] | None = None) -> dict:
+                on_log: Callable[[dict], None] | None = None, export_at: list[tuple[int, Path]] = ()) -> dict:
     """Train `model` with `train.method` on the datasets under `datasets_dir`; the final model goes
-    to `out_dir` (renamed into place only once complete). `export_at=(step, folder)` also writes the
-    model as it stood after `step` into `folder` (renamed into place with the final model).
+    to `out_dir` (renamed into place only once complete). Each `(step, folder)` of `export_at` also
+    writes the model as it stood after `step` into `folder` (renamed into place with the final model).
 
     Returns the plan's info (method, rows, weights, memory) plus steps, train_loss, resumed,
     attempts, the last logged metrics and `history` (one dict per logged step).
@@ -153,19 +152,19 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
         data.with_suffix(".tmp").replace(data)
     out_tmp = _tmp(out_dir)
     shutil.rmtree(out_tmp, ignore_errors=True)
-    export = None
-    if export_at is not None:
-        if not 0 < export_at[0] < (train.max_steps or 0):
-            raise ValueError(f"export_at step {export_at[0]} is not inside the run's {train.max_steps} steps")
-        export = (export_at[0], _tmp(export_at[1]))
+    exports = []
+    for step, folder in export_at:
+        if not 0 < step < (train.max_steps or 0):
+            raise ValueError(f"export_at step {step} is not inside the run's {train.max_steps} steps")
+        exports.append((step, _tmp(folder)))
         if not resumed:  # a resumed run past the step wrote it before its checkpoint
-            shutil.rmtree(export[1], ignore_errors=True)
+            shutil.rmtree(exports[-1][1], ignore_errors=True)
 
     tail = _Tail(storage / "metrics.jsonl", on_log or (lambda entry: None))
     tail.offset = (storage / "metrics.jsonl").stat().st_size if (storage / "metrics.jsonl").is_file() else 0
     tail.start()
     try:
-        result = torch_trainer(train, launch_config(plan, train, model, storage, out_tmp, seed, export), storage).fit()
+        result = torch_trainer(train, launch_config(plan, train, model, storage, out_tmp, seed, exports), storage).fit()
     except Exception as exc:  # fit() raises the run's error
         if (stalled := unplaced(exc, train, storage)) is not None:
             raise stalled from exc
@@ -176,7 +175,7 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
         tail.drain()
     if result.error:
         raise result.error
-    moves = [(out_tmp, Path(out_dir))] + ([(export[1], Path(export_at[1]))] if export else [])
+    moves = [(out_tmp, Path(out_dir))] + [(tmp, Path(folder)) for (_, tmp), (_, folder) in zip(exports, export_at)]
     for tmp, final in moves:
         if not (tmp / "config.json").is_file():
             raise RuntimeError(f"training finished without writing {tmp}")

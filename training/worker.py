@@ -115,18 +115,19 @@ class ReportCheckpoints(TrainerCallback):
 
 
 class ExportAt(TrainerCallback):
-    """Writes the model as it stands after `step` into `out_dir` (plain Hugging Face format, LoRA
-    merged, as at the end), then training goes on: one SFT run gives the recipe's SFT start at
-    `train.sft_steps` and the SFT baseline at the whole budget. It runs in on_step_end, before the
-    trainer saves that step's checkpoint, so a run resumed past `step` has already written it. The
-    trainer is set after it is built (a callback is handed to the trainer's constructor)."""
+    """Writes the model as it stands after each step of `steps` (step -> folder) into its folder
+    (plain Hugging Face format, LoRA merged, as at the end), then training goes on: one SFT run
+    gives the recipe's SFT start at `train.sft_steps`, the SFT baseline at the whole budget, and the
+    points of its validation curve (`train.sft_curve`). It runs in on_step_end, before the trainer
+    saves that step's checkpoint, so a run resumed past a step has already written it. The trainer
+    is set after it is built (a callback is handed to the trainer's constructor)."""
 
-    def __init__(self, step: int, out_dir: str, save):
-        self.step, self.out_dir, self.save, self.trainer = step, out_dir, save, None
+    def __init__(self, steps: dict[int, str], save):
+        self.steps, self.save, self.trainer = steps, save, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.save(self.trainer, self.out_dir)
+        if state.global_step in self.steps:
+            self.save(self.trainer, self.steps[state.global_step])
 
 
 def training_args(t: dict, seed: int, output_dir: str) -> dict:
@@ -210,7 +211,7 @@ def train_func(config: dict) -> None:
         save_final(trainer, tokenizer, out_dir, lora=t["lora"] is not None, base_model=config["model"],
                    scratch=str(Path(output_dir) / f"adapter-{Path(out_dir).name}"), is_main=rank == 0)
 
-    export = ExportAt(config["export_step"], config["export_out"], save) if config.get("export_step") else None
+    export = ExportAt({int(step): out for step, out in config["exports"]}, save) if config["exports"] else None
     if export is not None:
         callbacks.append(export)
     if "tensorboard" in t["report_to"]:

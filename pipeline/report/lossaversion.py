@@ -103,6 +103,51 @@ def plot_sweep(tune: dict, path: Path) -> str | None:
     return save(fig, path)
 
 
+def plot_sft_curve(tune: dict, path: Path) -> str | None:
+    """SFT's validation accuracy (95% CI) after each exported step of its run, the step where it
+    stopped gaining and the step the recipe's KTO starts from (tune.json's `sft_curve`)."""
+    from lossaverse.pipeline.report.plots import figure, save
+
+    curve = tune.get("sft_curve") or {}
+    points = curve.get("points") or []
+    if len(points) < 2:
+        return None
+    fig = figure(7, 4)
+    ax = fig.add_subplot()
+    xs, ys = [p["step"] for p in points], [p["accuracy"] for p in points]
+    err = [[y - p["ci95"][0] for y, p in zip(ys, points)], [p["ci95"][1] - y for y, p in zip(ys, points)]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="#1d3557", label="SFT run, after each step")
+    if curve.get("stopped_gaining_at") is not None:
+        ax.axvline(curve["stopped_gaining_at"], color="#2a9d8f", ls="--", lw=1.2, label="SFT stopped gaining (validation)")
+    ax.axvline(curve["sft_steps"], color="#e76f51", ls=":", lw=1.2, label="the recipe's KTO starts here (sft_steps)")
+    base = next((t.get("base_accuracy") for t in tune.get("trials", []) if isinstance(t.get("base_accuracy"), (int, float))), None)
+    if base is not None:
+        ax.axhline(base, color="#999", ls="--", lw=1, label="untrained target")
+    ax.set_xlabel("SFT optimizer steps")
+    ax.set_ylabel(f"validation accuracy ({tune.get('items')} items)")
+    ax.set_title("SFT's validation curve (lossaverse tune, validation items)")
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def sft_curve_lines(tune: dict) -> list[str]:
+    """The curve as a markdown table and the step where SFT stopped gaining."""
+    curve = tune.get("sft_curve") or {}
+    points = curve.get("points") or []
+    if not points:
+        return []
+    lines = ["| SFT steps | validation accuracy [95% CI] | vs the step before, points [95% CI] |", "|---:|---:|---:|"]
+    for p in points:
+        lo, hi = p["ci95"]
+        v = p.get("vs_previous")
+        lines.append(f"| {p['step']} | {100 * p['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                     + (f"{_pts(v['diff'])} {_ci(v['ci95'])}" if v else "") + " |")
+    stopped = curve.get("stopped_gaining_at")
+    lines += ["", f"SFT stopped gaining at step {stopped} ({curve['rule']}); the recipe's KTO starts at step "
+                  f"{curve['sft_steps']} (`train.sft_steps`)."]
+    return lines
+
+
 def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
@@ -170,4 +215,8 @@ def section(files, plots: dict[str, str], tune: dict | None) -> list[str]:
         lines += ablation_lines(tune) + [""]
         if "loss_aversion" in plots:
             lines += [f"![validation accuracy against loss aversion]({plots['loss_aversion']})", ""]
+    if tune and (curve := sft_curve_lines(tune)):
+        lines += [f"## SFT's validation curve ({tune.get('items')} validation items, `lossaverse tune`)", ""] + curve + [""]
+        if "sft_curve" in plots:
+            lines += [f"![SFT's validation curve]({plots['sft_curve']})", ""]
     return lines

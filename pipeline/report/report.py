@@ -148,6 +148,8 @@ def render_report(run_dir: Path) -> dict:
     tune = read_json(run_dir / "tune.json")
     if tune and (sweep := lossaversion.plot_sweep(tune, tmp / "loss_aversion.png")):
         made["loss_aversion"] = sweep
+    if tune and (curve := lossaversion.plot_sft_curve(tune, tmp / "sft_curve.png")):
+        made["sft_curve"] = curve
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     text = markdown(files, {k: f"report/{Path(v).name}" for k, v in made.items()}, tune)

@@ -70,3 +70,22 @@ def test_report_shows_loss_aversion_and_the_ablation(tmp_path):
     # rewards/chosen = 0.003 s, kl = 0.01 (s % 7), beta 0.5: z = 0.006 - 0.01 = -0.004 at step 1 and
     # 0.12 / 0.5 - 0.05 = +0.190 at step 40.
     assert "desirable rows, relative to the reference point: -0.004 at step 1, +0.190 at step 40" in text
+
+
+def test_the_report_shows_sfts_validation_curve_from_tune(tmp_path):
+    from lossaverse.pipeline.report.lossaversion import sft_curve_lines
+
+    curve = {"sft_steps": 48, "stopped_gaining_at": 32, "rule": "the first step no later step beats",
+             "points": [{"step": 16, "accuracy": 0.5, "ci95": [0.45, 0.55]},
+                        {"step": 32, "accuracy": 0.6, "ci95": [0.55, 0.65], "vs_previous": {"diff": 0.1, "ci95": [0.05, 0.15], "mcnemar_p": 0.001}},
+                        {"step": 48, "accuracy": 0.61, "ci95": [0.56, 0.66], "vs_previous": {"diff": 0.01, "ci95": [-0.01, 0.03], "mcnemar_p": 0.5}}]}
+    lines = sft_curve_lines({**TUNE, "sft_curve": curve})
+    assert lines[2] == "| 16 | 50.0% [45.0, 55.0] |  |"
+    assert lines[3] == "| 32 | 60.0% [55.0, 65.0] | +10.0 [+5.0, +15.0] |"
+    assert lines[-1].startswith("SFT stopped gaining at step 32 (the first step no later step beats); the recipe's KTO starts at step 48")
+    run_dir = build_run(tmp_path / "run")
+    write_json({**TUNE, "sft_curve": curve}, run_dir / "tune.json")
+    render_report(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert "## SFT's validation curve (40 validation items" in text and "![SFT's validation curve](report/sft_curve.png)" in text
+    assert (run_dir / "report" / "sft_curve.png").read_bytes()[:8] == PNG_MAGIC

@@ -97,3 +97,45 @@ def test_a_tune_trial_of_the_kto_steps_own_settings_has_the_runs_sft_and_on_poli
         assert changed[2] != steps(run)[2] or other == ["train.beta=0.3", "train.max_steps=8"], other
     assert not shares_recipe_start(run, [])  # the config as it is: the run's own models
     assert not shares_recipe_start(cfg("train.recipe=single"), ["train.beta=0.3"])
+
+
+def _curve_results(gain_64_over_48):
+    """Validation results of the SFT run's points: 16 → 50%, 32 → 60%, 48 (the recipe's start) → 66%,
+    64 (the SFT baseline) → 66% + the gain given. Pairs are stored later-evaluated minus earlier, as
+    evaluate orders them (base, the curve, sft, recipe-sft), so 48 − 64 is stored and 64 − 48 is read flipped."""
+    acc = {"target-sft-16": 0.50, "target-sft-32": 0.60, "target-sft": 0.66 + gain_64_over_48[0], "target-recipe-sft": 0.66}
+    results = {m: {"accuracy": a, "ci95": [a - 0.05, a + 0.05]} for m, a in acc.items()}
+
+    def pair(model, baseline, diff, ci):
+        return {"model": model, "baseline": baseline, "diff": diff, "ci95": ci, "mcnemar_p": 0.01}
+
+    results["pairs"] = [pair("target-sft-32", "target-sft-16", 0.10, [0.05, 0.15]),
+                        pair("target-sft", "target-sft-16", 0.16, [0.1, 0.2]), pair("target-sft", "target-sft-32", 0.06, [0.01, 0.1]),
+                        pair("target-recipe-sft", "target-sft-16", 0.16, [0.1, 0.2]),
+                        pair("target-recipe-sft", "target-sft-32", 0.06, [0.02, 0.10]),
+                        pair("target-recipe-sft", "target-sft", -gain_64_over_48[0], [-gain_64_over_48[2], -gain_64_over_48[1]])]
+    return results
+
+
+def test_sft_stopped_gaining_at_the_first_step_no_later_step_beats_on_validation():
+    from lossaverse.cluster.tune import sft_curve
+
+    c = load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[16, 32]"])
+    flat = sft_curve(c, _curve_results((0.01, -0.01, 0.03)))  # 64 − 48: +1.0 [−1.0, +3.0]
+    assert [p["step"] for p in flat["points"]] == [16, 32, 48, 64] and flat["sft_steps"] == 48
+    assert flat["stopped_gaining_at"] == 48
+    assert flat["points"][3]["vs_previous"]["diff"] == pytest.approx(0.01)
+    assert flat["points"][3]["vs_previous"]["ci95"] == pytest.approx([-0.01, 0.03])  # read flipped from 48 − 64
+    assert "vs_previous" not in flat["points"][0]
+    rising = sft_curve(c, _curve_results((0.03, 0.01, 0.05)))  # 64 − 48: +3.0 [+1.0, +5.0]: still gaining
+    assert rising["stopped_gaining_at"] == 64
+
+
+def test_sft_curve_steps_are_checked_against_the_sft_run():
+    with pytest.raises(Exception, match=r"train.sft_curve \[48\]: each step once, inside the SFT run's 64 steps"):
+        load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[48]"])
+    with pytest.raises(Exception, match=r"inside the SFT run's 64 steps"):
+        load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[16, 64]"])
+    with pytest.raises(Exception, match="set train.recipe: sft_then_kto"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.recipe=single", "train.sft_curve=[2]"])
+    assert load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[32, 16]"]).train.sft_curve == [32, 16]
