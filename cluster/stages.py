@@ -396,13 +396,15 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
             if not (folder / "config.json").is_file():
                 raise StageError(f"{folder} is missing: the SFT run exports it with train.sft_curve; run `lossaverse train` first")
             models.append(Competitor(f"{CURVE_PREFIX}{step}", str(folder.resolve()), cfg.target.chat, engine=engine, style=style))
+    if not cfg.evaluate.baselines:
+        methods = methods[:1]
     if recipe:  # baselines first, so that each pair reads "the recipe's KTO - baseline"
         methods = methods[1:] + methods[:1]
     for method in methods:
         model_dir = trained_dirs(cfg, run_dir, method)[0]
         if not (model_dir / "config.json").is_file():
             raise StageError(f"{model_dir} is missing: run `lossaverse train` (or `lossaverse run`) first")
-        if recipe and method == cfg.train.method:  # the recipe's first step alone: where its KTO started
+        if recipe and method == cfg.train.method and cfg.evaluate.baselines:  # the recipe's first step alone: where its KTO started
             sft = run_dir / "recipe" / "sft" / "model"
             if not (sft / "config.json").is_file():
                 raise StageError(f"{sft} is missing: run `lossaverse train` (or `lossaverse run`) first")

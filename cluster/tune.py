@@ -88,6 +88,20 @@ def link_into(trial_dir: Path, top: Path, subs: list[str]) -> None:
             link.symlink_to((top / sub).resolve(), target_is_directory=True)
 
 
+def _same_recipe_steps(trial: RunConfig, run: RunConfig) -> bool:
+    """Whether the run's recipe steps are complete under the fingerprints the trial computes, so
+    the trial's recipe skips them all (and writes nothing into the linked recipe/ folder)."""
+    from lossaverse.cluster.recipe import step_fingerprints
+    from lossaverse.cluster.stages import stage_fingerprints
+
+    def steps(c: RunConfig) -> tuple[str, str, str]:
+        return step_fingerprints(c, stage_fingerprints(c)["datasets"], "sft" in c.train.methods)
+
+    done = [(read_json(run.run_dir / "recipe" / sub / "done.json") or {}).get("fingerprint")
+            for sub in ("sft", "on_policy", "datasets")]
+    return steps(trial) == steps(run) == tuple(done)
+
+
 def _flow(values: list[str]) -> str:
     return "[" + ", ".join(values) + "]"
 
@@ -126,14 +140,18 @@ def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, t
     # A shared trial keeps the run's SFT baseline in `compare`: with it, the recipe's SFT step is the
     # SFT baseline's run (see run_recipe), and only then do the step fingerprints match the run's.
     compare = [m for m in cfg.train.methods if m == "sft"] if shared else []
-    tcfg = _trial_config(config, overrides, sets, name, top, compare)
+    # Its baselines are the run's, scored once in `configured`: it scores the untrained target and its KTO.
+    tcfg = _trial_config(config, overrides, sets + (["evaluate.baselines=false"] if shared else []), name, top, compare)
+    if shared and not _same_recipe_steps(tcfg, cfg):  # never train into the run's own recipe/ folder
+        shared, compare = False, []
+        tcfg = _trial_config(config, overrides, sets, name, top, compare)
     trial_dir = tcfg.run_dir
     trial_dir.mkdir(parents=True, exist_ok=True)
     # A trial that changes how datasets/ is built builds its own from the run's marked answers.
     own_datasets = any(s.split("=", 1)[0].startswith("datasets.") for s in sets)
     link_into(trial_dir, top, ["items", "marked" if own_datasets else "datasets"])
     if shared:
-        link_into(trial_dir, top, ["recipe"] + [f"compare/{m}" for m in compare])
+        link_into(trial_dir, top, ["recipe"])
     report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets)
            + (" (from the run's SFT checkpoint and on-policy answers)" if shared else ""))
     execute(tcfg, (["datasets"] if own_datasets else []) + ["train", "evaluate"], report=report)

@@ -328,6 +328,9 @@ class EvaluateConfig(Strict):
     # With the recipe: also score the SFT run's curve points (train.sft_curve, recipe/sft_curve/),
     # as `lossaverse tune` does on the validation items to show where SFT stops gaining.
     sft_curve: bool = False
+    # false: the untrained target and train.method's model alone, not the compared methods (nor the
+    # recipe's SFT step): tune's trials that share the run's baselines, scored once in `configured`.
+    baselines: bool = True
 
 
 

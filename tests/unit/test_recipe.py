@@ -90,7 +90,7 @@ def test_a_tune_trial_of_the_kto_steps_own_settings_has_the_runs_sft_and_on_poli
     assert trial.train.methods == ["kto", "sft"] and trial.evaluate.split == "validation"
     assert steps(trial) == steps(run)  # so the trial's recipe skips the linked SFT and on-policy steps
     # Anything the SFT step or the on-policy answers depend on is no shared trial, and would change them.
-    for other in (["train.learning_rate=1e-3"], ["train.sft_steps=32"], ["train.on_policy.samples=8"],
+    for other in (["train.learning_rate=1e-3"], ["train.sft_steps=40"], ["train.on_policy.samples=8"],
                   ["datasets.divergent_negatives=true"], ["train.beta=0.3", "train.max_steps=8"]):
         assert not shares_recipe_start(run, other), other
         changed = steps(load_config(config, other))
