@@ -111,12 +111,13 @@ def _trial_config(config: Path, overrides: list[str], sets: list[str], name: str
                                                    "evaluate.transfer=null", f"train.compare={_flow(compare)}"])
 
 
-def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str) -> dict:
-    """A trial's entry of tune.json: `model`'s validation accuracy and its gain over the untrained target."""
+def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str, trained_in: Path | None = None) -> dict:
+    """A trial's entry of tune.json: `model`'s validation accuracy and its gain over the untrained
+    target; its training figures from the manifest of `trained_in` (default: the trial's own)."""
     trial_dir = tcfg.run_dir
     results = read_json(trial_dir / "eval" / "results.json")
     pair = next(p for p in results["pairs"] if p["model"] == model and p["baseline"] == "target-base")
-    info = (read_json(trial_dir / "manifest.json") or {}).get("stages", {}).get("train", {})
+    info = (read_json((trained_in or trial_dir) / "manifest.json") or {}).get("stages", {}).get("train", {})
     method = model.removeprefix("target-")
     entry = {"trial": name, "set": sets, "method": method, "recipe": tcfg.train.recipe,
              "validation_accuracy": results[model]["accuracy"], "ci95": results[model]["ci95"],
@@ -245,12 +246,12 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     if recipe:
         ccfg = _configured(config, overrides, top, report)
         for method in cfg.train.methods[1:]:
-            entry = {**_entry(ccfg, f"baseline-{method}", [], f"target-{method}"), "steps": budget}
+            entry = {**_entry(ccfg, f"baseline-{method}", [], f"target-{method}", top), "steps": budget}
             baselines[method] = (entry, _trial_scores(ccfg.run_dir, f"target-{method}"))
-        trials.append(_entry(ccfg, "configured", [], f"target-{cfg.train.method}"))
+        trials.append(_entry(ccfg, "configured", [], f"target-{cfg.train.method}", top))
         trials[-1]["vs"] = _versus(_trial_scores(ccfg.run_dir, f"target-{cfg.train.method}"), baselines, cfg.seed)
         curve = sft_curve(cfg, read_json(ccfg.run_dir / "eval" / "results.json"))
-    # rft starts from a recipe's own SFT checkpoint: each trial is one method, so it is no baseline trial here.
+    # Without the recipe, each compared method is trained once more as a baseline trial at the budget.
     for method in [m for m in cfg.train.compare if not recipe and m != cfg.train.method and m not in RECIPE_BASELINES]:
         sets = [f"train.method={method}", "train.recipe=single"] + ([f"train.max_steps={budget}"] if budget else [])
         bcfg, entry = _run_trial(config, overrides, sets, f"baseline-{method}", top, report)

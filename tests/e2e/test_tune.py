@@ -1,5 +1,8 @@
-"""End-to-end: `lossaverse tune` trains one trial per grid value and scores each on validation items
-carved from the train split; the eval split is never generated, and tune.json ranks the trials."""
+"""End-to-end: `lossaverse tune` on the recipe (the default job's shape, on tiny models). The run's own
+train stage runs once; its models are scored on validation items carved from the train split (the
+trial `configured`, with SFT's curve), SFT and RFT are the baselines, and a trial of a KTO-only
+setting trains the KTO step alone from the run's SFT checkpoint. The eval split is never generated,
+and tune.json ranks the trials."""
 
 import json
 
@@ -8,41 +11,79 @@ import pytest
 
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
+from lossaverse.pipeline.report.report import render_report
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.e2e
+
+N_VALIDATION, SFT_STEPS, KTO_STEPS = 12, 2, 2
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
-    sets = [f"output_dir={tmp}", "name=tune", "benchmark.n_train=12", "benchmark.n_validation=12", "benchmark.n_eval=8",
-            "generate.sampling.samples=1", "train.recipe=single", "train.compare=[kto, sft]", "train.max_steps=3", "train.num_workers=1",
-            "train.deepspeed=none", "train.checkpoint_every=0"]
-    args = ["tune", str(ROOT / "configs" / "tiny.yaml"), "--grid", "train.learning_rate=1e-5,2e-3"]
+    sets = [f"output_dir={tmp}", "name=tune", "benchmark.n_train=12", f"benchmark.n_validation={N_VALIDATION}",
+            "benchmark.n_eval=8", "generate.sampling.samples=1", f"train.sft_steps={SFT_STEPS}", f"train.max_steps={KTO_STEPS}",
+            "train.sft_curve=[1]", "train.compare=[kto, sft, rft]", "train.on_policy.items=6", "train.num_workers=1",
+            "train.deepspeed=none", "train.checkpoint_every=0", "evaluate.transfer=null"]
+    args = ["tune", str(ROOT / "configs" / "tiny.yaml"), "--grid", "train.beta=0.3"]
     result = run_cli(*args, *[a for s in sets for a in ("--set", s)])
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     return tmp / "tune", result.stdout
 
 
-def test_trials_are_ranked_on_validation_items(tuned):
+def test_trials_are_ranked_on_validation_items_against_sft_and_rft(tuned):
     top, out = tuned
     doc = json.loads((top / "tune.json").read_text())
-    assert doc["split"] == "validation" and doc["items"] == 12
+    assert doc["split"] == "validation" and doc["items"] == N_VALIDATION
     trials = doc["trials"]
-    assert sorted(t["trial"] for t in trials) == ["learning_rate-1e-5", "learning_rate-2e-3"]
+    assert sorted(t["trial"] for t in trials) == ["beta-0.3", "configured"]
     assert trials[0]["validation_accuracy"] >= trials[1]["validation_accuracy"]
-    assert doc["best"] == trials[0]["set"] and "best: --set " + doc["best"][0] in out
+    best = " ".join(f"--set {s}" for s in doc["best"]) or "the config as it is"
+    assert doc["best"] == trials[0]["set"] and f"best: {best}" in out
     for t in trials:
-        assert t["items"] == 12 and t["method"] == "kto"  # compare is off in trials: one method each
+        assert t["items"] == N_VALIDATION and t["method"] == "kto" and t["steps"] == SFT_STEPS + KTO_STEPS
         assert t["gain"] == pytest.approx(t["validation_accuracy"] - t["base_accuracy"])
-    # train.compare's SFT is one baseline trial at the same budget; every trial is paired against it.
-    (baseline,) = doc["baselines"]
-    assert baseline["trial"] == "baseline-sft" and baseline["method"] == "sft" and baseline["steps"] == 3
+    # The baselines are the run's own SFT (the whole budget) and RFT (from the recipe's SFT start),
+    # scored on the same validation items; every trial is paired against each.
+    baselines = {b["method"]: b for b in doc["baselines"]}
+    assert sorted(baselines) == ["rft", "sft"] and all(b["steps"] == SFT_STEPS + KTO_STEPS for b in baselines.values())
     for t in trials:
-        vs = t["vs"]["sft"]
-        assert vs["items"] == 12
-        assert vs["diff"] == pytest.approx(t["validation_accuracy"] - baseline["validation_accuracy"])
+        for method, baseline in baselines.items():
+            vs = t["vs"][method]
+            assert vs["items"] == N_VALIDATION
+            assert vs["diff"] == pytest.approx(t["validation_accuracy"] - baseline["validation_accuracy"])
+
+
+def test_a_kto_only_trial_trains_the_kto_step_alone_from_the_runs_sft_checkpoint(tuned):
+    top, out = tuned
+    trial = top / "tune" / "beta-0.3"
+    assert (trial / "recipe").is_symlink() and (trial / "recipe").resolve() == (top / "recipe").resolve()
+    assert out.count("recipe: sft (") == 1 and out.count("recipe: the SFT'd target answers") == 1  # the run's, once
+    assert "(from the run's SFT checkpoint and on-policy answers)" in out
+    train = json.loads((trial / "manifest.json").read_text())["stages"]["train"]
+    assert train["steps"] == KTO_STEPS and train["recipe"]["sft_model"] == str((top / "recipe" / "sft" / "model").resolve())
+    assert json.loads((trial / "manifest.json").read_text())["config"]["train"]["beta"] == 0.3
+    # Its baselines are scored once, in `configured`: it scores the untrained target and its KTO alone.
+    results = json.loads((trial / "eval" / "results.json").read_text())
+    assert results["order"] == ["target-base", "target-kto"]
+    assert not (trial / "compare").exists()
+    configured = json.loads((top / "tune" / "configured" / "eval" / "results.json").read_text())
+    assert set(configured["order"]) == {"target-base", "target-sft-1", "target-sft", "target-rft", "target-recipe-sft", "target-kto"}
+
+
+def test_sfts_validation_curve_is_in_tune_json_and_the_report(tuned):
+    top, out = tuned
+    curve = json.loads((top / "tune.json").read_text())["sft_curve"]
+    configured = json.loads((top / "tune" / "configured" / "eval" / "results.json").read_text())
+    assert [(p["step"], p["model"]) for p in curve["points"]] == [(1, "target-sft-1"), (2, "target-recipe-sft"), (4, "target-sft")]
+    for p in curve["points"]:
+        assert p["accuracy"] == configured[p["model"]]["accuracy"]
+    assert curve["stopped_gaining_at"] in (1, 2, 4) and curve["sft_steps"] == SFT_STEPS
+    assert (top / "recipe" / "sft_curve" / "step-1" / "config.json").is_file()
+    assert f"stopped gaining at step {curve['stopped_gaining_at']}" in out
+    render_report(top)
+    assert "## SFT's validation curve" in (top / "report.md").read_text() and (top / "report" / "sft_curve.png").is_file()
 
 
 def test_the_eval_split_is_never_answered(tuned):
@@ -50,9 +91,12 @@ def test_the_eval_split_is_never_answered(tuned):
     items = read_table(top / "items", ITEMS)
     validation = set(items.filter(pc.equal(items["split"], "validation"))["id"].to_pylist())
     train = set(items.filter(pc.equal(items["split"], "train"))["id"].to_pylist())
-    assert len(validation) == 12 and not validation & train
+    evaluation = set(items.filter(pc.equal(items["split"], "eval"))["id"].to_pylist())
+    assert len(validation) == N_VALIDATION and not validation & train
     assert set(read_table(top / "answers", ANSWERS)["id"].to_pylist()) == train
+    fresh = set(read_table(top / "recipe" / "on_policy" / "answers", ANSWERS)["id"].to_pylist())
+    assert len(fresh) == 6 and not fresh & (validation | evaluation | train)  # the recipe's fresh train items
     for trial in (top / "tune").iterdir():
         answers = read_table(trial / "eval" / "answers", ANSWERS)
         assert set(answers["split"].to_pylist()) == {"validation"} and set(answers["id"].to_pylist()) == validation
-        assert not (trial / "compare").exists()
+    assert not (top / "eval").exists()  # tune scores nothing on the eval split
