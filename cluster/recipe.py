@@ -126,7 +126,8 @@ def step_fingerprints(cfg: RunConfig, datasets_fp: str, shared: bool) -> tuple[s
     skipped on a re-run while its done.json holds the same). SFT depends on the data, the target
     and the shared optimizer settings, not on the KTO step's own (KTO_STEP_ONLY): changing beta or
     the weights re-runs the KTO step alone, and a tune trial of those settings shares the steps."""
-    kto_only = KTO_STEP_ONLY | {"method", "compare", "recipe", "on_policy", "resume"}
+    # sft_curve only adds exports, changing no weight: a run missing its exports trains again (run_recipe).
+    kto_only = KTO_STEP_ONLY | {"method", "compare", "recipe", "on_policy", "resume", "sft_curve"}
     sft_fp = fingerprint("recipe-sft", datasets_fp, cfg.target.model_dump(mode="json"),
                          sft_settings(cfg, shared).model_dump(mode="json", exclude=kto_only), shared)
     op_fp = fingerprint(sft_fp, "on_policy", cfg.train.on_policy.model_dump(), cfg.rounds.count)
@@ -155,6 +156,11 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     sft_train = sft_settings(cfg, sft_dirs is not None)
     sft_fp, op_fp, data_fp = step_fingerprints(cfg, datasets_fp, sft_dirs is not None)
     sft = _done(sft_dir, sft_fp)
+    if sft is not None and (missing := [k for k, f in curve_exports(cfg, run_dir) if not (f / "config.json").is_file()]):
+        report(f"recipe: the SFT run again, to export its model after steps {missing} (train.sft_curve)")
+        sft = None
+        for later in ("on_policy", "datasets"):  # they answered with, and were built from, the model it replaces
+            (folder / later / "done.json").unlink(missing_ok=True)
     if sft is None and sft_dirs is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dir / "model",
