@@ -116,13 +116,16 @@ def target_prompts(cfg: RunConfig):
     return render
 
 
-def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None) -> None:
+def plan_generation(competitors: list, report: Callable[[str], None], nodes: list[dict] | None = None,
+                    at_once: int | None = None) -> None:
     """Print which resources each competitor gets and each engine's KV-cache sizing; refuse a plan
-    the cluster cannot hold. A cache too small for the sequences its engine runs at once is a
-    warning, not a refusal: the engine still answers every row, only slower (preempted sequences
-    have their prompts computed again)."""
+    the cluster cannot hold. The models run in waves (generate.models_at_once, engine_waves), so
+    each wave must fit, not all of them at once. A cache too small for the sequences its engine
+    runs at once is a warning, not a refusal: the engine still answers every row, only slower
+    (preempted sequences have their prompts computed again)."""
     from lossaverse.cluster.plan import PlanError, check_plan, placements
     from lossaverse.cluster.ray_env import ray_nodes
+    from lossaverse.pipeline.generation.generate import engine_waves
     from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
 
     plan = placements(competitors)
@@ -136,8 +139,10 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
                 kv_lines[c.engine_name] += f"; vLLM CPU threads on all cores but {c.engine.cpu_reserved_cores}"
     for p in plan:  # one line a model: its placement, then its engine's KV-cache sizing
         report(f"plan {p.describe()}{kv_lines.get(p.competitor, '')}")
+    nodes = ray_nodes() if nodes is None else nodes
     try:
-        check_plan(plan, ray_nodes() if nodes is None else nodes)
+        for wave in engine_waves(competitors, at_once, len(nodes)):
+            check_plan(placements(wave), nodes)
     except PlanError as exc:
         raise StageError(str(exc)) from None
 
@@ -147,7 +152,7 @@ def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, 
     from lossaverse.pipeline.generation.shards import generate_sharded
 
     report = REPORT.get()
-    plan_generation(competitors, report)
+    plan_generation(competitors, report, at_once=cfg.generate.models_at_once)
     totals = generate_sharded(
         items, competitors, sampling, _style(cfg), cfg.seed, out.with_name(f"{out.name}.shards"), out, fp,
         cfg.generate.shard_items, report, cfg.generate.progress_interval_s, cfg.generate.models_at_once,

@@ -58,3 +58,17 @@ def test_gsm8k_config_fits_one_8_gpu_node_and_not_a_smaller_one():
     check_plan(plan, [{"CPU": 96, "GPU": 8, "memory": 1e12}])
     with pytest.raises(PlanError, match="GPU"):
         check_plan(plan, [{"CPU": 96, "GPU": 4}])
+
+
+def test_cpu_models_that_run_one_after_another_need_one_models_cpus_not_all_of_them():
+    """The evaluated models of a recipe with SFT's curve: 7 CPU engines of 1 CPU. One machine's CPU
+    engines run one wave at a time (engine_waves), so 2 CPUs hold the plan; 7 at once need 8."""
+    from lossaverse.cluster.stages import plan_generation
+
+    models = [Competitor(f"target-{i}", "M", engine=EngineConfig()) for i in range(7)]
+    lines = []
+    plan_generation(models, lines.append, nodes=[{"CPU": 2}])
+    assert len(lines) == 7 and all(line.startswith("plan target-") for line in lines)
+    with pytest.raises(Exception, match=r"needs 8 CPU at once \(target-0 1; .*target-6 1; Ray Data tasks 1\) but the cluster has 6"):
+        plan_generation(models, lines.append, nodes=[{"CPU": 6}], at_once=7)
+    plan_generation(models, lines.append, nodes=[{"CPU": 6}], at_once=5)
