@@ -155,6 +155,9 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     sft_dir = folder / "sft"
     sft_train = sft_settings(cfg, sft_dirs is not None)
     sft_fp, op_fp, data_fp = step_fingerprints(cfg, datasets_fp, sft_dirs is not None)
+    # The SFT run's checkpoints also depend on its exports: `--resume` past a curve step added since
+    # would never write it.
+    storage_fp = fingerprint(sft_fp, sorted(cfg.train.sft_curve)) if cfg.train.sft_curve else sft_fp
     sft = _done(sft_dir, sft_fp)
     if sft is not None and (missing := [k for k, f in curve_exports(cfg, run_dir) if not (f / "config.json").is_file()]):
         report(f"recipe: the SFT run again, to export its model after steps {missing} (train.sft_curve)")
@@ -164,12 +167,12 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     if sft is None and sft_dirs is None:
         report(f"recipe: sft ({cfg.train.sft_steps} steps)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dir / "model",
-                                                 sft_dir / "checkpoints", sft_fp, export_at=curve_exports(cfg, run_dir)))
+                                                 sft_dir / "checkpoints", storage_fp, export_at=curve_exports(cfg, run_dir)))
     elif sft is None:
         report(f"recipe: sft ({sft_train.max_steps} steps, the SFT baseline; the model after step "
                f"{cfg.train.sft_steps} is the recipe's SFT start)")
         sft = _record(sft_dir, sft_fp, train_one(sft_train, base_model, run_dir / "datasets", sft_dirs[0], sft_dirs[1],
-                                                 sft_fp, export_at=[(cfg.train.sft_steps, sft_dir / "model")]
+                                                 storage_fp, export_at=[(cfg.train.sft_steps, sft_dir / "model")]
                                                  + curve_exports(cfg, run_dir)))
     sft_model = str((sft_dir / "model").resolve())
 

@@ -141,7 +141,7 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
         report(f"plan {p.describe()}{kv_lines.get(p.competitor, '')}")
     nodes = ray_nodes() if nodes is None else nodes
     try:
-        for wave in engine_waves(competitors, at_once, len(nodes)):
+        for wave in engine_waves(competitors, at_once, len([n for n in nodes if not n.get("pending")])):
             check_plan(placements(wave), nodes)
     except PlanError as exc:
         raise StageError(str(exc)) from None

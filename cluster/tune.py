@@ -106,9 +106,13 @@ def _flow(values: list[str]) -> str:
     return "[" + ", ".join(values) + "]"
 
 
-def _trial_config(config: Path, overrides: list[str], sets: list[str], name: str, top: Path, compare: list[str]) -> RunConfig:
+def _trial_config(config: Path, overrides: list[str], sets: list[str], name: str, top: Path, compare: list[str],
+                  curve: bool = False) -> RunConfig:
+    """A trial's config: the validation items, its own `compare`, and no SFT curve exports but in
+    `configured` (which scores the run's; a trial's own SFT run, if any, exports none)."""
     return load_config(config, overrides + sets + [f"output_dir={top / 'tune'}", f"name={name}", "evaluate.split=validation",
-                                                   "evaluate.transfer=null", f"train.compare={_flow(compare)}"])
+                                                   "evaluate.transfer=null", f"train.compare={_flow(compare)}"]
+                       + ([] if curve else ["train.sft_curve=[]"]))
 
 
 def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str, trained_in: Path | None = None) -> dict:
@@ -153,6 +157,8 @@ def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, t
     link_into(trial_dir, top, ["items", "marked" if own_datasets else "datasets"])
     if shared:
         link_into(trial_dir, top, ["recipe"])
+    elif (trial_dir / "recipe").is_symlink():  # left by an earlier shared run of this trial: not ours to write into
+        (trial_dir / "recipe").unlink()
     report(f"[bold]trial[/] {name}: " + " ".join(f"--set {s}" for s in sets)
            + (" (from the run's SFT checkpoint and on-policy answers)" if shared else ""))
     execute(tcfg, (["datasets"] if own_datasets else []) + ["train", "evaluate"], report=report)
@@ -165,7 +171,7 @@ def _configured(config: Path, overrides: list[str], top: Path, report: Callable[
     from lossaverse.cluster.stages import execute
 
     cfg = load_config(config, overrides)
-    tcfg = _trial_config(config, overrides, ["evaluate.sft_curve=true"], "configured", top, cfg.train.compare)
+    tcfg = _trial_config(config, overrides, ["evaluate.sft_curve=true"], "configured", top, cfg.train.compare, curve=True)
     link_into(tcfg.run_dir, top, ["items", "datasets", "recipe", "model"] + [f"compare/{m}" for m in cfg.train.methods[1:]])
     report("[bold]trial[/] configured: the run's own models on the validation items"
            + (f", with SFT's curve at steps {sorted(cfg.train.sft_curve)}" if cfg.train.sft_curve else ""))

@@ -49,7 +49,8 @@ class TrainConfig(Strict):
     # The recipe's SFT run also exports its model after each of these steps (recipe/sft_curve/
     # step-<k>/): with the recipe's start (sft_steps) and, when sft is compared, the SFT baseline at
     # the whole budget, they are the points of SFT's validation curve, which `lossaverse tune`
-    # scores to show where SFT stops gaining (the step the recipe's KTO should start from).
+    # scores to show where SFT stops gaining (the step the recipe's KTO should start from). Without
+    # the recipe there is no such run, and it does nothing.
     sft_curve: list[int] = Field(default_factory=list)
     on_policy: OnPolicyConfig = OnPolicyConfig()
     # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
@@ -157,8 +158,6 @@ class TrainConfig(Strict):
             if wrong or len(set(self.sft_curve)) != len(self.sft_curve):
                 raise ValueError(f"train.sft_curve {self.sft_curve}: each step once, inside the SFT run's {run} steps and "
                                  f"other than sft_steps ({self.sft_steps}, the recipe's start, always exported)")
-        elif self.sft_curve:
-            raise ValueError("train.sft_curve exports points of the recipe's SFT run: set train.recipe: sft_then_kto")
         if "kto" in self.methods and self.per_device_batch_size < 2:
             raise ValueError(
                 "KTO needs a per-device batch of at least 2 (its KL reference point pairs each "

@@ -96,6 +96,10 @@ def test_a_tune_trial_of_the_kto_steps_own_settings_has_the_runs_sft_and_on_poli
         changed = steps(load_config(config, other))
         assert changed[2] != steps(run)[2] or other == ["train.beta=0.3", "train.max_steps=8"], other
     assert not shares_recipe_start(run, [])  # the config as it is: the run's own models
+    # A trial exports no SFT curve (only `configured` scores the run's), so a grid of sft_steps fits it.
+    assert trial.train.sft_curve == [] and run.train.sft_curve == [16, 32]
+    assert _trial_config(config, [], ["train.sft_steps=16"], "s", tmp_path, []).train.sft_steps == 16
+    assert _trial_config(config, [], [], "configured", tmp_path, run.train.compare, curve=True).train.sft_curve == [16, 32]
     assert not shares_recipe_start(cfg("train.recipe=single"), ["train.beta=0.3"])
 
 
@@ -136,6 +140,6 @@ def test_sft_curve_steps_are_checked_against_the_sft_run():
         load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[48]"])
     with pytest.raises(Exception, match=r"inside the SFT run's 64 steps"):
         load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[16, 64]"])
-    with pytest.raises(Exception, match="set train.recipe: sft_then_kto"):
-        load_config(ROOT / "configs" / "tiny.yaml", ["train.recipe=single", "train.sft_curve=[2]"])
+    # Without the recipe there is no SFT run to export: the default job's curve does not stop `recipe=single`.
+    assert load_config(ROOT / "configs" / "local.yaml", ["train.recipe=single", "train.compare=[kto, sft]"]).train.recipe == "single"
     assert load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[32, 16]"]).train.sft_curve == [32, 16]
