@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from lossaverse.cluster.summary import summary_table
 
@@ -190,18 +189,9 @@ def tune(
                 out = run_tune(config, set, parsed, report=console.print)
             finally:
                 shutdown_ray()
-        table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)")
-        vs = [b["method"] for b in out["baselines"]]
-        for col in ("trial", "validation accuracy [95% CI]", "gain vs untrained [95% CI]", "McNemar p", *[f"vs {m}" for m in vs]):
-            table.add_column(col, justify="left" if col == "trial" else "right")
-        for t in out["baselines"] + out["trials"]:
-            lo, hi = t["ci95"]
-            glo, ghi = t["gain_ci95"]
-            cells = [f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if (d := (t.get("vs") or {}).get(m)) else ""
-                     for m in vs]
-            table.add_row(t["trial"], f"{t['validation_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]",
-                          f"{t['gain']:+.3f} [{glo:+.3f}, {ghi:+.3f}]", f"{t['mcnemar_p']:.3g}", *cells)
-        console.print(table)
+        from lossaverse.cluster.summary import tune_table
+
+        console.print(tune_table(out))
         console.print("best: " + (" ".join(f"--set {s}" for s in out["best"]) or "the config as it is"))
         if curve := out.get("sft_curve"):
             points = ", ".join(f"{p['step']}: {100 * p['accuracy']:.1f}%" for p in curve["points"])

@@ -211,3 +211,26 @@ def test_the_recipe_against_rft_is_headlined_as_what_the_wrong_answers_added(tmp
     assert "wrong answers added" not in "\n".join(_headline(without))
     write_json(without, run_dir / "eval" / "results.json")
     assert not any("wrong answers added" in line for line in summary_lines(run_dir))
+
+
+def test_the_tune_table_has_one_row_per_trial_and_fits_100_columns():
+    import io
+
+    from rich.console import Console
+
+    from lossaverse.cluster.summary import tune_table
+
+    def entry(name, acc, vs):
+        return {"trial": name, "validation_accuracy": acc, "ci95": [acc - 0.065, acc + 0.065], "gain": acc - 0.395,
+                "gain_ci95": [acc - 0.46, acc - 0.33], "mcnemar_p": 1e-14,
+                "vs": {m: {"diff": d, "ci95": [d - 0.035, d + 0.035], "mcnemar_p": 0.01, "items": 200} for m, d in vs.items()}}
+
+    out = {"items": 200, "baselines": [entry("baseline-sft", 0.67, {}) | {"method": "sft"}, entry("baseline-rft", 0.725, {}) | {"method": "rft"}],
+           "trials": [entry("configured", 0.71, {"sft": 0.04, "rft": -0.015}), entry("desirable_weight-1.68", 0.675, {"sft": 0.005, "rft": -0.05})]}
+    text = io.StringIO()
+    Console(file=text, width=100).print(tune_table(out))
+    lines = text.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 100
+    row = next(line for line in lines if line.startswith("desirable_weight-1.68"))
+    assert "67.5 [61.0,74.0]" in row and "+28.0 [21.5,34.5]▲" in row and row.rstrip().endswith("-5.0 [-8.5,-1.5]▼")
+    assert sum(line.startswith(("baseline-", "configured", "desirable")) for line in lines) == 4  # one line each
