@@ -213,6 +213,18 @@ def sft_curve(cfg: RunConfig, results: dict) -> dict:
             "rule": "the first step no later step beats by a paired difference whose 95% CI is above 0"}
 
 
+def earlier_trials(before: dict, same: dict, baseline_methods: list[str], trials: list[dict]) -> list[dict]:
+    """The trials of an earlier tune.json to keep beside this run's: those on the same data, with
+    the same overrides and baselines (so that one-factor grids add up to one ablation table), less
+    the ones this run has run again."""
+    if any(before.get(k) != v for k, v in same.items()):
+        return []
+    if sorted(b.get("method") for b in before.get("baselines", [])) != baseline_methods:
+        return []
+    names = {t["trial"] for t in trials}
+    return [t for t in before.get("trials", []) if t["trial"] not in names]
+
+
 def _versus(scores: dict, baselines: dict, seed: int) -> dict:
     """A trial's paired difference against each baseline on the same validation items."""
     from lossaverse.pipeline.report.evalstats import compare
@@ -271,11 +283,8 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
         trials.append(entry)
     # Trials of earlier tune runs on the same data (another grid) stay in tune.json, so that
     # one-factor-at-a-time grids add up to one ablation table; a trial run again replaces its entry.
-    before = read_json(top / "tune.json") or {}
-    names = {t["trial"] for t in trials}
-    same = {"data": stage_fingerprints(cfg)["datasets"], "overrides": sorted(overrides), "baselines": sorted(baselines)}
-    if all(before.get(k) == v for k, v in same.items()):
-        trials += [t for t in before.get("trials", []) if t["trial"] not in names]
+    same = {"data": stage_fingerprints(cfg)["datasets"], "overrides": sorted(overrides)}
+    trials += earlier_trials(read_json(top / "tune.json") or {}, same, sorted(baselines), trials)
     ranked = sorted(trials, key=lambda t: -t["validation_accuracy"])  # stable: grid order breaks ties
     out = {"split": "validation", "items": cfg.benchmark.n_validation, **same, "grid": grid, "trials": ranked,
            "baselines": [entry for entry, _ in baselines.values()], **({"sft_curve": curve} if recipe else {}),

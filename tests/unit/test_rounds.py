@@ -199,3 +199,18 @@ def test_verdict_needs_the_ci_and_mcnemar_to_agree_and_models_keep_their_order()
                                   + rows("target-kto", "eval", [False, True]), schema=MARKED)
     results = json.loads(json.dumps(evaluation_results(marked, ["target-base", "target-sft", "target-kto"]), sort_keys=True))
     assert list(models_of(results)) == ["target-base", "target-sft", "target-kto"]
+
+
+def test_tune_keeps_the_earlier_trials_of_the_same_data_overrides_and_baselines():
+    """One-factor grids run one after another add up to one ablation table (tune.json's baselines
+    are stored as entries; they match on their methods)."""
+    from lossaverse.cluster.tune import earlier_trials
+
+    same = {"data": "d1", "overrides": []}
+    before = {**same, "baselines": [{"method": "sft"}, {"method": "rft"}],
+              "trials": [{"trial": "configured"}, {"trial": "nll_weight-1.0"}, {"trial": "beta-0.3"}]}
+    now = [{"trial": "configured"}, {"trial": "desirable_weight-1.68"}]
+    assert earlier_trials(before, same, ["rft", "sft"], now) == [{"trial": "nll_weight-1.0"}, {"trial": "beta-0.3"}]
+    assert earlier_trials(before, {**same, "data": "d2"}, ["rft", "sft"], now) == []  # other data
+    assert earlier_trials(before, {**same, "overrides": ["seed=1"]}, ["rft", "sft"], now) == []
+    assert earlier_trials(before, same, ["sft"], now) == []  # other baselines
