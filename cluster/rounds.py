@@ -14,7 +14,7 @@ from lossaverse.cluster.config import RunConfig
 from lossaverse.cluster.stages import StageError, execute, stage_fingerprints
 from lossaverse.pipeline.data.rundir import MANIFEST, Manifest, read_json, read_table, write_json
 from lossaverse.pipeline.data.schemas import MARKED
-from lossaverse.pipeline.report.evalstats import TRANSFER
+from lossaverse.pipeline.report.evalstats import TRANSFER, pair_of
 
 
 def round_summary(cfg: RunConfig) -> dict:
@@ -37,7 +37,7 @@ def round_summary(cfg: RunConfig) -> dict:
                                        "answers": c["answers"], "split": "train"}
     trained = f"target-{cfg.train.method}"
     if cfg.round == 1:
-        pair = next(p for p in results["pairs"] if p["model"] == trained and p["baseline"] == "target-base")
+        pair = pair_of(results, trained, "target-base")
         entry["gain"] = {"vs": "target-base", **{k: pair[k] for k in ("items", "diff", "ci95", "mcnemar_p")}}
     else:
         def scores(d: Path) -> dict[str, float]:

@@ -96,16 +96,7 @@ def summary_table(run_dir: Path) -> Group:
 def tune_table(out: dict) -> Table:
     """`lossaverse tune`'s trials, one row each in the summary's shape (points, paired Δ with its
     95% CI and mark), against the untrained target and each baseline: fits 100 columns."""
-    from lossaverse.pipeline.report.evalstats import verdict_mark
-
-    def pts(x: float, sign: str = "") -> str:
-        return f"{round(100 * x, 1) + 0.0:{sign}.1f}"
-
-    def delta(d: dict | None) -> str:
-        if not d:
-            return ""
-        mark = verdict_mark(d) if "mcnemar_p" in d else ""
-        return f"{pts(d['diff'], '+')} [{pts(d['ci95'][0])},{pts(d['ci95'][1])}]{mark}"
+    from lossaverse.pipeline.report.evalstats import accuracy_cell, delta_cell
 
     vs = [b["method"] for b in out["baselines"]]
     table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)", box=box.SIMPLE_HEAD,
@@ -114,6 +105,6 @@ def tune_table(out: dict) -> Table:
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for t in out["baselines"] + out["trials"]:
         gain = {"diff": t["gain"], "ci95": t["gain_ci95"], "mcnemar_p": t["mcnemar_p"]}
-        table.add_row(t["trial"], f"{pts(t['validation_accuracy'])} [{pts(t['ci95'][0])},{pts(t['ci95'][1])}]",
-                      delta(gain), *[delta((t.get("vs") or {}).get(m)) for m in vs])
+        table.add_row(t["trial"], accuracy_cell(t["validation_accuracy"], t["ci95"]), delta_cell(gain),
+                      *[delta_cell((t.get("vs") or {}).get(m)) for m in vs])
     return table

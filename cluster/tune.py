@@ -31,6 +31,7 @@ import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
 from lossaverse.cluster.recipe import KTO_STEP_ONLY
+from lossaverse.pipeline.report.evalstats import pair_of
 from lossaverse.pipeline.data.rundir import read_json, write_json
 from lossaverse.training.config import RECIPE_BASELINES
 
@@ -120,7 +121,7 @@ def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str, trained_in: 
     target; its training figures from the manifest of `trained_in` (default: the trial's own)."""
     trial_dir = tcfg.run_dir
     results = read_json(trial_dir / "eval" / "results.json")
-    pair = next(p for p in results["pairs"] if p["model"] == model and p["baseline"] == "target-base")
+    pair = pair_of(results, model, "target-base")
     info = (read_json((trained_in or trial_dir) / "manifest.json") or {}).get("stages", {}).get("train", {})
     method = model.removeprefix("target-")
     entry = {"trial": name, "set": sets, "method": method, "recipe": tcfg.train.recipe,
@@ -193,12 +194,9 @@ def sft_curve(cfg: RunConfig, results: dict) -> dict:
               for k, m in sorted(named) if m in results]
 
     def gain(later: str, earlier: str) -> dict:
-        for p in results.get("pairs", []):
-            if (p["model"], p["baseline"]) == (later, earlier):
-                return p
-            if (p["model"], p["baseline"]) == (earlier, later):
-                return {**p, "diff": -p["diff"], "ci95": [-p["ci95"][1], -p["ci95"][0]]}
-        raise KeyError(f"no paired result of {later} against {earlier}")
+        if (pair := pair_of(results, later, earlier)) is None:
+            raise KeyError(f"no paired result of {later} against {earlier}")
+        return pair
 
     stopped = None
     for i, point in enumerate(points):

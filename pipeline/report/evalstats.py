@@ -150,11 +150,25 @@ def models_of(results: dict) -> dict[str, dict]:
     return {**{n: models[n] for n in order}, **{k: v for k, v in models.items() if k not in order}}
 
 
+def pair_of(results: dict, model: str, baseline: str) -> dict | None:
+    """`model` − `baseline` from results.json's pairs (each stored once, the later-evaluated model
+    first): the stored pair, or the reverse one turned round; None where either was not evaluated."""
+    for p in results.get("pairs") or []:
+        if (p["model"], p["baseline"]) == (model, baseline):
+            return p
+        if (p["model"], p["baseline"]) == (baseline, model):
+            flipped = {**p, "model": model, "baseline": baseline, "diff": -p["diff"], "ci95": [-p["ci95"][1], -p["ci95"][0]]}
+            if "model_better" in p:
+                flipped.update(model_better=p["baseline_better"], baseline_better=p["model_better"])
+            return flipped
+    return None
+
+
 def wrong_answers_pair(results: dict) -> dict | None:
     """The recipe against RFT (`target-kto` - `target-rft`: the same SFT start, the same on-policy
     samples and steps, RFT without the wrong answers): what the wrong answers added, or None
     where no RFT baseline was evaluated."""
-    return next((p for p in results.get("pairs") or [] if p["model"] == "target-kto" and p["baseline"] == "target-rft"), None)
+    return pair_of(results, "target-kto", "target-rft")
 
 
 def model_label(name: str) -> str:
@@ -185,6 +199,18 @@ def _pt(x: float, sign: str = "") -> str:
     return f"{round(100 * x, 1) + 0.0:{sign}.1f}"
 
 
+def accuracy_cell(accuracy: float, ci=None) -> str:
+    """"74.0 [70.0,78.0]": an accuracy in points with its 95% CI, as the summary tables print it."""
+    return _pt(accuracy) + (f" [{_pt(ci[0])},{_pt(ci[1])}]" if ci else "")
+
+
+def delta_cell(pair: dict | None) -> str:
+    """"+1.8 [-1.2,4.8]=": a paired difference in points, its 95% CI and its verdict mark."""
+    if pair is None:
+        return ""
+    return f"{_pt(pair['diff'], '+')} [{_pt(pair['ci95'][0])},{_pt(pair['ci95'][1])}]{verdict_mark(pair)}"
+
+
 def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The one-row-per-model table that heads the console summary and report.md (lm-eval's shape):
     model, accuracy [95% CI] in %, items, then the paired difference in points [95% CI] and its mark
@@ -196,12 +222,10 @@ def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model", "accuracy [95% CI]", "items", *[label for _, label in baselines]]
     rows = []
     for name, r in models.items():
-        ci = r.get("ci95")
-        row = [name.removeprefix("target-"), _pt(r["accuracy"]) + (f" [{_pt(ci[0])},{_pt(ci[1])}]" if ci else ""),
+        row = [name.removeprefix("target-"), accuracy_cell(r["accuracy"], r.get("ci95")),
                str(r.get("items", r.get("answers", "")))]
         for baseline, _ in baselines:
-            p = next((p for p in results.get("pairs") or [] if (p["model"], p["baseline"]) == (name, baseline)), None)
-            row.append("" if p is None else
-                       f"{_pt(p['diff'], '+')} [{_pt(p['ci95'][0])},{_pt(p['ci95'][1])}]{verdict_mark(p)}")
+            stored = next((p for p in results.get("pairs") or [] if (p["model"], p["baseline"]) == (name, baseline)), None)
+            row.append(delta_cell(stored))  # only a baseline evaluated before the row
         rows.append(row)
     return header, rows
