@@ -1,73 +1,39 @@
 """End-to-end tier: the real `lossaverse run` (Ray, vLLM CPU, Ray Train + DeepSpeed + TRL KTO) on
-tiny models, with a JSONL benchmark in GSM8K's own format that holds some malformed rows."""
+tiny models, with a JSONL benchmark in GSM8K's own format that holds some malformed rows: the
+session's whole loop (tests/e2e/conftest.py)."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lossaverse.pipeline.data import synthetic
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, KTO, MARKED, QUARANTINE
 from lossaverse.pipeline.models.tinymodels import resolve_model
 from lossaverse.pipeline.report.evalstats import models_of
 from tests.conftest import ROOT, run_cli
+from tests.e2e.conftest import BAD_ROWS, KTO_STEPS, N_EVAL, N_TRAIN, N_TRANSFER, N_VALIDATION, SAMPLES, SFT_STEPS
 
 pytestmark = pytest.mark.e2e
 
-N_TRAIN, N_EVAL, SAMPLES, BAD_ROWS, N_TRANSFER = 40, 24, 2, 3, 12
-SFT_STEPS, KTO_STEPS = 2, 2
-
-
-def _gsm8k_jsonl(path: Path, split: str, n: int, bad: bool) -> None:
-    lines = [json.dumps({"question": r["question"], "answer": f"{r['solution']}\n#### {r['reference']}"})
-             for r in synthetic.problems(split, n, seed=7)]
-    if bad:
-        lines[3:3] = ["{broken json", json.dumps({"question": "", "answer": "#### 1"}), json.dumps({"question": "No answer?"})]
-    path.write_text("\n".join(lines) + "\n")
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    # Twice the train items: the recipe's on-policy answers come from the block after this round's.
-    _gsm8k_jsonl(tmp / "train.jsonl", "train", 2 * N_TRAIN, bad=True)
-    _gsm8k_jsonl(tmp / "test.jsonl", "eval", N_EVAL, bad=False)
-    overrides = [
-        f"output_dir={tmp / 'runs'}",
-        "name=e2e",
-        "benchmark.source=jsonl",
-        f"benchmark.path={tmp}",
-        f"benchmark.splits={{train: {tmp / 'train.jsonl'}, eval: {tmp / 'test.jsonl'}}}",
-        "benchmark.columns={reference: answer}",
-        "benchmark.reference_after='####'",
-        f"generate.sampling.samples={SAMPLES}",
-        f"benchmark.n_train={N_TRAIN}",
-        "benchmark.n_validation=0",
-        f"evaluate.transfer.n_eval={N_TRANSFER}",
-        # The default job's recipe (SFT, on-policy answers, KTO from the SFT model) at a few steps.
-        f"train.sft_steps={SFT_STEPS}",
-        f"train.max_steps={KTO_STEPS}",
-        # The RFT baseline beside SFT: the recipe's SFT start, its KTO step's data and steps.
-        "train.compare=[kto, sft, rft]",
-    ]
-    args = ["run", str(ROOT / "configs" / "tiny.yaml")] + [a for o in overrides for a in ("--set", o)]
-    first = run_cli(*args)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = run_cli(*args)
-    return {"dir": tmp / "runs" / "e2e", "first": first, "second": second, "args": args}
+def run(whole_loop):
+    return whole_loop
 
 
 def test_every_row_is_accounted_for(run):
     d = run["dir"]
     items = read_table(d / "items", ITEMS)
     quarantine = read_table(d / "items" / "quarantine", QUARANTINE)
-    assert items.num_rows + quarantine.num_rows == N_TRAIN + BAD_ROWS + N_EVAL
+    assert items.num_rows + quarantine.num_rows == N_VALIDATION + N_TRAIN + BAD_ROWS + N_EVAL
     assert quarantine.num_rows == BAD_ROWS
     answers = read_table(d / "answers", ANSWERS)
     marked = read_table(d / "marked", MARKED)
@@ -208,14 +174,30 @@ def test_bad_config_fails_before_any_work(tmp_path):
 
 
 def test_evaluation_is_deterministic_given_the_seed(run):
-    """Evaluated again from scratch: the same greedy answers, the same numbers."""
-    before = (run["dir"] / "eval" / "results.json").read_text()
-    answers = read_table(run["dir"] / "eval" / "answers", ANSWERS).sort_by([("id", "ascending"), ("competitor", "ascending")])
-    again = run_cli("evaluate", *run["args"][1:], "--force")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
-    assert (run["dir"] / "eval" / "results.json").read_text() == before
-    fresh = read_table(run["dir"] / "eval" / "answers", ANSWERS).sort_by([("id", "ascending"), ("competitor", "ascending")])
-    assert fresh["completion"].to_pylist() == answers["completion"].to_pylist()
+    """Evaluated again from scratch: the same greedy answers, the same numbers. Two models do (the
+    untrained target and the recipe: evaluate.baselines=false); the run's eval/ is put back after."""
+    ev = run["dir"] / "eval"
+    kept = run["dir"] / "eval-kept"
+    shutil.copytree(ev, kept)
+    try:
+        before = json.loads((ev / "results.json").read_text())
+        order = [("split", "ascending"), ("id", "ascending"), ("competitor", "ascending")]
+        again = run_cli("evaluate", *run["args"][1:], "--set", "evaluate.baselines=false", "--force")
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+        after = json.loads((ev / "results.json").read_text())
+        assert after["order"] == ["target-base", "target-kto"]
+        for name in after["order"]:
+            assert after[name] == before[name], name
+        pair = lambda r: next(p for p in r["pairs"] if (p["model"], p["baseline"]) == ("target-kto", "target-base"))  # noqa: E731
+        assert pair(after) == pair(before)
+        answers = read_table(kept / "answers", ANSWERS)
+        answers = answers.filter(pc.is_in(answers["competitor"], pa.array(after["order"]))).sort_by(order)
+        fresh = read_table(ev / "answers", ANSWERS).sort_by(order)
+        assert fresh.num_rows == answers.num_rows == 2 * (N_EVAL + N_TRANSFER)
+        assert fresh["completion"].to_pylist() == answers["completion"].to_pylist()
+    finally:
+        shutil.rmtree(ev)
+        kept.rename(ev)
 
 
 def test_the_console_is_quiet_and_the_library_logs_are_in_the_run(run):

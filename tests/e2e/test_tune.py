@@ -1,9 +1,11 @@
-"""End-to-end: `lossaverse tune` on the recipe (the default job's shape, on tiny models). The run's own
-train stage runs once; its models are scored on validation items carved from the train split (the
-trial `configured`, with SFT's curve), SFT and RFT are the baselines, and a trial of a KTO-only
-setting trains the KTO step alone from the run's SFT checkpoint. The eval split is never generated,
-and tune.json ranks the trials."""
+"""End-to-end: `lossaverse tune` on the recipe (the default job's shape, on tiny models), in the
+session's whole-loop run directory (tests/e2e/conftest.py). Tune reuses the run's data and train
+stages (trained once, by `lossaverse run`); the run's models are scored on validation items carved
+from the train split (the trial `configured`, with SFT's curve), SFT and RFT are the baselines, and
+a trial of a KTO-only setting trains the KTO step alone from the run's SFT checkpoint. Tune never
+answers the eval split, and tune.json ranks the trials."""
 
+import hashlib
 import json
 
 import pyarrow.compute as pc
@@ -12,28 +14,30 @@ import pytest
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
 from lossaverse.pipeline.report.report import render_report
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
+from tests.e2e.conftest import CURVE_STEP, KTO_STEPS, N_TRAIN, N_VALIDATION, SFT_STEPS
 
 pytestmark = pytest.mark.e2e
 
-N_VALIDATION, SFT_STEPS, KTO_STEPS = 12, 2, 2
+
+def _eval_state(top) -> dict:
+    """Every file under the run's eval/ by its bytes: what tune must leave as it found it."""
+    return {str(p.relative_to(top)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((top / "eval").rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tune")
-    sets = [f"output_dir={tmp}", "name=tune", "benchmark.n_train=12", f"benchmark.n_validation={N_VALIDATION}",
-            "benchmark.n_eval=8", "generate.sampling.samples=1", f"train.sft_steps={SFT_STEPS}", f"train.max_steps={KTO_STEPS}",
-            "train.sft_curve=[1]", "train.compare=[kto, sft, rft]", "train.on_policy.items=6", "train.num_workers=1",
-            "train.deepspeed=none", "train.checkpoint_every=0", "evaluate.transfer=null"]
-    args = ["tune", str(ROOT / "configs" / "tiny.yaml"), "--grid", "train.beta=0.3"]
-    result = run_cli(*args, *[a for s in sets for a in ("--set", s)])
+def tuned(whole_loop):
+    top = whole_loop["dir"]
+    before = _eval_state(top)
+    args = ["tune", *whole_loop["args"][1:], "--grid", "train.beta=0.3"]
+    result = run_cli(*args)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    return tmp / "tune", result.stdout
+    return top, result.stdout, whole_loop, before
 
 
 def test_trials_are_ranked_on_validation_items_against_sft_and_rft(tuned):
-    top, out = tuned
+    top, out, *_ = tuned
     doc = json.loads((top / "tune.json").read_text())
     assert doc["split"] == "validation" and doc["items"] == N_VALIDATION
     trials = doc["trials"]
@@ -56,10 +60,13 @@ def test_trials_are_ranked_on_validation_items_against_sft_and_rft(tuned):
 
 
 def test_a_kto_only_trial_trains_the_kto_step_alone_from_the_runs_sft_checkpoint(tuned):
-    top, out = tuned
+    top, out, whole_loop, _ = tuned
     trial = top / "tune" / "beta-0.3"
     assert (trial / "recipe").is_symlink() and (trial / "recipe").resolve() == (top / "recipe").resolve()
-    assert out.count("recipe: sft (") == 1 and out.count("recipe: the SFT'd target answers") == 1  # the run's, once
+    # The recipe's steps ran once, in `lossaverse run`; tune trained none of them again.
+    ran = whole_loop["first"].stdout
+    assert ran.count("recipe: sft (") == 1 and ran.count("recipe: the SFT'd target answers") == 1
+    assert out.count("recipe: sft (") == 0 and out.count("recipe: the SFT'd target answers") == 0
     assert "(from the run's SFT checkpoint and on-policy answers)" in out
     train = json.loads((trial / "manifest.json").read_text())["stages"]["train"]
     assert train["steps"] == KTO_STEPS and train["recipe"]["sft_model"] == str((top / "recipe" / "sft" / "model").resolve())
@@ -69,25 +76,25 @@ def test_a_kto_only_trial_trains_the_kto_step_alone_from_the_runs_sft_checkpoint
     assert results["order"] == ["target-base", "target-kto"]
     assert not (trial / "compare").exists()
     configured = json.loads((top / "tune" / "configured" / "eval" / "results.json").read_text())
-    assert set(configured["order"]) == {"target-base", "target-sft-1", "target-sft", "target-rft", "target-recipe-sft", "target-kto"}
+    assert set(configured["order"]) == {"target-base", f"target-sft-{CURVE_STEP}", "target-sft", "target-rft", "target-recipe-sft", "target-kto"}
 
 
 def test_sfts_validation_curve_is_in_tune_json_and_the_report(tuned):
-    top, out = tuned
+    top, out, *_ = tuned
     curve = json.loads((top / "tune.json").read_text())["sft_curve"]
     configured = json.loads((top / "tune" / "configured" / "eval" / "results.json").read_text())
-    assert [(p["step"], p["model"]) for p in curve["points"]] == [(1, "target-sft-1"), (2, "target-recipe-sft"), (4, "target-sft")]
+    assert [(p["step"], p["model"]) for p in curve["points"]] == [(CURVE_STEP, f"target-sft-{CURVE_STEP}"), (SFT_STEPS, "target-recipe-sft"), (SFT_STEPS + KTO_STEPS, "target-sft")]
     for p in curve["points"]:
         assert p["accuracy"] == configured[p["model"]]["accuracy"]
-    assert curve["stopped_gaining_at"] in (1, 2, 4) and curve["sft_steps"] == SFT_STEPS
-    assert (top / "recipe" / "sft_curve" / "step-1" / "config.json").is_file()
+    assert curve["stopped_gaining_at"] in (CURVE_STEP, SFT_STEPS, SFT_STEPS + KTO_STEPS) and curve["sft_steps"] == SFT_STEPS
+    assert (top / "recipe" / "sft_curve" / f"step-{CURVE_STEP}" / "config.json").is_file()
     assert f"stopped gaining at step {curve['stopped_gaining_at']}" in out
     render_report(top)
     assert "## SFT's validation curve" in (top / "report.md").read_text() and (top / "report" / "sft_curve.png").is_file()
 
 
 def test_the_eval_split_is_never_answered(tuned):
-    top, _ = tuned
+    top, _, _, before = tuned
     items = read_table(top / "items", ITEMS)
     validation = set(items.filter(pc.equal(items["split"], "validation"))["id"].to_pylist())
     train = set(items.filter(pc.equal(items["split"], "train"))["id"].to_pylist())
@@ -95,8 +102,8 @@ def test_the_eval_split_is_never_answered(tuned):
     assert len(validation) == N_VALIDATION and not validation & train
     assert set(read_table(top / "answers", ANSWERS)["id"].to_pylist()) == train
     fresh = set(read_table(top / "recipe" / "on_policy" / "answers", ANSWERS)["id"].to_pylist())
-    assert len(fresh) == 6 and not fresh & (validation | evaluation | train)  # the recipe's fresh train items
+    assert len(fresh) == N_TRAIN and not fresh & (validation | evaluation | train)  # the recipe's fresh train items
     for trial in (top / "tune").iterdir():
         answers = read_table(trial / "eval" / "answers", ANSWERS)
         assert set(answers["split"].to_pylist()) == {"validation"} and set(answers["id"].to_pylist()) == validation
-    assert not (top / "eval").exists()  # tune scores nothing on the eval split
+    assert _eval_state(top) == before  # tune scores nothing on the eval split: the run's eval/ is as it was
