@@ -12,6 +12,7 @@ count, so a flat figure shows memory does not grow with the number of rows.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import multiprocessing
 import os
@@ -248,8 +249,9 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
             "rows_per_cpu_s": {"median": table.num_rows / t.cpu}, "both_decide": both, "agree": agree, "disagree": both - agree, "disagree_new_turn": new_turn, "disagreements": examples}
 
 
-SUITE = Path(__file__).resolve().parents[2] / "tests" / "data" / "marker" / "model_outputs.jsonl"
-MATH_VERIFY_SUITE = Path(__file__).resolve().parents[2] / "tests" / "data" / "marker" / "math_verify_cases.jsonl"
+# Package data (lossaverse.pipeline.marker.suites): in the wheel as in the source tree; tests read the same files.
+SUITE = importlib.resources.files("lossaverse.pipeline.marker.suites") / "model_outputs.jsonl"
+MATH_VERIFY_SUITE = importlib.resources.files("lossaverse.pipeline.marker.suites") / "math_verify_cases.jsonl"
 
 
 def _math_verify_verdict(completion: str, reference: str) -> bool | None:
@@ -265,7 +267,7 @@ def _math_verify_verdict(completion: str, reference: str) -> bool | None:
 
 def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
     """The marker and math-verify (on the full completion) against a careful grader's verdicts on the
-    suite of real-format model outputs (tests/data/marker/model_outputs.jsonl, made by make_model_outputs.py there).
+    suite of real-format model outputs (the package data pipeline/marker/suites/model_outputs.jsonl, made by tests/data/marker/make_model_outputs.py).
 
     `rules`: agreement with the grader, and `false_right` (marked right where the grader says wrong);
     `math_verify`: the same for math-verify (no verdict counts as wrong); `disagreements`: every row
@@ -302,7 +304,7 @@ def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
 
 def math_verify_suite_agreement(path: Path = MATH_VERIFY_SUITE, timeout_s: float = 5) -> dict:
     """The marker against math-verify's own regression suite (its tests/ cases as rows,
-    tests/data/marker/math_verify_cases.jsonl, made by make_math_verify_cases.py there).
+    pipeline/marker/suites/math_verify_cases.jsonl, made by tests/data/marker/make_math_verify_cases.py).
 
     `rows`: every case; `excluded`: how many are left out, by reason (an expectation that is
     math-verify's parser configuration, not the answer's correctness); on the rest (`graded`):

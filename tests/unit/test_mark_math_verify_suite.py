@@ -1,5 +1,5 @@
 """The marker on math-verify's own regression suite: its tests/ cases as rows
-(tests/data/marker/math_verify_cases.jsonl, made by make_math_verify_cases.py there), less the cases
+(the package data pipeline/marker/suites/math_verify_cases.jsonl, made by tests/data/marker/make_math_verify_cases.py), less the cases
 whose expectation is math-verify's parser configuration rather than the answer's correctness."""
 
 import json

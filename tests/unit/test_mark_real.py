@@ -133,7 +133,7 @@ def test_what_sympy_would_compute_in_c_is_never_sent_to_math_verify(answer):
 
 
 def test_the_real_format_suite_is_marked_as_a_careful_grader_marks_it():
-    """tests/data/marker/model_outputs.jsonl (`lossaverse bench mark` reports it against math-verify too)."""
+    """pipeline/marker/suites/model_outputs.jsonl, package data (`lossaverse bench mark` reports it against math-verify too)."""
     import json
 
     from lossaverse.pipeline.bench.markbench import SUITE

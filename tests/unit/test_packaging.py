@@ -63,7 +63,8 @@ def test_the_wheel_holds_one_top_level_package(installed):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"lossaverse"}
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"lossaverse/pipeline/marker/mark.py", "lossaverse/cluster/cli.py", "lossaverse/serving/marker.py",
-            "lossaverse/training/deepspeed/zero3.json"} <= names
+            "lossaverse/training/deepspeed/zero3.json", "lossaverse/pipeline/marker/suites/model_outputs.jsonl",
+            "lossaverse/pipeline/marker/suites/math_verify_cases.jsonl"} <= names
 
 
 def test_installing_adds_only_lossaverse(installed):
@@ -85,6 +86,11 @@ def test_the_installed_modules_import_from_the_install_and_the_bare_names_do_not
                               "'completion': 'The answer is 42.'}]); print(t.column('correct').to_pylist())"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert verdict.stdout.strip().splitlines()[-1:] == ["[True]"], verdict.stderr[-3000:]
+    # The marker's suite is package data: `lossaverse bench mark` reads it from the install, not a checkout.
+    suite = subprocess.run([python, "-c", "import importlib.resources as r; f = r.files('lossaverse.pipeline.marker.suites') / "
+                            "'model_outputs.jsonl'; print(str(f).startswith(%r), len(f.read_text().splitlines()) > 100)" % str(site)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert suite.stdout.split() == ["True", "True"], suite.stderr[-3000:]
 
 
 def test_the_console_script_runs_from_the_install(installed, tmp_path):

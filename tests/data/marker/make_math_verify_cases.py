@@ -36,7 +36,7 @@ from pathlib import Path
 MIRROR = Path("/work/.mirror/huggingface+Math-Verify/repo")
 FILES = ("test_all.py", "test_numina_cases.py", "test_open_thoughts.py", "test_boxed.py", "test_yujianll.py", "test_strict.py",
          "test_string_extraction.py")
-OUT = Path(__file__).with_name("math_verify_cases.jsonl")
+OUT = Path(__file__).resolve().parents[3] / "pipeline" / "marker" / "suites" / "math_verify_cases.jsonl"  # package data
 
 # A plain number: sign, digits, thousands separators, a decimal point or comma; in $ delimiters a
 # decimal point only (in LaTeX math a comma that groups no thousands separates values: "$-2,1$").

@@ -91,6 +91,6 @@ add("word_digit", "numeric", "The code printed on the crate is AZYUK5A.", "5", F
 add("word_digit", "numeric", "The serial number is XK55B, so the crate is the fifth one.", "5", False, "a digit inside a word is not an answer")
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("model_outputs.jsonl")
+    out = Path(__file__).resolve().parents[3] / "pipeline" / "marker" / "suites" / "model_outputs.jsonl"  # package data
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} rows -> {out}")
