@@ -1,7 +1,7 @@
 """Running a run: `run_stages` (what `lossaverse run` and `lossaverse.run` call) and the rounds loop,
 `rounds.count` rounds of the stages, each round's target playing the one the round before trained,
 with rounds.json (each round's accuracies and its gain) at the top of the run directory. One round
-is `lossaverse.cluster.stages.execute`."""
+is `lossaverse.cluster.runner.execute`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Callable
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig
-from lossaverse.cluster.stages import StageError, execute, stage_fingerprints
+from lossaverse.cluster.runner import execute
+from lossaverse.cluster.stages import StageError, stage_fingerprints
 from lossaverse.pipeline.data.rundir import MANIFEST, Manifest, read_json, read_table, write_json
 from lossaverse.pipeline.data.schemas import MARKED
 from lossaverse.pipeline.report.evalstats import TRANSFER, pair_of

@@ -1,4 +1,6 @@
-"""The stages of a run, in order, each reading and writing Parquet under the run directory.
+"""The stages of a run, in order, each reading and writing Parquet under the run directory (items,
+generate, mark, datasets and train here; evaluate in lossaverse.cluster.evaluate; run in order by
+lossaverse.cluster.runner).
 
 Every stage has a fingerprint: a hash of the config it depends on and of its upstream stages'
 fingerprints. A stage is skipped when the manifest holds an entry with the same fingerprint
@@ -8,7 +10,6 @@ fingerprints. A stage is skipped when the manifest holds an entry with the same 
 from __future__ import annotations
 
 import shutil
-import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from lossaverse.cluster.config import ConfigError, RunConfig
-from lossaverse.pipeline.data.rundir import Manifest, fingerprint, read_table, replace_dir, write_json, write_table
+from lossaverse.pipeline.data.rundir import fingerprint, read_table, replace_dir, write_json, write_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, MARKED, check_schema
-from lossaverse.pipeline.report.evalstats import TRANSFER  # the transfer benchmark's split and results folder
 from lossaverse.training.config import RECIPE_BASELINES
 
-
-RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
-CURVE_PREFIX = "target-sft-"  # + a step of train.sft_curve: the SFT run's model after that step
 
 # Where stages print progress lines (the CLI's console; `print` by default).
 REPORT: ContextVar[Callable[[str], None]] = ContextVar("report", default=print)
@@ -41,14 +38,15 @@ class Stage:
     name: str
     sections: tuple[str, ...]  # config sections the outputs depend on
     after: str | None
-    run: Callable[[RunConfig, Path], dict]
 
 
-def _split(table: pa.Table, split: str) -> pa.Table:
+def split_of(table: pa.Table, split: str) -> pa.Table:
+    """The rows of `table` in `split` (train, validation, eval or transfer)."""
     return table.filter(pc.equal(table["split"], split))
 
 
-def _need(run_dir: Path, sub: str, stage: str) -> Path:
+def need_dir(run_dir: Path, sub: str, stage: str) -> Path:
+    """run_dir/sub, or a StageError naming the stage that writes it."""
     path = run_dir / sub
     if not path.is_dir():
         raise StageError(f"{path} is missing: run `lossaverse {stage}` (or `lossaverse run`) first")
@@ -68,9 +66,9 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
     replace_dir(tmp, run_dir / "items")
     return {
         "rows": items.num_rows,
-        "train": _split(items, "train").num_rows,
-        "validation": _split(items, "validation").num_rows,
-        "eval": _split(items, "eval").num_rows,
+        "train": split_of(items, "train").num_rows,
+        "validation": split_of(items, "validation").num_rows,
+        "eval": split_of(items, "eval").num_rows,
         "quarantined": quarantine.num_rows,
     }
 
@@ -82,7 +80,7 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
 
     out = []
     for name, ref in refs.items():
-        style = _style(cfg, ref)
+        style = prompt_style(cfg, ref)
         if ref.endpoint is not None:
             out.append(Competitor(name, ref.path, ref.chat, endpoint=ref.endpoint, params=ref.params, style=style))
         else:
@@ -91,7 +89,7 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
     return out
 
 
-def _style(cfg: RunConfig, ref=None):
+def prompt_style(cfg: RunConfig, ref=None):
     """The prompt style of model `ref` (its own settings over `generate`'s), or `generate`'s."""
     from lossaverse.pipeline.generation.generate import PromptStyle
 
@@ -104,7 +102,7 @@ def target_prompts(cfg: RunConfig):
     from lossaverse.pipeline.generation.generate import build_prompt, tokenizer_for
     from lossaverse.pipeline.models.tinymodels import resolve_model
 
-    style = _style(cfg, cfg.target)
+    style = prompt_style(cfg, cfg.target)
     tokenizer = tokenizer_for(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
     cache: dict[str, str] = {}
 
@@ -154,7 +152,7 @@ def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, 
     report = REPORT.get()
     plan_generation(competitors, report, at_once=cfg.generate.models_at_once)
     totals = generate_sharded(
-        items, competitors, sampling, _style(cfg), cfg.seed, out.with_name(f"{out.name}.shards"), out, fp,
+        items, competitors, sampling, prompt_style(cfg), cfg.seed, out.with_name(f"{out.name}.shards"), out, fp,
         cfg.generate.shard_items, report, cfg.generate.progress_interval_s, cfg.generate.models_at_once,
     )
     expected = items.num_rows * len(competitors) * sampling.samples
@@ -191,7 +189,7 @@ def round_players(cfg: RunConfig) -> dict:
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
     from lossaverse.pipeline.models.tinymodels import parameter_count
 
-    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), "train")
+    items = split_of(read_table(need_dir(run_dir, "items", "generate"), ITEMS), "train")
     competitors = competitors_of(cfg, round_players(cfg))
     sizes = {c.name: c.params or parameter_count(c.model) for c in competitors}
     if cfg.round == 1:
@@ -222,7 +220,7 @@ def mark_parquet(src: Path, dst: Path, batch_size: int, mark=None) -> int:
 
 
 def run_mark(cfg: RunConfig, run_dir: Path) -> dict:
-    src = _need(run_dir, "answers", "generate")
+    src = need_dir(run_dir, "answers", "generate")
     return mark_answers(src, run_dir / "marked", cfg.mark.batch_size, cfg.mark)
 
 
@@ -240,14 +238,14 @@ def mark_answers(src: Path, dst: Path, batch_size: int, mark=None) -> dict:
 def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
     before = None
     if cfg.round > 1:
-        before = _need(cfg.round_dir(cfg.round - 1), "datasets", "run")
+        before = need_dir(cfg.round_dir(cfg.round - 1), "datasets", "run")
     tokenizer = None
     if cfg.datasets.divergent_negatives:
         from lossaverse.pipeline.generation.generate import tokenizer_for
         from lossaverse.pipeline.models.tinymodels import resolve_model
 
         tokenizer = tokenizer_for(resolve_model(cfg.target.path))
-    return build_dataset_dir(_need(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
+    return build_dataset_dir(need_dir(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
                              cfg.seed, cfg.round, before, tokenizer, target_prompts(cfg))
 
 
@@ -300,7 +298,7 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
 
     from lossaverse.training.buildlocks import clear_stale_locks
 
-    datasets = _need(run_dir, "datasets", "mark")
+    datasets = need_dir(run_dir, "datasets", "mark")
     model = resolve_model(cfg.target.path)
     report = REPORT.get()  # taken here: on_log runs on the thread that follows the metrics file
     for lock in clear_stale_locks():
@@ -383,129 +381,14 @@ def run_rft(cfg: RunConfig, run_dir: Path, sft_model: str, train_one: Callable[.
     return {**result, "start": sft_model, "data": str(data)}
 
 
-def eval_models(cfg: RunConfig, run_dir: Path) -> list:
-    """The evaluated models: the untrained target (`target-base`), then each trained method
-    (`target-kto`, `target-dpo`, ...)."""
-    from lossaverse.pipeline.generation.generate import Competitor
-    from lossaverse.pipeline.models.tinymodels import resolve_model
-
-    engine = cfg.engine_for(cfg.target)
-    style = _style(cfg, cfg.target)
-    models = [Competitor("target-base", resolve_model(cfg.target.path), cfg.target.chat, engine=engine, style=style)]
-    methods = cfg.train.methods
-    recipe = cfg.train.recipe == "sft_then_kto"
-    if recipe and cfg.evaluate.sft_curve:  # the SFT run's curve points, earliest first
-        from lossaverse.cluster.recipe import curve_exports
-
-        for step, folder in curve_exports(cfg, run_dir):
-            if not (folder / "config.json").is_file():
-                raise StageError(f"{folder} is missing: the SFT run exports it with train.sft_curve; run `lossaverse train` first")
-            models.append(Competitor(f"{CURVE_PREFIX}{step}", str(folder.resolve()), cfg.target.chat, engine=engine, style=style))
-    if not cfg.evaluate.baselines:
-        methods = methods[:1]
-    if recipe:  # baselines first, so that each pair reads "the recipe's KTO - baseline"
-        methods = methods[1:] + methods[:1]
-    for method in methods:
-        model_dir = trained_dirs(cfg, run_dir, method)[0]
-        if not (model_dir / "config.json").is_file():
-            raise StageError(f"{model_dir} is missing: run `lossaverse train` (or `lossaverse run`) first")
-        if recipe and method == cfg.train.method and cfg.evaluate.baselines:  # the recipe's first step alone: where its KTO started
-            sft = run_dir / "recipe" / "sft" / "model"
-            if not (sft / "config.json").is_file():
-                raise StageError(f"{sft} is missing: run `lossaverse train` (or `lossaverse run`) first")
-            models.append(Competitor(RECIPE_SFT, str(sft.resolve()), cfg.target.chat, engine=engine, style=style))
-        models.append(Competitor(f"target-{method}", str(model_dir.resolve()), cfg.target.chat, engine=engine, style=style))
-    return models
-
-
-def one_engine(models: list, out: Path) -> tuple[list, str | None]:
-    """The evaluated models as LoRA adapters of the untrained target, all answered by its one engine
-    (with vLLM's `enable_lora`), or the models unchanged and why not. A model trained from another
-    trained model (the recipe's KTO step) is the chain of adapters back to the base, stacked into one
-    in `out/<name>` (lossaverse.pipeline.models.adapters)."""
-    from dataclasses import replace
-
-    from lossaverse.pipeline.models.adapters import lora_chain, stack_adapters, unstackable, vllm_rank, zero_adapter
-
-    base, trained = models[0], models[1:]
-    chains = {m.name: lora_chain(m.model) for m in trained}
-    if not trained or any(c is None for c in chains.values()):
-        return models, "a model was trained without LoRA"
-    if any(Path(c.base).resolve() != Path(base.model).resolve() for c in chains.values()):
-        return models, "a model's adapters are not on the untrained target"
-    if (why := next((w for c in chains.values() if (w := unstackable(c.adapters))), None)) is not None:
-        return models, why
-    rank = vllm_rank(max(c.rank for c in chains.values()))
-    slots = len(trained) + 1  # the base is a (zero) adapter too: see zero_adapter
-    lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots, "max_cpu_loras": slots}
-    engine = base.engine.model_copy(update={"engine_kwargs": {**base.engine.engine_kwargs, **lora}})
-    zero = zero_adapter(chains[trained[0].name].adapters[0], out / base.name)
-    shared = [replace(base, engine=engine, lora=str(zero.resolve()), shared_engine=base.name)]
-    for m in trained:
-        adapter = stack_adapters(chains[m.name].adapters, out / m.name)
-        shared.append(replace(m, model=base.model, engine=engine, lora=str(Path(adapter).resolve()), shared_engine=base.name))
-    return shared, None
-
-
-def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
-    """The target before training and after each method on the eval split (`evaluate.split:
-    validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
-    each pair's paired difference and McNemar p (lossaverse.pipeline.report.evalstats). With `evaluate.transfer`, a
-    second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
-    per model) and scored apart into eval/transfer/results.json. report.md and its plots are
-    rendered from the stored files."""
-    from lossaverse.pipeline.report.evalstats import evaluation_results, models_of
-    from lossaverse.pipeline.report.report import render_report
-    from lossaverse.pipeline.sources.benchmarks import load_items
-
-    items = _split(read_table(_need(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
-    if items.num_rows == 0:
-        raise StageError(f"no {cfg.evaluate.split} items in {run_dir / 'items'}: check benchmark.n_{cfg.evaluate.split}")
-    parts = [items]
-    if cfg.evaluate.transfer is not None:
-        transfer = _split(load_items(cfg.evaluate.transfer, cfg.seed)[0], "eval")
-        if transfer.num_rows == 0:
-            raise StageError(f"transfer benchmark {cfg.evaluate.transfer.name!r} has no usable eval items")
-        parts.append(transfer.set_column(transfer.schema.get_field_index("split"), "split",
-                                         pa.array([TRANSFER] * transfer.num_rows, pa.string())))
-    models = eval_models(cfg, run_dir)
-    # The trained models' files are part of what the answers depend on.
-    stamps = [(Path(m.model) / "config.json").stat().st_mtime_ns for m in models[1:]]
-    fp = fingerprint(stage_fingerprints(cfg)["evaluate"], stamps)
-    out_dir = run_dir / "eval"
-    on = cfg.evaluate.one_engine
-    if on is None:  # GPU engines only: see EvaluateConfig.one_engine
-        on = bool(models[0].engine.num_gpus)
-    engines = "one per model (evaluate.one_engine: false)" if cfg.evaluate.one_engine is False else "one per model (CPU engines)"
-    if on:
-        models, why_not = one_engine(models, out_dir / "adapters")
-        engines = f"one per model ({why_not})" if why_not else f"one, {len(models) - 1} LoRA model(s) and the base"
-    generate_into(cfg, pa.concat_tables(parts), models, cfg.evaluate.sampling, out_dir / "answers", fp)
-    mark_answers(out_dir / "answers", out_dir / "marked", cfg.mark.batch_size, cfg.mark)
-    marked = read_table(out_dir / "marked", MARKED)
-    names = [m.name for m in models]
-    results = evaluation_results(marked.filter(pc.not_equal(marked["split"], TRANSFER)), names, seed=cfg.seed)
-    results["split"] = cfg.evaluate.split
-    write_json(results, out_dir / "results.json")
-    out = {**{f"{name}_accuracy": round(r["accuracy"], 4) for name, r in models_of(results).items()},
-           "split": cfg.evaluate.split, "engines": engines, "models": models_of(results), "pairs": results["pairs"]}
-    if cfg.evaluate.transfer is not None:
-        tr = evaluation_results(marked.filter(pc.equal(marked["split"], TRANSFER)), names, seed=cfg.seed)
-        tr["benchmark"] = cfg.evaluate.transfer.name
-        write_json(tr, out_dir / TRANSFER / "results.json")
-        out["transfer"] = {"benchmark": cfg.evaluate.transfer.name, "models": models_of(tr), "pairs": tr["pairs"]}
-    if cfg.round == 1 or cfg.rounds.count == 1:
-        out["report"] = render_report(cfg.top_dir)["report"]
-    return out
-
-
+# The stages in order, what each depends on (its fingerprint); lossaverse.cluster.runner runs them.
 STAGES: list[Stage] = [
-    Stage("items", ("seed", "benchmark", "round"), None, run_items),
-    Stage("generate", ("competitors", "generate", "rounds.policy"), "items", run_generate),
-    Stage("mark", ("mark",), "generate", run_mark),
-    Stage("datasets", ("datasets", "target"), "mark", run_datasets),
-    Stage("train", ("target", "train"), "datasets", run_train),
-    Stage("evaluate", ("evaluate",), "train", run_evaluate),
+    Stage("items", ("seed", "benchmark", "round"), None),
+    Stage("generate", ("competitors", "generate", "rounds.policy"), "items"),
+    Stage("mark", ("mark",), "generate"),
+    Stage("datasets", ("datasets", "target"), "mark"),
+    Stage("train", ("target", "train"), "datasets"),
+    Stage("evaluate", ("evaluate",), "train"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -527,38 +410,6 @@ def stage_fingerprints(cfg: RunConfig) -> dict[str, str]:
         carried = {"generate": before.get("train", ""), "datasets": before.get("datasets", "")}.get(stage.name, "")
         fps[stage.name] = fingerprint(stage.name, upstream, carried, {k: _section(dumped, k) for k in stage.sections})
     return fps
-
-
-def execute(cfg: RunConfig, names: list[str], force: bool = False, report: Callable[[str], None] = print) -> Manifest:
-    """Run the named stages in pipeline order; skip those already complete unless `force`."""
-    unknown = set(names) - set(STAGE_NAMES)
-    if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; valid: {STAGE_NAMES}")
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir)
-    manifest.update(config=cfg.model_dump(mode="json"), versions=versions())
-    fps = stage_fingerprints(cfg)
-    REPORT.set(report)
-    for stage in STAGES:
-        if stage.name not in names:
-            continue
-        if manifest.done(stage.name, fps[stage.name]) and not force:
-            report(f"[dim]skip[/] {stage.name}: complete ({manifest.stage(stage.name).get('seconds')}s earlier run)")
-            continue
-        # Invalidate before running, so a crash never leaves a stale entry beside fresh outputs.
-        for later in STAGE_NAMES[STAGE_NAMES.index(stage.name):]:
-            manifest.invalidate(later)
-        report(f"[bold]run[/] {stage.name} ...")
-        start = time.perf_counter()
-        info = stage.run(cfg, run_dir)
-        manifest.record(stage.name, fps[stage.name], time.perf_counter() - start, **info)
-        report(f"[green]done[/] {stage.name} in {time.perf_counter() - start:.1f}s: {_short(info)}")
-    return manifest
-
-
-def _short(info: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (dict, list)))
 
 
 def versions() -> dict:

@@ -139,7 +139,7 @@ def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str, trained_in: 
 def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, top: Path,
                report: Callable[[str], None]) -> tuple[RunConfig, dict]:
     """Train and evaluate one trial on the validation items; (its config, its entry of tune.json)."""
-    from lossaverse.cluster.stages import execute
+    from lossaverse.cluster.runner import execute
 
     cfg = load_config(config, overrides)
     shared = shares_recipe_start(cfg, sets)
@@ -169,7 +169,7 @@ def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, t
 def _configured(config: Path, overrides: list[str], top: Path, report: Callable[[str], None]) -> RunConfig:
     """The run's own recipe and its baselines (trained in the run directory, as `lossaverse run`
     trains them) evaluated on the validation items, in the trial directory `configured`."""
-    from lossaverse.cluster.stages import execute
+    from lossaverse.cluster.runner import execute
 
     cfg = load_config(config, overrides)
     tcfg = _trial_config(config, overrides, ["evaluate.sft_curve=true"], "configured", top, cfg.train.compare, curve=True)
@@ -185,7 +185,7 @@ def sft_curve(cfg: RunConfig, results: dict) -> dict:
     run (train.sft_curve, the recipe's start at sft_steps, the SFT baseline at the whole budget) and
     the step where SFT stopped gaining: the first point that no later point beats by a paired
     difference whose 95% CI is above 0 (ties to the earlier step: fewer SFT steps, more for KTO)."""
-    from lossaverse.cluster.stages import CURVE_PREFIX, RECIPE_SFT
+    from lossaverse.cluster.evaluate import CURVE_PREFIX, RECIPE_SFT
 
     named = [(k, f"{CURVE_PREFIX}{k}") for k in cfg.train.sft_curve] + [(cfg.train.sft_steps, RECIPE_SFT)]
     if "sft" in cfg.train.methods:
@@ -243,7 +243,8 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     docstring), beside the trial `configured`. Every trial gets its paired difference against each
     baseline on the same validation items (`vs`), so an ablation reads against SFT (and RFT) as
     well as against the untrained target."""
-    from lossaverse.cluster.stages import execute, stage_fingerprints
+    from lossaverse.cluster.runner import execute
+    from lossaverse.cluster.stages import stage_fingerprints
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:

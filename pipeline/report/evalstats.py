@@ -176,7 +176,7 @@ def model_label(name: str) -> str:
     target-kto -> "target after KTO"; any other name as it is."""
     if name == "target-base":
         return "target before training"
-    if name == "target-recipe-sft":  # lossaverse.cluster.stages.RECIPE_SFT
+    if name == "target-recipe-sft":  # lossaverse.cluster.evaluate.RECIPE_SFT
         return "target after the recipe's SFT step"
     if name.startswith("target-"):
         return f"target after {name[len('target-'):].upper()}"

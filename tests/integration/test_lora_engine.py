@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lossaverse.cluster.config import BenchmarkConfig, EngineConfig, SamplingConfig
 from lossaverse.cluster.plan import placements
-from lossaverse.cluster.stages import one_engine
+from lossaverse.cluster.evaluate import one_engine
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS
 from lossaverse.pipeline.generation.generate import Competitor, PromptStyle

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lossaverse.cluster.config import TrainConfig, load_config
-from lossaverse.cluster.stages import execute, stage_fingerprints
+from lossaverse.cluster.runner import execute
+from lossaverse.cluster.stages import stage_fingerprints
 from lossaverse.pipeline.models.tinymodels import resolve_model
 from tests.conftest import ROOT
 from tests.unit.test_train import make_datasets
