@@ -46,8 +46,9 @@ import pyarrow.compute as pc
 from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
 from lossaverse.pipeline.marker.markmath import read_math
 from lossaverse.pipeline.marker.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
-    ASCII_SPACE, READ_CHARS, Reading, cut_new_turn, prepare, read_choice, read_exact, read_number, to_number,
+    ASCII_SPACE, READ_CHARS, Reading, cut_new_turn, prepare, read_exact, read_number, to_number,
 )
+from lossaverse.pipeline.marker.markchoice import read_choice
 
 
 class Verdict(NamedTuple):

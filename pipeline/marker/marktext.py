@@ -1,5 +1,5 @@
-"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.marker.mark for the `numeric`,
-`choice` and `exact` kinds, and the text preparation every kind shares.
+"""Reading a stated final answer out of model text: the rules of lossaverse.pipeline.marker.mark for the `numeric`
+and `exact` kinds, and the text preparation every kind shares (`choice`: lossaverse.pipeline.marker.markchoice).
 
 Every pattern here runs over model text, so every one is linear-time: no quantifier inside a
 quantifier that can split the same characters two ways, and possessive quantifiers (`*+`, `++`,
@@ -17,8 +17,6 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from functools import lru_cache
 from typing import Callable, NamedTuple
-
-from lossaverse.pipeline.data.prompts import LETTERS
 
 
 class Reading(NamedTuple):
@@ -65,7 +63,7 @@ _FILLER = re.compile(
 )
 # A second value right after a stated one: "3 or 4", "3, 4", "3 to 4" (hedging).
 _HEDGE = re.compile(r"\s*+(?:,|;|/|\||–|\bor\b|\bto\b)\s*+(?:maybe\s++|perhaps\s++|possibly\s++)?(?:" + NUMBER + ")", re.I | re.ASCII)
-_NEGATED = re.compile(r"(?:\bnot|n't|\bnever|≠|!=)\s*+(?:equal\s++to\s++|be\s++)?$", re.IGNORECASE)
+NEGATED = re.compile(r"(?:\bnot|n't|\bnever|≠|!=)\s*+(?:equal\s++to\s++|be\s++)?$", re.IGNORECASE)
 _LIST_GAP = re.compile(r"(?:\s|[,;|…]|\.{2,}+|\bor\b)*+", re.IGNORECASE)
 # A new question the model writes itself. Its start is the last newline before it, so that a run
 # of blank lines is scanned once, not once per newline.
@@ -350,7 +348,7 @@ def read_number(text: str, reference: str, question: str | None = None) -> Readi
     start = 0 if len(text) <= READ_CHARS else text.find("\n", len(text) - READ_CHARS) + 1
     tokens = [m for m in deque(_NUMBER.finditer(text, start), maxlen=256) if "/" not in m.group(0) or to_number(m.group(0)) is not None]
     i = len(tokens) - 1
-    while i >= 0 and _NEGATED.search(text, max(0, tokens[i].start() - 24), tokens[i].start()):
+    while i >= 0 and NEGATED.search(text, max(0, tokens[i].start() - 24), tokens[i].start()):
         i -= 1
     if i < 0:
         return Reading(None, False, False)
@@ -391,86 +389,3 @@ def read_exact(text: str, reference: str) -> Reading:
         return Reading(None, False, False)
     last = re.sub(r"^\s*+(?:A|Answer)\s*+:\s*+", "", lines[-1], flags=re.I).strip().rstrip(".")
     return Reading(bound(last), normalize_text(last) == ref, False)
-
-
-class _LetterRules(NamedTuple):
-    at_statement: re.Pattern
-    hedge: re.Pattern
-    prose: re.Pattern
-
-
-@lru_cache(maxsize=None)
-def _letter_rules(n: int) -> _LetterRules:
-    """The letter patterns for options A..LETTERS[n-1]; at least A-J, so that the usual 4- to 10-option
-    benchmarks read exactly as they always have."""
-    last = LETTERS[max(10, n) - 1]
-    up, low = f"A-{last}", f"a-{last.lower()}"
-    return _LetterRules(
-        re.compile(rf"\s*+(?:[Oo]ption\s++|[Cc]hoice\s++)?(?:\(([{up}{low}])\)|([{up}])(?![\w'’])|([{low}])\s*+(?:[.)]|$))", re.M),
-        re.compile(rf"\s*+(?:,|;|/|&|\bor\b|\band\b)\s*+(?:option\s++)?\(?[{up}]\)?(?![\w'’])", re.I),
-        re.compile(rf"(?<![\w'’])\(?([{up}])\)?(?![\w'’])"),
-    )
-
-
-# "A" as an article and "I" as a pronoun: followed by a lower-case word that is not a verb about the option.
-_NOT_A_LETTER = re.compile(r"\s++(?!(?:is|was|seems|looks|appears|must|should|would|could|might)\b)[a-z]")
-
-
-def _option_hits(text: str, options: list[str]) -> set[str]:
-    """Letters of the options whose text appears in `text` (word-bounded, normalized); an option
-    contained in another matched option (\"York\" in \"New York\") does not count on its own."""
-    norm = f" {normalize_text(text)} "
-    hits = {i: normalize_text(c) for i, c in enumerate(options) if normalize_text(c) and f" {normalize_text(c)} " in norm}
-    return {LETTERS[i] for i, t in hits.items() if not any(j != i and f" {t} " in f" {u} " and t != u for j, u in hits.items())}
-
-
-def _choice_key(reference: str, options: list[str]) -> str:
-    ref = reference.strip()
-    if len(ref) == 1 and ref.upper() in LETTERS:
-        return ref.upper()
-    hits = [LETTERS[i] for i, c in enumerate(options) if normalize_text(c) == normalize_text(ref)]
-    return hits[0] if len(hits) == 1 else ref.upper()
-
-
-def read_choice(text: str, reference: str, choices, question: str | None = None) -> Reading:
-    """The option chosen: a stated letter (or option text), else the one letter in the prose,
-    else the one option whose text is mentioned. Several different options = wrong."""
-    options = list(choices or [])
-    valid = set(LETTERS[: len(options)]) if options else set(LETTERS[:10])
-    rules = _letter_rules(len(options))
-    key = _choice_key(reference, options)
-    text = clean(text)
-    said = []  # (letter, or None for a statement naming several options)
-    for s in statements(text):
-        m = rules.at_statement.match(s)
-        if m:
-            hedged = rules.hedge.match(s, m.end()) is not None
-            said.append((None if hedged else next(g for g in m.groups() if g).upper(), sentence(s)))
-        elif options:
-            hits = _option_hits(sentence(s), options)
-            if hits:
-                said.append((hits.pop() if len(hits) == 1 else None, sentence(s)))
-    if said:
-        letters = sorted({v for v, _ in said if v})
-        if said[-1][0] is None:
-            return Reading(bound(said[-1][1]), False, True)
-        if len(letters) >= 2:
-            return Reading(",".join(letters), False, True)
-        return Reading(letters[0], letters[0] == key, True)
-    prose = without_questions(text, question)
-    letters = set()
-    for m in deque(rules.prose.finditer(prose), maxlen=256):  # the last 256 mentions
-        letter = m.group(1)
-        if letter not in valid or _NEGATED.search(prose, max(0, m.start() - 24), m.start()):
-            continue
-        if letter in "AI" and not m.group(0).startswith("(") and _NOT_A_LETTER.match(prose, m.end()):
-            continue
-        letters.add(letter)
-    if not letters and options:
-        letters = _option_hits(prose, options)
-    if not letters:
-        return Reading(None, False, False)
-    if len(letters) > 1:
-        return Reading(",".join(sorted(letters)), False, False)
-    (letter,) = letters
-    return Reading(letter, letter == key, False)

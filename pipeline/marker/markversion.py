@@ -13,7 +13,7 @@ import hashlib
 import importlib.metadata
 from pathlib import Path
 
-RULE_MODULES = ("mark.py", "marktext.py", "markmath.py", "judge.py")  # beside this module, in pipeline/marker/
+RULE_MODULES = ("mark.py", "marktext.py", "markchoice.py", "markmath.py", "judge.py")  # beside this module, in pipeline/marker/
 
 
 def _release(dist: str) -> str:
