@@ -35,6 +35,11 @@ class OnPolicyConfig(Strict):
 RECIPE_BASELINES = {"rft": "sft"}
 
 
+# Marks a TrainConfig field that only the recipe's KTO step reads (its loss), not its SFT step, the
+# on-policy answers or the RFT baseline: changing one re-runs the KTO step alone (kto_step_fields).
+KTO_STEP = {"step": "kto"}
+
+
 class TrainConfig(Strict):
     """Training: method, loss settings, optimizer and step budget (shared by every method), reference
     model, scale (Ray Train + DeepSpeed), checkpoints and metrics. See training/ for the code."""
@@ -54,20 +59,20 @@ class TrainConfig(Strict):
     sft_curve: list[int] = Field(default_factory=list)
     on_policy: OnPolicyConfig = OnPolicyConfig()
     # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
-    nll_weight: float = Field(default=0.0, ge=0)
+    nll_weight: float = Field(default=0.0, ge=0, json_schema_extra=KTO_STEP)
     # Baselines trained beside `method` on the same round's data with the same step budget, each
     # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`). With the
     # recipe, `rft` is rejection-sampling fine-tuning (RFT, Yuan et al. 2023; STaR): SFT from the
     # recipe's SFT checkpoint on the desirable rows of the KTO step's data (the competitors' and the
     # on-policy right answers) for the KTO step's max_steps: the recipe without its wrong answers.
     compare: list[str] = Field(default_factory=list)
-    beta: float = Field(default=0.1, gt=0)  # KTO / DPO: strength of the implicit KL penalty
+    beta: float = Field(default=0.1, gt=0, json_schema_extra=KTO_STEP)  # KTO / DPO: strength of the implicit KL penalty
     # KTO's lambda_D / lambda_U. `fixed`: as given (or undesirable = loss_aversion * desirable);
     # `auto`: from datasets/stats.json so that lambda_D*n_D/(lambda_U*n_U) is in [1, 4/3].
-    weights: Literal["fixed", "auto"] = "fixed"
-    desirable_weight: float = Field(default=1.0, gt=0)
-    undesirable_weight: float = Field(default=1.0, gt=0)
-    loss_aversion: float | None = Field(default=None, gt=0)  # lambda_U / lambda_D
+    weights: Literal["fixed", "auto"] = Field(default="fixed", json_schema_extra=KTO_STEP)
+    desirable_weight: float = Field(default=1.0, gt=0, json_schema_extra=KTO_STEP)
+    undesirable_weight: float = Field(default=1.0, gt=0, json_schema_extra=KTO_STEP)
+    loss_aversion: float | None = Field(default=None, gt=0, json_schema_extra=KTO_STEP)  # lambda_U / lambda_D
     # Optimizer and budget: the same for every method, so baselines compare like for like.
     learning_rate: float = Field(default=5e-5, gt=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -80,7 +85,7 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False  # memory: recompute activations in the backward pass
     # Reference model: a frozen copy (default), log-probs computed once before training (no copy in
     # memory), or with `lora` the base model with the adapters switched off.
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = Field(default=False, json_schema_extra=KTO_STEP)
     lora: LoraSettings | None = None
     # Scale: one Ray Train worker per GPU (or CPU slot); DeepSpeed ZeRO by name or a JSON file.
     num_workers: int = Field(default=2, ge=1)
@@ -184,3 +189,8 @@ class TrainConfig(Strict):
             if conflicts:
                 raise ValueError(f"DeepSpeed config {self.deepspeed!r} contradicts the trainer: " + "; ".join(conflicts))
         return self
+
+
+def kto_step_fields() -> frozenset[str]:
+    """The TrainConfig fields marked KTO_STEP: the recipe's KTO step's own settings."""
+    return frozenset(name for name, f in TrainConfig.model_fields.items() if f.json_schema_extra == KTO_STEP)

@@ -143,3 +143,13 @@ def test_sft_curve_steps_are_checked_against_the_sft_run():
     # Without the recipe there is no SFT run to export: the default job's curve does not stop `recipe=single`.
     assert load_config(ROOT / "configs" / "local.yaml", ["train.recipe=single", "train.compare=[kto, sft]"]).train.recipe == "single"
     assert load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[32, 16]"]).train.sft_curve == [32, 16]
+
+
+def test_the_kto_steps_own_settings_are_the_fields_the_train_config_marks():
+    """KTO_STEP_ONLY is derived from TrainConfig (fields marked KTO_STEP), not kept by hand."""
+    from lossaverse.cluster.recipe import KTO_STEP_ONLY
+    from lossaverse.training.config import KTO_STEP, TrainConfig
+
+    assert KTO_STEP_ONLY == {"beta", "weights", "desirable_weight", "undesirable_weight", "loss_aversion", "nll_weight",
+                             "precompute_ref_log_probs"}
+    assert TrainConfig.model_fields["learning_rate"].json_schema_extra != KTO_STEP  # shared by every step
