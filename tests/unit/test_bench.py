@@ -8,9 +8,10 @@ import time
 import matplotlib.image as mpimg
 from rich.console import Console
 
-from lossaverse.cluster.bench import bench_table, cost_model, default_prompts, plot_scaling
+from lossaverse.cluster.bench import bench_table, cost_model, default_prompts
 from lossaverse.cluster.config import EngineConfig, load_config
 from lossaverse.pipeline.bench.measure import PeakRSS, Timer, nvml, peak_memory, ratio, spread
+from lossaverse.pipeline.bench.plots import plot_scaling
 from lossaverse.pipeline.generation.shards import MIN_WAVES, Tally, steady_state
 from tests.conftest import ROOT
 
