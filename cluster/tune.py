@@ -31,8 +31,8 @@ import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
 from lossaverse.cluster.recipe import KTO_STEP_ONLY
-from lossaverse.pipeline.report.evalstats import pair_of
 from lossaverse.pipeline.data.rundir import read_json, write_json
+from lossaverse.pipeline.report.evalstats import pair_of
 from lossaverse.training.config import RECIPE_BASELINES
 
 

@@ -205,10 +205,12 @@ def accuracy_cell(accuracy: float, ci=None) -> str:
 
 
 def delta_cell(pair: dict | None) -> str:
-    """"+1.8 [-1.2,4.8]=": a paired difference in points, its 95% CI and its verdict mark."""
+    """"+1.8 [-1.2,4.8]=": a paired difference in points, its 95% CI and its verdict mark (none for
+    a pair stored without its McNemar p, as tune.json kept earlier trials)."""
     if pair is None:
         return ""
-    return f"{_pt(pair['diff'], '+')} [{_pt(pair['ci95'][0])},{_pt(pair['ci95'][1])}]{verdict_mark(pair)}"
+    mark = verdict_mark(pair) if "mcnemar_p" in pair else ""
+    return f"{_pt(pair['diff'], '+')} [{_pt(pair['ci95'][0])},{_pt(pair['ci95'][1])}]{mark}"
 
 
 def model_table(results: dict) -> tuple[list[str], list[list[str]]]:
