@@ -89,7 +89,11 @@ class TrainConfig(Strict):
     lora: LoraSettings | None = None
     # Scale: one Ray Train worker per GPU (or CPU slot); DeepSpeed ZeRO by name or a JSON file.
     num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False  # bf16 on GPU, fp32 on CPU
+    use_gpu: bool = False
+    # Compute precision. Unset: bf16 on GPU, fp32 on CPU. true on a CPU with AMX or AVX512-BF16 runs
+    # the matmuls in bf16 too; DeepSpeed keeps fp32 master weights either way (without DeepSpeed, torch
+    # autocast with fp32 weights).
+    bf16: bool | None = None
     gpus_per_worker: float = Field(default=1, gt=0)
     cpus_per_worker: float = Field(default=1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # SPREAD: over nodes
@@ -133,6 +137,11 @@ class TrainConfig(Strict):
         """`method` first (its model is the run's `model/`), then the other compared methods."""
         return [self.method] + [m for m in self.compare if m != self.method]
 
+    @property
+    def bf16_on(self) -> bool:
+        """Whether training computes in bf16: train.bf16 where set, else on GPU only."""
+        return self.use_gpu if self.bf16 is None else self.bf16
+
     def for_method(self, method: str) -> "TrainConfig":
         """These settings with `method` trained (optimizer, budget and scale shared)."""
         return self.model_copy(update={"method": method, "compare": []})
@@ -173,6 +182,8 @@ class TrainConfig(Strict):
             raise ValueError(f"weights: auto sets desirable_weight and undesirable_weight from the data; remove {sorted(explicit)} or use weights: fixed")
         if self.weights == "fixed" and self.loss_aversion is not None and "undesirable_weight" in explicit:
             raise ValueError("set loss_aversion (undesirable = loss_aversion x desirable_weight) or undesirable_weight, not both")
+        if self.bf16 is False and self.use_gpu:
+            raise ValueError("train.bf16: false with train.use_gpu: GPU training runs bf16; leave train.bf16 unset")
         if self.use_gpu and self.deepspeed == "none":
             raise ValueError(
                 "train.deepspeed: none with train.use_gpu trains bf16 weights with no fp32 master copy, so at small "
@@ -183,7 +194,7 @@ class TrainConfig(Strict):
         if ds is not None:
             conflicts = deepspeed_conflicts(
                 ds, micro_batch=self.per_device_batch_size, grad_accum=self.gradient_accumulation_steps,
-                workers=self.num_workers, use_gpu=self.use_gpu, learning_rate=self.learning_rate,
+                workers=self.num_workers, use_gpu=self.use_gpu, bf16=self.bf16_on, learning_rate=self.learning_rate,
                 max_grad_norm=self.max_grad_norm,
             )
             if conflicts:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.pipeline.data.schemas import KTO, PAIRS
+from lossaverse.training.lmhead import score_labelled_positions_only
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Method:
         """Build the TRL trainer: `args` are the shared TrainingArguments, `method_args` this method's
         config fields, `train` the whole `train:` config (TrainConfig dumped) its own arguments come from."""
         config_cls, trainer_cls = (_resolve(name) for name in self.trl)
+        if not train["use_gpu"]:
+            score_labelled_positions_only()  # the prompt's positions never reach the LM head's tiles
         return trainer_cls(
             model=model,
             args=config_cls(**args, **method_args),

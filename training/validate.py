@@ -71,7 +71,7 @@ def check_memory(params: int, trainable: int, train, uses_reference: bool) -> fl
     off_opt, off_param = offloads(ds)
     reference = uses_reference and not train.precompute_ref_log_probs and train.lora is None
     need = model_state_gib(params, stage=stage, workers=train.num_workers, offload_optimizer=off_opt,
-                           offload_params=off_param, bf16=train.use_gpu, trainable=trainable, reference_copy=reference)
+                           offload_params=off_param, bf16=train.bf16_on and train.deepspeed != "none", trainable=trainable, reference_copy=reference)
     budget = train.memory_per_worker_gib
     if budget is not None and need > budget:
         fixes = []

@@ -146,7 +146,7 @@ def training_args(t: dict, seed: int, output_dir: str) -> dict:
         gradient_checkpointing=t["gradient_checkpointing"],
         deepspeed=deepspeed_config(t["deepspeed"]),
         use_cpu=not t["use_gpu"],
-        bf16=t["use_gpu"],  # bf16 on GPU, fp32 on CPU
+        bf16=t["bf16"] if t["bf16"] is not None else t["use_gpu"],  # TrainConfig.bf16_on
         seed=seed,
         data_seed=seed,
         logging_steps=t["logging_steps"],

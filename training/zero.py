@@ -53,11 +53,11 @@ def _fixed(value) -> bool:
 
 
 def deepspeed_conflicts(ds: dict, *, micro_batch: int, grad_accum: int, workers: int, use_gpu: bool,
-                        learning_rate: float, max_grad_norm: float) -> list[str]:
+                        bf16: bool, learning_rate: float, max_grad_norm: float) -> list[str]:
     """Values in a DeepSpeed config that contradict the trainer's settings, each with its fix.
 
-    `"auto"` values are filled in by the trainer and never conflict. The trainer runs bf16 on GPU and
-    fp32 on CPU, so fp16 never fits, and bf16 must be on exactly when GPUs are used.
+    `"auto"` values are filled in by the trainer and never conflict. The trainer runs bf16 or fp32
+    (`train.bf16`, unset: bf16 on GPU, fp32 on CPU), so fp16 never fits, and a fixed bf16 must match.
     """
     out = []
     checks = [
@@ -73,12 +73,12 @@ def deepspeed_conflicts(ds: dict, *, micro_batch: int, grad_accum: int, workers:
     if _fixed(lr) and float(lr) != learning_rate:
         out.append(f"optimizer.params.lr={lr} but train.learning_rate={learning_rate}; set it to \"auto\"")
     if ds.get("fp16", {}).get("enabled") is True:
-        out.append("fp16.enabled=true, but training runs bf16 on GPU and fp32 on CPU; remove fp16 or set it to false")
-    bf16 = ds.get("bf16", {}).get("enabled")
-    if bf16 is True and not use_gpu:
-        out.append("bf16.enabled=true with train.use_gpu=false (CPU training runs fp32); set bf16.enabled to \"auto\"")
-    if bf16 is False and use_gpu:
-        out.append("bf16.enabled=false with train.use_gpu=true (GPU training runs bf16); set bf16.enabled to \"auto\"")
+        out.append("fp16.enabled=true, but training runs bf16 or fp32 (train.bf16); remove fp16 or set it to false")
+    fixed = ds.get("bf16", {}).get("enabled")
+    if fixed is True and not bf16:
+        out.append("bf16.enabled=true but training runs fp32 (CPU, train.bf16 unset or false); set bf16.enabled to \"auto\"")
+    if fixed is False and bf16:
+        out.append("bf16.enabled=false but training runs bf16 (GPU, or train.bf16: true); set bf16.enabled to \"auto\"")
     if not use_gpu and any(offloads(ds)):
         out.append("offload_optimizer/offload_param move states from GPU to CPU, but train.use_gpu=false; "
                    "use deepspeed: zero3 (or zero2) on CPU")

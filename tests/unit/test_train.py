@@ -90,7 +90,12 @@ def test_deepspeed_file_that_contradicts_the_trainer_is_refused(tmp_path):
         load(tmp_path, f"train.deepspeed={ds}")
     msg = str(err.value)
     assert "train_micro_batch_size_per_gpu=8 but the trainer uses 4 (train.per_device_batch_size)" in msg
-    assert "bf16.enabled=true with train.use_gpu=false" in msg
+    assert "bf16.enabled=true but training runs fp32 (CPU, train.bf16 unset or false)" in msg
+    # train.bf16: true on CPU matches it; a file fixing bf16 off contradicts it.
+    assert load(tmp_path, f"train.deepspeed={ds}", "train.per_device_batch_size=8", "train.bf16=true").bf16_on
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}))
+    with pytest.raises(ConfigError, match=r"bf16.enabled=false but training runs bf16 \(GPU, or train.bf16: true\)"):
+        load(tmp_path, f"train.deepspeed={ds}", "train.bf16=true")
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
     assert load(tmp_path, f"train.deepspeed={ds}").deepspeed == str(ds)
 
