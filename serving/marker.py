@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
+from lossaverse.pipeline.data.kinds import kind_of
 from lossaverse.serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
 
 
@@ -40,11 +41,7 @@ class Answer(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        from lossaverse.pipeline.marker.mark import GRADERS
-
-        if value not in GRADERS:
-            raise ValueError(f"unknown kind {value!r}; valid: {sorted(GRADERS)}")
-        return value
+        return kind_of(value).name
 
     @field_validator("choices")
     @classmethod

@@ -26,12 +26,12 @@ GOAL = 0.9
 def synthetic_kto_table(rows: int, seed: int = 0) -> pa.Table:
     """KTO rows for the benchmark: synthetic problems, the stated answer right on even rows."""
     from lossaverse.pipeline.data import synthetic
-    from lossaverse.pipeline.data.prompts import TEMPLATES, render
+    from lossaverse.pipeline.data.prompts import render, template_for
 
     out = {"prompt": [], "completion": [], "label": []}
     for i, p in enumerate(synthetic.problems("train", rows, seed)):
         right = i % 2 == 0
-        out["prompt"].append(render(p, TEMPLATES["numeric"]))
+        out["prompt"].append(render(p, template_for("numeric")))
         out["completion"].append(f" {p['solution'] if right else p['solution'].replace(p['reference'], str(int(p['reference']) + 1))}")
         out["label"].append(right)
     return pa.table(out)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.pipeline.data.schemas import ITEMS, KTO, MARKED, NEGATIVES, PAIRS, REASONS, check
-from lossaverse.pipeline.data.kinds import KINDS
+from lossaverse.pipeline.data.kinds import kind_of
 from lossaverse.pipeline.data.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 # KTO paper (Ethayarajh et al., 2024, Sec. 4.2): keep lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
@@ -30,8 +30,6 @@ KTO_RATIO_RANGE = (1.0, 4 / 3)
 
 
 REFERENCE = "reference"  # the competitor name of reference-answer rows in datasets/kto
-# The reference answer, stated in the form each kind's prompt template asks for (lossaverse.pipeline.data.kinds).
-REFERENCE_FORMS = {name: kind.reference_form for name, kind in KINDS.items()}
 
 
 def reference_rows(marked: pa.Table) -> pa.Table:
@@ -42,7 +40,8 @@ def reference_rows(marked: pa.Table) -> pa.Table:
         if row["id"] in solved or (row["id"], row["prompt"]) in seen:
             continue
         seen.add((row["id"], row["prompt"]))
-        completion = REFERENCE_FORMS.get(row["kind"], " {reference}").format(reference=row["reference"])
+        # The reference stated in the form its kind's prompt template asks for.
+        completion = kind_of(row["kind"]).reference_form.format(reference=row["reference"])
         rows.append({"prompt": row["prompt"], "completion": completion, "label": True, "id": row["id"],
                      "competitor": REFERENCE, "sample": 0})
     return pa.Table.from_pylist(rows, schema=KTO)

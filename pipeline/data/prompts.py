@@ -6,9 +6,7 @@ Each template tells the model how to state its final answer, in the form the mar
 
 from __future__ import annotations
 
-from lossaverse.pipeline.data.kinds import KINDS, kind_of
-
-TEMPLATES = {name: kind.template for name, kind in KINDS.items()}  # each kind's, from the one registry
+from lossaverse.pipeline.data.kinds import kind_of
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters: a choice item has at most 26 options
 

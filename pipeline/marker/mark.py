@@ -37,12 +37,15 @@ How a careful human grader reads an answer, as rules (the same for every kind):
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lossaverse.pipeline.data.kinds import kind_of
 from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
 from lossaverse.pipeline.marker.markmath import read_math
 from lossaverse.pipeline.marker.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
@@ -84,21 +87,22 @@ def grade_exact(completion: str, reference: str, choices=None, question=None, ti
     return read_exact(completion, reference)
 
 
-# One grader per benchmark kind of lossaverse.pipeline.data.kinds.KINDS (tests/unit/test_kinds.py holds them equal).
-GRADERS: dict[str, Callable[..., Reading]] = {
-    "numeric": grade_numeric,
-    "math": grade_math,
-    "choice": grade_choice,
-    "exact": grade_exact,
-}
+@functools.cache
+def _resolve(name: str) -> Callable[..., Reading]:
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def grader_for(kind: str) -> Callable[..., Reading]:
+    """The grader the registry (lossaverse.pipeline.data.kinds) names for `kind`; ValueError for an unknown kind."""
+    return _resolve(kind_of(kind).grader)
 
 
 def grade_row(completion, reference: str, kind: str, choices=None, finish_reason: str | None = None,
               error: str | None = None, timeout_s: float = 5, question: str | None = None) -> Graded:
     """One verdict with its `undecided` flag. Pure: the same inputs always give the same result.
     `timeout_s`: the row's time budget for math-verify, in any thread (lossaverse.pipeline.marker.markmath.budget)."""
-    if kind not in GRADERS:
-        raise ValueError(f"unknown benchmark kind {kind!r}; valid: {sorted(GRADERS)}")
+    grader = grader_for(kind)
     if error:
         return Graded(False, None, "error", "rules", False)
     if isinstance(completion, (bytes, bytearray)):
@@ -111,7 +115,7 @@ def grade_row(completion, reference: str, kind: str, choices=None, finish_reason
         return Graded(False, None, "truncated", "rules", False)
     if not text.strip():
         return Graded(False, None, "no_answer", "rules", False)
-    r = GRADERS[kind](text, reference or "", choices, question, timeout_s)
+    r = grader(text, reference or "", choices, question, timeout_s)
     if finish_reason == "length" and not r.stated:
         # Cut by the token limit before a final answer: a number mid-reasoning is not an answer.
         return Graded(False, None, "truncated", "rules", False)

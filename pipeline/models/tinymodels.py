@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from lossaverse.pipeline.data import synthetic
-from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.data.rundir import cache_root, fingerprint
 
 BUILDER_VERSION = 3
@@ -33,7 +33,7 @@ TINY_SIZES: dict[str, dict] = {
 
 
 def _corpus() -> list[tuple[str, str]]:
-    template = TEMPLATES["numeric"]
+    template = template_for("numeric")
     return [(render(r, template), " " + r["solution"]) for r in synthetic.problems("pretrain", PRETRAIN_ROWS, PRETRAIN_SEED)]
 
 
@@ -139,7 +139,7 @@ def resolve_model(path: str) -> str:
     size = path.split(":", 1)[1]
     if size not in TINY_SIZES:
         raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
-    key = fingerprint(BUILDER_VERSION, size, TINY_SIZES[size], PRETRAIN_ROWS, TEMPLATES["numeric"])
+    key = fingerprint(BUILDER_VERSION, size, TINY_SIZES[size], PRETRAIN_ROWS, template_for("numeric"))
     final = cache_root() / "tiny" / f"{size}-{key}"
     if (final / "config.json").is_file():
         return str(final)

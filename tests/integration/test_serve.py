@@ -20,7 +20,7 @@ import pytest
 from lossaverse.cluster.config import ConfigError
 from lossaverse.cluster.serve import build_app, plan_from_args
 from lossaverse.pipeline.data import synthetic
-from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.marker.mark import mark_row
 from lossaverse.pipeline.models.tinymodels import resolve_model
 from lossaverse.serving.model import ServeError, _checked, llm_config, plan_from_model_dir
@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 def _prompts(n: int) -> list[str]:
-    return [render(p, TEMPLATES["numeric"]) for p in synthetic.problems("eval", n, seed=3)]
+    return [render(p, template_for("numeric")) for p in synthetic.problems("eval", n, seed=3)]
 
 
 def _ready(base: str, log: Path) -> bool:
@@ -174,7 +174,7 @@ def test_mark_refuses_bad_batches_with_the_field_named(server):
     cases = [
         (_post(url, content=b"{nope", headers={"content-type": "application/json"}), 400, "not valid JSON"),
         (_post(url, json={"answers": [{"kind": "numeric", "completion": "1"}]}), 400, "answers.0.reference: Field required"),
-        (_post(url, json={"answers": [{**one, "kind": "essay"}]}), 400, "unknown kind 'essay'"),
+        (_post(url, json={"answers": [{**one, "kind": "essay"}]}), 400, "unknown benchmark kind 'essay'"),
         (_post(url, json={"answers": [{**one, "kind": "choice"}]}), 400, "needs `choices`"),
         (_post(url, json={"answers": []}), 400, "answers"),
         (_post(url, json={"answers": [one], "extra": 1}), 400, "extra"),

@@ -44,7 +44,7 @@ def test_mark_grades_rows_in_order_and_keeps_the_callers_columns():
 
 @pytest.mark.parametrize("row, message", [
     ({"kind": "numeric", "completion": "The answer is 1."}, r"mark: row 1: reference: Field required"),
-    ({"kind": "poem", "reference": "1", "completion": "1"}, r"mark: row 1: kind: unknown kind 'poem'"),
+    ({"kind": "poem", "reference": "1", "completion": "1"}, r"mark: row 1: kind: unknown benchmark kind 'poem'"),
     ({"kind": "choice", "reference": "A", "completion": "A"}, r"mark: row 1: kind `choice` needs `choices`"),
 ])
 def test_mark_names_the_bad_row_and_field(row, message):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from lossaverse.cluster.config import ConfigError, TrainConfig, load_config
 from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
 from lossaverse.pipeline.data import synthetic
-from lossaverse.pipeline.data.prompts import TEMPLATES, render
+from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.data.rundir import write_table
 from lossaverse.pipeline.data.schemas import MARKED
 from tests.conftest import ROOT
@@ -34,7 +34,7 @@ def marked(items: int, large_right: bool = True, small_right: bool = False, erro
             rows.append(dict(
                 id=f"q{i}", question=p["question"], reference=p["reference"], kind="numeric", choices=None,
                 split="train", source="synthetic", competitor=competitor, model=competitor, sample=0,
-                prompt=render(p, TEMPLATES["numeric"]), completion="" if error else f" The answer is {answer}.",
+                prompt=render(p, template_for("numeric")), completion="" if error else f" The answer is {answer}.",
                 finish_reason="error" if error else "stop", completion_tokens=6, error=error,
                 correct=right and not error, extracted=None if error else answer,
                 reason="error" if error else ("match" if right else "mismatch"), marked_by="rules",
