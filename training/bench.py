@@ -60,7 +60,7 @@ def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, war
     t = train.model_dump(mode="json")
     trainer = get_method(train.method).trainer(
         AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
-        training_args(t, seed, str(work)), method_args(train.method, train),
+        training_args(t, seed, str(work)), method_args(train.method, t),
         Dataset(shuffled(table, seed)), AutoTokenizer.from_pretrained(model), [metrics], peft_config(t["lora"]),
         train=t,
     )

@@ -240,7 +240,7 @@ def trl_run(variant: str, model_dir: Path, spec: dict, seq_len: int, batch: int,
         model = load_model(model_dir, device)
         params = sum(p.numel() for p in model.parameters())
         metrics = StepMetrics(batch, None)
-        trainer = method.trainer(model, training_args(t, seed, str(work / variant)), method_args(train.method, train),
+        trainer = method.trainer(model, training_args(t, seed, str(work / variant)), method_args(train.method, t),
                                  Dataset(table), word_tokenizer(words), [_sync_callback(device), metrics],
                                  peft_config(t["lora"]), train=t)
         trainer.remove_callback(PrinterCallback)  # one dict per step on stdout; the table says it all

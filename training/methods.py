@@ -114,15 +114,11 @@ def peft_config(lora: dict | None):
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")
 
 
-def method_args(name: str, train, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict:
-    """The method's own TRL config fields; everything else is shared by all methods."""
+def method_args(name: str, train: dict) -> dict:
+    """The method's own TRL config fields, from the resolved `train:` config dumped (KTO's weights as
+    the plan resolved them, lossaverse.training.validate.TrainPlan.train); everything else is shared."""
     if name == "kto":
-        return {
-            "beta": train.beta,
-            "desirable_weight": desirable_weight,
-            "undesirable_weight": undesirable_weight,
-            "precompute_ref_log_probs": train.precompute_ref_log_probs,
-        }
+        return {key: train[key] for key in ("beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs")}
     if name == "dpo":
-        return {"beta": train.beta, "precompute_ref_log_probs": train.precompute_ref_log_probs}
+        return {key: train[key] for key in ("beta", "precompute_ref_log_probs")}
     return {}

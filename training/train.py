@@ -59,14 +59,14 @@ def prepare_storage(storage: Path, fingerprint: str, resume: bool) -> bool:
     return False
 
 
-def launch_config(plan: TrainPlan, train, model: str, storage: Path, out_tmp: Path, seed: int,
+def launch_config(plan: TrainPlan, model: str, storage: Path, out_tmp: Path, seed: int,
                   exports: list[tuple[int, Path]] = ()) -> dict:
-    """The worker's whole input (lossaverse.training.worker.train_func reads nothing else)."""
+    """The worker's whole input (lossaverse.training.worker.train_func reads nothing else): the train
+    config once, as the plan resolved it."""
     return {
         "exports": [[step, str(folder)] for step, folder in exports],
         "method": plan.method,
-        "method_args": plan.method_args,
-        "train": train.model_dump(mode="json"),
+        "train": plan.train.model_dump(mode="json"),
         "model": model,
         "seed": seed,
         "data": str(storage / "data" / "train.parquet"),
@@ -164,7 +164,7 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
     tail.offset = (storage / "metrics.jsonl").stat().st_size if (storage / "metrics.jsonl").is_file() else 0
     tail.start()
     try:
-        result = torch_trainer(train, launch_config(plan, train, model, storage, out_tmp, seed, exports), storage).fit()
+        result = torch_trainer(train, launch_config(plan, model, storage, out_tmp, seed, exports), storage).fit()
     except Exception as exc:  # fit() raises the run's error
         if (stalled := unplaced(exc, train, storage)) is not None:
             raise stalled from exc

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.pipeline.config import ConfigError
+from lossaverse.training.config import TrainConfig
 from lossaverse.training.kto import kto_weights
 from lossaverse.training.methods import get_method, method_args, peft_config
 from lossaverse.training.zero import deepspeed_config, model_state_gib, offloads, zero_stage
@@ -26,8 +27,13 @@ from lossaverse.training.zero import deepspeed_config, model_state_gib, offloads
 class TrainPlan:
     method: str
     table: pa.Table  # the rows to train on, the method's columns only
-    method_args: dict  # the method's own TRL config fields
+    train: TrainConfig  # the config as trained: KTO's weights resolved from the data
     info: dict = field(default_factory=dict)  # resolved settings and counts, for the manifest
+
+    @property
+    def method_args(self) -> dict:
+        """The method's own TRL config fields."""
+        return method_args(self.method, self.train.model_dump(mode="json"))
 
 
 def parameter_counts(model_path: str, lora: dict | None = None) -> tuple[int, int]:
@@ -162,7 +168,7 @@ def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None, tok
     else:
         info["params"], info["trainable_params"] = params
         info["planned_gib_per_worker"] = round(check_memory(*params, train, method.uses_reference), 4)
-    return TrainPlan(method.name, rows, method_args(method.name, train, **weights), info)
+    return TrainPlan(method.name, rows, train.model_copy(update=weights), info)
 
 
 def target_parameters(model_path: str, train, declared: int | None = None) -> tuple[int, int] | None:

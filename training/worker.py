@@ -190,7 +190,7 @@ def train_func(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lossaverse.training.export import save_final
-    from lossaverse.training.methods import get_method, peft_config
+    from lossaverse.training.methods import get_method, method_args, peft_config
 
     t = config["train"]
     ctx = ray.train.get_context()
@@ -218,7 +218,7 @@ def train_func(config: dict) -> None:
         callbacks.append(_tensorboard(config["tensorboard_dir"]))
     output_dir = str(Path(config["work_dir"]) / f"rank{rank}")
     trainer = get_method(config["method"]).trainer(
-        model, training_args(t, config["seed"], output_dir), config["method_args"], train, tokenizer,
+        model, training_args(t, config["seed"], output_dir), method_args(config["method"], t), train, tokenizer,
         callbacks, peft_config(t["lora"]), train=t,
     )
     if export is not None:
