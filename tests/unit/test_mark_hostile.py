@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from lossaverse.pipeline.marker.mark import grade_row
 
 BOUND_S = 0.050
-# The chat-turn and trace tags are searched for through the whole answer (one linear pass each):
-# 35-50 ms a megabyte measured here, so a megabyte answer may take that much more. Backtracking or a
-# quadratic pass would take seconds to hours on these sizes.
+# The chat-turn and trace tags are searched for through the whole answer (one linear pass each,
+# about 19 ms a megabyte of half-'<' text here); a megabyte answer took 35-50 ms in all. Backtracking
+# or a quadratic pass would take seconds to hours on these sizes.
 PER_MEGABYTE_S = 0.100
 MATH_BUDGET_S = 0.020
 MEGABYTE = 1_000_000
