@@ -33,10 +33,9 @@ import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig, SamplingConfig
 from lossaverse.pipeline.data.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
-from lossaverse.pipeline.data.schemas import ITEMS, MARKED
+from lossaverse.pipeline.data.schemas import ITEMS, MARKED, ON_POLICY
 from lossaverse.training.config import kto_step_fields
 
-ON_POLICY = "target"  # the competitor name of the SFT'd target's answers in recipe/datasets/kto
 # The KTO step's own settings (`train.<key>`): neither the SFT step nor the on-policy answers depend
 # on them, so a tune trial that changes only these trains the KTO step alone from the run's SFT start.
 KTO_STEP_ONLY = kto_step_fields()  # the fields training/config.py marks KTO_STEP

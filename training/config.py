@@ -60,6 +60,13 @@ class TrainConfig(Strict):
     on_policy: OnPolicyConfig = OnPolicyConfig()
     # KTO plus nll_weight x the SFT loss of its desirable rows (training/kto_nll.py); 0: plain KTO.
     nll_weight: float = Field(default=0.0, ge=0, json_schema_extra=KTO_STEP)
+    # The recipe's KTO step: which wrong answers it learns from (every right answer is kept, so RFT
+    # stays "the KTO step's rows without its wrong ones"). `all`: the competitors' and the SFT'd
+    # target's own; `on_policy`: the target's own only (another model's wrong answers are ones the
+    # target already finds unlikely, and pushing them down drains probability from every answer:
+    # Ren & Sutherland 2024); `mixed`: the target's own, on items it also answered right at least
+    # once (a right and a wrong answer to the same prompt). training/methods.py kto_rows.
+    negatives: Literal["all", "on_policy", "mixed"] = Field(default="all", json_schema_extra=KTO_STEP)
     # Baselines trained beside `method` on the same round's data with the same step budget, each
     # evaluated against the untrained target (`lossaverse run --compare kto,dpo,sft`). With the
     # recipe, `rft` is rejection-sampling fine-tuning (RFT, Yuan et al. 2023; STaR): SFT from the
@@ -161,6 +168,9 @@ class TrainConfig(Strict):
         if "rft" in self.compare and self.recipe != "sft_then_kto":
             raise ValueError("train.compare rft starts from the recipe's SFT checkpoint and trains on its on-policy "
                              "right answers: set train.recipe: sft_then_kto, or drop rft from train.compare")
+        if self.negatives != "all" and self.recipe != "sft_then_kto":
+            raise ValueError(f"train.negatives {self.negatives!r} keeps the SFT'd target's own wrong answers, which only "
+                             "recipe sft_then_kto has: set train.recipe: sft_then_kto, or train.negatives: all")
         if self.recipe == "sft_then_kto":
             if self.method != "kto":
                 raise ValueError(f"recipe sft_then_kto trains KTO after SFT; set train.method: kto (not {self.method!r})")

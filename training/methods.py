@@ -21,7 +21,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.data.schemas import KTO, PAIRS
+from lossaverse.pipeline.data.schemas import KTO, ON_POLICY, PAIRS
 from lossaverse.training.lmhead import score_labelled_positions_only
 
 
@@ -73,6 +73,24 @@ def _all(table: pa.Table) -> pa.Table:
 
 def _correct_only(table: pa.Table) -> pa.Table:
     return table.filter(pc.equal(table["label"], True))
+
+
+def kto_rows(table: pa.Table, negatives: str) -> pa.Table:
+    """The rows of datasets/kto (KTO schema) the KTO step learns from under `train.negatives`: every
+    desirable row, and the undesirable rows of `all` competitors, of the SFT'd target alone
+    (`on_policy`: competitor ON_POLICY), or of the target on the items where one of its own answers
+    is desirable too (`mixed`). Row order is kept."""
+    if negatives == "all":
+        return table
+    right = pc.equal(table["label"], True)
+    own = pc.equal(table["competitor"], ON_POLICY)
+    keep = pc.and_(pc.invert(right), own)
+    if negatives == "mixed":
+        solved = table.filter(pc.and_(right, own))["id"].unique()
+        keep = pc.and_(keep, pc.is_in(table["id"], value_set=solved))
+    elif negatives != "on_policy":
+        raise ValueError(f"unknown train.negatives {negatives!r}; valid: ['all', 'mixed', 'on_policy']")
+    return table.filter(pc.or_(right, keep))
 
 
 METHODS: dict[str, Method] = {

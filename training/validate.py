@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from lossaverse.pipeline.config import ConfigError
 from lossaverse.training.config import TrainConfig
 from lossaverse.training.kto import kto_weights
-from lossaverse.training.methods import get_method, method_args, peft_config
+from lossaverse.training.methods import get_method, kto_rows, method_args, peft_config
 from lossaverse.training.zero import deepspeed_config, model_state_gib, offloads, zero_stage
 
 
@@ -49,9 +49,9 @@ def parameter_counts(model_path: str, lora: dict | None = None) -> tuple[int, in
     return total, parameter_count(get_peft_model(model, peft_config(lora)), trainable_only=True)
 
 
-def label_counts(stats_path: Path, table: pa.Table) -> tuple[int, int]:
+def label_counts(stats_path: Path | None, table: pa.Table) -> tuple[int, int]:
     """(n_desirable, n_undesirable): from datasets/stats.json, else counted in the table."""
-    if stats_path.is_file():
+    if stats_path is not None and stats_path.is_file():
         labels = json.loads(stats_path.read_text())["labels"]
         return int(labels["desirable"]), int(labels["undesirable"])
     n_d = int(pc.sum(table["label"]).as_py() or 0)
@@ -147,7 +147,10 @@ def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None, tok
     info: dict = {"method": method.name}
     weights: dict = {}
     if method.name == "kto":
-        n_d, n_u = label_counts(Path(datasets_dir) / "stats.json", table)
+        table = kto_rows(table, train.negatives)
+        # stats.json counts the dataset as built; with negatives left out, count what is trained on.
+        stats = Path(datasets_dir) / "stats.json" if train.negatives == "all" else None
+        n_d, n_u = label_counts(stats, table)
         try:
             w = kto_weights(train, n_d, n_u)
         except ValueError as exc:

@@ -52,6 +52,7 @@ MARKED = pa.schema(
 )
 
 # TRL's unpaired-preference format, plus provenance columns TRL ignores.
+ON_POLICY = "target"  # the `competitor` of the recipe's on-policy rows: the SFT'd target's own answers
 KTO = pa.schema(
     [
         ("prompt", pa.string()),

@@ -151,5 +151,5 @@ def test_the_kto_steps_own_settings_are_the_fields_the_train_config_marks():
     from lossaverse.training.config import KTO_STEP, TrainConfig
 
     assert KTO_STEP_ONLY == {"beta", "weights", "desirable_weight", "undesirable_weight", "loss_aversion", "nll_weight",
-                             "precompute_ref_log_probs"}
+                             "negatives", "precompute_ref_log_probs"}
     assert TrainConfig.model_fields["learning_rate"].json_schema_extra != KTO_STEP  # shared by every step

@@ -12,10 +12,10 @@ from lossaverse.cluster.stages import build_dataset_dir, stage_fingerprints
 from lossaverse.pipeline.data import synthetic
 from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.data.rundir import write_table
-from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.data.schemas import KTO, MARKED
 from tests.conftest import ROOT
 from lossaverse.training.kto import kto_weights
-from lossaverse.training.methods import METHODS, get_method
+from lossaverse.training.methods import METHODS, get_method, kto_rows
 from lossaverse.training.train import console_line, prepare_storage, shuffled
 from lossaverse.training.validate import check_memory, plan_training
 from lossaverse.training.zero import model_state_gib
@@ -209,6 +209,65 @@ def test_methods_select_their_rows(tmp_path):
     kto = plan_training(TrainConfig(weights="auto"), datasets, None)
     # 17 desirable (large), 16 undesirable (small, one error row left out): lambda_D = 16/17
     assert round(kto.method_args["desirable_weight"], 4) == 0.9412 and kto.info["weight_ratio"] == 1.0
+
+
+def kto_rows_of(spec: list[tuple[str, str, bool]]) -> pa.Table:
+    """datasets/kto rows from (competitor, item id, label), in order; sample numbers count per (competitor, id)."""
+    seen: dict = {}
+    rows = []
+    for comp, item, label in spec:
+        seen[(comp, item)] = seen.get((comp, item), -1) + 1
+        rows.append(dict(prompt=f"Q {item}", completion=f" {comp} {seen[(comp, item)]}", label=label, id=item,
+                         competitor=comp, sample=seen[(comp, item)]))
+    return pa.Table.from_pylist(rows, schema=KTO)
+
+
+def test_negatives_keep_every_right_answer_and_only_the_targets_own_wrong_ones():
+    """Item a: the target right once, wrong twice (mixed); item b: the target wrong only; the
+    competitors wrong on both. all: 9 rows; on_policy: the 3 right + the target's 3 wrong = 6;
+    mixed: the 3 right + the target's 2 wrong on item a = 5, in the table's order."""
+    t = kto_rows_of([("large", "a", True), ("small", "a", False), ("large", "b", False), ("target", "a", False),
+                     ("target", "a", True), ("target", "a", False), ("target", "b", False), ("small", "b", True),
+                     ("small", "b", False)])
+    assert kto_rows(t, "all") == t
+    on_policy = kto_rows(t, "on_policy")
+    assert on_policy["completion"].to_pylist() == [" large 0", " target 0", " target 1", " target 2", " target 0",
+                                                   " small 0"]
+    mixed = kto_rows(t, "mixed")
+    assert mixed["completion"].to_pylist() == [" large 0", " target 0", " target 1", " target 2", " small 0"]
+    assert [(r["competitor"], r["label"]) for r in mixed.to_pylist() if not r["label"]] == [("target", False)] * 2
+    with pytest.raises(ValueError, match="valid: \\['all', 'mixed', 'on_policy'\\]"):
+        kto_rows(t, "some")
+
+
+def test_the_kto_plan_counts_the_negatives_it_keeps(tmp_path):
+    """With train.negatives the KTO weights come from the rows trained on, not from stats.json's
+    counts of the whole dataset; RFT's rows (the right ones) are the same either way."""
+    spec = [("large", f"q{i}", i % 2 == 0) for i in range(8)] + [
+        ("target", "q0", True), ("target", "q0", False), ("target", "q1", False), ("target", "q1", False),
+        ("target", "q2", True), ("target", "q2", True), ("target", "q3", False), ("target", "q3", True)]
+    write_table(kto_rows_of(spec), tmp_path / "datasets" / "kto")
+    (tmp_path / "datasets" / "stats.json").write_text(json.dumps({"labels": {"desirable": 8, "undesirable": 8, "total": 16}}))
+    train = TrainConfig(recipe="sft_then_kto", max_steps=2, weights="auto", negatives="mixed")
+    plan = plan_training(train, tmp_path / "datasets", None)
+    # right: large q0 q2 q4 q6 and the target's 4 (8); the target's wrong answers: q0, q1 twice, q3, of
+    # which q0 and q3 are on items it also got right. lambda_D = n_U / n_D = 2/8.
+    assert (plan.info["desirable"], plan.info["undesirable"], plan.table.num_rows) == (8, 2, 10)
+    assert plan.method_args["desirable_weight"] == 0.25
+    on_policy = plan_training(train.model_copy(update={"negatives": "on_policy"}), tmp_path / "datasets", None)
+    assert (on_policy.info["desirable"], on_policy.info["undesirable"]) == (8, 4) and on_policy.table.num_rows == 12
+    every = plan_training(train.model_copy(update={"negatives": "all"}), tmp_path / "datasets", None)
+    assert (every.info["desirable"], every.info["undesirable"]) == (8, 8) and every.table.num_rows == 16
+    sft = plan_training(train.model_copy(update={"method": "sft", "recipe": "single", "negatives": "all"}),
+                        tmp_path / "datasets", None)
+    assert sft.table.num_rows == 8
+
+
+def test_negatives_other_than_all_need_the_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="train.negatives 'mixed' keeps the SFT'd target's own wrong answers"):
+        load(tmp_path, "train.negatives=mixed")
+    with pytest.raises(ConfigError, match="valid|Input should be"):
+        load(tmp_path, "train.negatives=some")
 
 
 def test_fewer_rows_than_one_global_batch_is_refused(tmp_path):
