@@ -44,10 +44,12 @@ clean:
 # The GPU check's wheels (training/gpubench.py on a GPU machine with Python 3.12, torch
 # and transformers but no TRL or datasets): carried to it as `.whl/` (about 18 MB), then
 #   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
-#   PYTHONPATH=/tmp/site python3 -m lossaverse.training.gpubench --size 0.5b --out $$OUT
+#   PYTHONPATH=/tmp/site python3 -m lossaverse bench gpu --size 0.5b --out $$OUT
 GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 \
 	transformers==5.19.0 peft==0.21.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0
+	typing-inspection==0.4.5 typing-extensions==4.16.0 \
+	typer==0.29.2 annotated-doc==0.0.7 shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 \
+	pygments==2.21.0
 gpu-wheels: setup
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)

@@ -227,14 +227,17 @@ def _numbers(text: str, what: str) -> list[int]:
 
 @app.command()
 def bench(
-    stage: str = typer.Argument(..., help="generate, mark, train or all"),
-    config: Path = typer.Argument(...),
+    stage: str = typer.Argument(..., help="generate, mark, train, all, or gpu (the training step on one GPU, no Ray)"),
+    config: Optional[Path] = typer.Argument(None, help="the run config (every stage but gpu)"),
     set: list[str] = SetOpt,
     address: Optional[str] = AddressOpt,
     replicas: str = typer.Option("1,2,4", "--replicas", help="generate: engine replica counts to sweep"),
     workers: str = typer.Option("1,2", "--workers", help="train: Ray Train worker counts to sweep"),
     rows: str = typer.Option("1e4,1e5", "--rows", help="mark: row counts to sweep"),
-    steps: int = typer.Option(100, "--steps", min=10, help="train: optimizer steps per run (the first 5 are warm-up)"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=3,
+                                        help="train: optimizer steps per run, default 100 (the first 5 are warm-up); gpu: per run"),
+    size: str = typer.Option("tiny", "--size", help="gpu: the model size (tiny runs on CPU in seconds; 0.5b, ...)"),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="gpu: dense bf16 peak, if the device is not known"),
     prompts: Optional[int] = typer.Option(None, "--prompts", min=1,
                                           help="generate: prompts per engine replica (default: 8 rounds of the batches in flight)"),
     repeats: int = typer.Option(1, "--repeats", help="repetitions per measurement (median and spread)"),
@@ -246,8 +249,23 @@ def bench(
     """Benchmark stages against their plain baselines in one run; write bench.json and a scaling plot."""
     from lossaverse.cluster.bench import STAGES
 
-    if stage not in (*STAGES, "all"):
-        err.print(f"[red]error:[/] unknown bench stage {stage!r}; valid: {', '.join((*STAGES, 'all'))}")
+    if stage not in (*STAGES, "all", "gpu"):
+        err.print(f"[red]error:[/] unknown bench stage {stage!r}; valid: {', '.join((*STAGES, 'all', 'gpu'))}")
+        raise typer.Exit(2)
+    if stage == "gpu":  # torch, transformers, TRL and peft only: a GPU machine's bare Python runs it
+        from lossaverse.training.gpubench import main as gpu_main
+
+        if out is None:
+            err.print("[red]error:[/] bench gpu needs --out DIR (for gpubench.json)")
+            raise typer.Exit(2)
+        gpu_main(["--size", size, "--out", str(out)] + (["--steps", str(steps)] if steps else [])
+                 + (["--peak-tflops", str(peak_tflops)] if peak_tflops else []))
+        return
+    if steps is not None and steps < 10:
+        err.print(f"[red]error:[/] --steps {steps}: bench {stage} needs at least 10 (the first 5 are warm-up)")
+        raise typer.Exit(2)
+    if config is None:
+        err.print(f"[red]error:[/] bench {stage} needs the run config: lossaverse bench {stage} configs/local.yaml")
         raise typer.Exit(2)
     stages = list(STAGES) if stage == "all" else [stage]
     sweep_r, sweep_w, sweep_rows = _numbers(replicas, "--replicas"), _numbers(workers, "--workers"), _numbers(rows, "--rows")
@@ -263,7 +281,7 @@ def bench(
             console.print(init_ray(cfg.ray, address))
         try:
             result = run_bench(cfg, stages, target, sweep_r, sweep_w, sweep_rows, prompts, repeats,
-                               (cost_prompts, cost_samples, cost_replicas), console.print, train_steps=steps)
+                               (cost_prompts, cost_samples, cost_replicas), console.print, train_steps=steps or 100)
         finally:
             shutdown_ray()
         console.print(bench_table(result))

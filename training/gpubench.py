@@ -1,8 +1,11 @@
 """The training step on one GPU, without Ray: TRL throughput and MFU, the memory planner, and the
 trainer's overhead over a plain PyTorch loop.
 
-    python -m lossaverse.training.gpubench --size 0.5b --out runs/gpubench     # on a GPU (bf16)
-    python -m lossaverse.training.gpubench --size tiny --out /tmp/gpubench     # anywhere (fp32 on CPU)
+    lossaverse bench gpu --size 0.5b --out runs/gpubench     # on a GPU (bf16)
+    lossaverse bench gpu --size tiny --out /tmp/gpubench     # anywhere (fp32 on CPU)
+
+(`python -m lossaverse bench gpu ...` where only the GPU wheels are installed: it needs torch,
+transformers, TRL and peft, and neither Ray nor vLLM.)
 
 Each run builds a Qwen2-architecture model from a config with random weights (no hub; `0.5b` is
 Qwen2-0.5B's shape, 494M parameters with tied embeddings) and trains it on synthetic rows whose
@@ -382,7 +385,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lossaverse.training.gpubench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lossaverse bench gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--out", type=Path, required=True, help="folder for gpubench.json")
     parser.add_argument("--seq-lens", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,

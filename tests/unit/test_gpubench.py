@@ -4,21 +4,50 @@ the formulas its docstring states (MFU, the planner's estimate, the overhead rat
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
+from typer.testing import CliRunner
+
+from lossaverse.cluster.cli import app
 from lossaverse.training import gpubench
-from lossaverse.training.gpubench import PLAIN_EXTRA_FORWARDS, VARIANTS, main, mfu
+from lossaverse.training.gpubench import PLAIN_EXTRA_FORWARDS, VARIANTS, mfu
 
 GIB = 2**30
+WITHOUT = {"ray", "vllm", "deepspeed"}  # what a GPU machine's bare Python lacks
 PEAK_TFLOPS = 1.0  # CPU has no known peak; with one given, MFU is computed and can be checked
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    """`python -m lossaverse bench gpu`, the one entry point, in a Python where Ray, vLLM and DeepSpeed
+    cannot be imported (as on a GPU machine with only the GPU wheels); tiny's warm-up is 1 step."""
     out = tmp_path_factory.mktemp("gpubench")
-    main(["--size", "tiny", "--out", str(out), "--steps", "3", "--warmup", "1", "--peak-tflops", str(PEAK_TFLOPS)])
+    blocked = textwrap.dedent(f"""
+        import runpy, sys
+        for name in {sorted(WITHOUT)!r}:
+            sys.modules[name] = None  # `import` raises ModuleNotFoundError, find_spec says absent
+        sys.argv = ["lossaverse", "bench", "gpu", "--size", "tiny", "--out", {str(out)!r}, "--steps", "3",
+                    "--peak-tflops", "{PEAK_TFLOPS}"]
+        runpy.run_module("lossaverse", run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "wrote" in done.stdout
     return json.loads((out / "gpubench.json").read_text())
+
+
+def test_bench_names_what_each_stage_needs():
+    runner = CliRunner()
+    no_out = runner.invoke(app, ["bench", "gpu", "--size", "tiny"])
+    assert no_out.exit_code == 2 and "bench gpu needs --out DIR" in no_out.output
+    no_config = runner.invoke(app, ["bench", "train"])
+    assert no_config.exit_code == 2 and "bench train needs the run config" in no_config.output
+    few = runner.invoke(app, ["bench", "train", "configs/local.yaml", "--steps", "4"])
+    assert few.exit_code == 2 and "--steps 4: bench train needs at least 10" in few.output
 
 
 def test_mfu_worked_example():
