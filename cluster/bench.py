@@ -20,11 +20,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import pyarrow.compute as pc
+from rich.table import Table
 
 from lossaverse.cluster.config import BenchmarkConfig, RunConfig
-from lossaverse.pipeline.bench.measure import nvml, peak_memory, ratio, spread
+from lossaverse.pipeline.bench.genbench import run_baseline, run_stage
+from lossaverse.pipeline.bench.markbench import bench_mark
+from lossaverse.pipeline.bench.measure import PeakRSS, nvml, peak_memory, ratio, spread
 from lossaverse.pipeline.bench.plots import plot_scaling
+from lossaverse.pipeline.data.rundir import write_json
+from lossaverse.pipeline.generation.kvcache import read_hf_config
+from lossaverse.pipeline.generation.processors import engine_kwargs
+from lossaverse.pipeline.generation.shards import MIN_WAVES
+from lossaverse.pipeline.sources.benchmarks import load_items
+from lossaverse.training.bench import bench_train
 
 STAGES = ("generate", "mark", "train")
 
@@ -32,8 +42,6 @@ STAGES = ("generate", "mark", "train")
 def machine() -> dict:
     """This machine: platform, CPUs, memory, GPUs (by NVML, so the driver does not import torch
     and its memory figures stay its own) and the load average when the bench starts."""
-    import psutil
-
     pynvml = nvml()
     gpus = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())] if pynvml else []
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -47,8 +55,6 @@ def default_prompts(engine) -> int:
     needs MIN_WAVES + 1 waves of completions; the batches in flight together tend to complete
     together (the default job's 8 batches of 8 on 64 prompts made one wave), and twice that leaves
     a margin and a window of several seconds to time (384 prompts, 6 rounds, measured it)."""
-    from lossaverse.pipeline.generation.shards import MIN_WAVES
-
     return 2 * (MIN_WAVES + 1) * engine.batch_size * engine.max_concurrent_batches
 
 
@@ -69,8 +75,6 @@ def _replica_figures(runs: list[dict], hint: str) -> dict:
 
 def bench_items(n: int, seed: int):
     """`n` train items of the built-in synthetic benchmark: the prompts of the generate bench."""
-    from lossaverse.pipeline.sources.benchmarks import load_items
-
     items, _ = load_items(BenchmarkConfig(n_train=n, n_eval=1), seed)
     return items.filter(pc.equal(items["split"], "train"))
 
@@ -86,10 +90,7 @@ def bench_generate(cfg: RunConfig, prompts: int | None, replicas: list[int], rep
     note. Start-up is the time to the first answer. Memory: `PeakRSS` per run, and the driver's
     growth over the last three quarters of the rows. `engine_kwargs`: the vLLM engine arguments
     both sides ran with, from the stage's builder (`lossaverse.pipeline.generation.processors.engine_kwargs`)."""
-    from lossaverse.pipeline.bench.genbench import run_baseline, run_stage
-    from lossaverse.pipeline.generation.kvcache import read_hf_config
-    from lossaverse.pipeline.generation.processors import engine_kwargs
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     ref = cfg.competitors["large"]
     model, engine = resolve_model(ref.path), cfg.engine_for(ref)
@@ -153,9 +154,6 @@ def bench_mark_stage(rows: list[int], repeats: int, seed: int, report: Callable[
     like a pipeline worker (its exact peak, `peak_rss_bytes`); no GPU is used. The growth check:
     that worker's peak at rows and at rows/10 (the rows stream through it as through the driver
     of a pipeline run)."""
-    from lossaverse.pipeline.bench.markbench import bench_mark
-    from lossaverse.pipeline.bench.measure import PeakRSS
-
     sweep, driver = {}, []
     for n in rows:
         report(f"bench mark: {n:,} rows")
@@ -175,8 +173,6 @@ def bench_train_stage(cfg: RunConfig, workers: list[int], repeats: int, report: 
     """Ray Train (1 worker, DDP) against TRL's trainer called directly, then each worker count with
     DDP over gloo and with ZeRO-2, on the config's target model (lossaverse.training.bench), with the config's
     LoRA settings and max_length, for `steps` optimizer steps each."""
-    from lossaverse.training.bench import bench_train
-
     lora = cfg.train.lora.model_dump(mode="json") if cfg.train.lora else None
     report(f"bench train: TRL direct vs Ray Train, workers {workers}, DDP and ZeRO-2{', LoRA' if lora else ''}, {steps} steps")
     raw = bench_train(cfg.target.path, workers=tuple(workers), repeats=max(1, repeats), seed=cfg.seed, steps=steps,
@@ -247,8 +243,6 @@ def bench_table(result: dict):
     """The headline figures of `bench.json` as a rich table: each stage against its baseline, its
     scaling, its memory. A steady-state figure that could not be measured reads "n/a" and the
     reason is in the caption."""
-    from rich.table import Table
-
     notes = []
     table = Table(title="lossaverse bench")
     for column in ("stage", "measure", "value", "baseline", "ratio"):
@@ -336,8 +330,7 @@ def run_bench(cfg: RunConfig, stages: list[str], out_dir: Path, replicas: list[i
     """Each stage in `stages`, then the cost model; writes bench.json and bench_scaling.png into
     `out_dir` and returns what bench.json holds. `stage_seconds` is each stage's wall time and
     `load_average_end` the machine's load when done (other work on the machine slows every figure)."""
-    from lossaverse.cluster.stages import versions
-    from lossaverse.pipeline.data.rundir import write_json
+    from lossaverse.cluster.stages import versions  # deferred: imports pandas
 
     start = time.perf_counter()
     result: dict = {"machine": machine(), "versions": versions(), "config": cfg.model_dump(mode="json"), "stage_seconds": {}}

@@ -31,12 +31,11 @@ ForceOpt = typer.Option(False, "--force", help="Re-run stages even if their outp
 
 
 def _execute(config: Path, overrides: list[str], stages: list[str], force: bool, address: Optional[str]):
-    from lossaverse.cluster.config import load_config
-    from lossaverse.cluster.rounds import run_stages
-    from lossaverse.pipeline.data.rundir import lock_run_dir
-
-    from lossaverse.cluster.logs import library_logs
-    from lossaverse.cluster.progress import bars
+    from lossaverse.cluster.config import load_config  # deferred: keeps `lossaverse --help` light
+    from lossaverse.cluster.logs import library_logs  # deferred: keeps `lossaverse --help` light
+    from lossaverse.cluster.progress import bars  # deferred: keeps `lossaverse --help` light
+    from lossaverse.cluster.rounds import run_stages  # deferred: imports pandas
+    from lossaverse.pipeline.data.rundir import lock_run_dir  # deferred: keeps `lossaverse --help` light
 
     cfg = load_config(config, overrides)  # fails before any work starts
     lock_run_dir(cfg.run_dir)  # a second driver on this run directory is refused before Ray starts
@@ -49,21 +48,21 @@ def _execute(config: Path, overrides: list[str], stages: list[str], force: bool,
 
 def _guard(fn):
     """Turn the errors a user can fix into one line on stderr and exit code 2."""
-    from lossaverse.cluster.config import ConfigError
-    from lossaverse.cluster.stages import StageError
-    from lossaverse.cluster.submit import SubmitError
-    from lossaverse.pipeline.data.rundir import RunDirLocked
-    from lossaverse.pipeline.data.schemas import SchemaError
-    from lossaverse.pipeline.generation.processors import EngineFailed
-    from lossaverse.pipeline.report.export import ExportError
-    from lossaverse.pipeline.sources.benchmarks import BenchmarkError
-    from lossaverse.training.train import WorkersUnplaced
+    from lossaverse.cluster.config import ConfigError  # deferred: keeps `lossaverse --help` light
+    from lossaverse.cluster.stages import StageError  # deferred: imports pandas
+    from lossaverse.cluster.submit import SubmitError  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.data.rundir import RunDirLocked  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.data.schemas import SchemaError  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.generation.processors import EngineFailed  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.report.export import ExportError  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.sources.benchmarks import BenchmarkError  # deferred: keeps `lossaverse --help` light
+    from lossaverse.training.train import WorkersUnplaced  # deferred: keeps `lossaverse --help` light
 
     try:
         return fn()
     except (ConfigError, StageError, BenchmarkError, SchemaError, SubmitError, RunDirLocked, EngineFailed, ExportError,
             WorkersUnplaced, FileNotFoundError) as exc:
-        from lossaverse.cluster.logs import last_log
+        from lossaverse.cluster.logs import last_log  # deferred: keeps `lossaverse --help` light
 
         err.print(f"[red]error:[/] {exc}")
         if last_log() is not None:
@@ -87,7 +86,7 @@ CompareOpt = typer.Option(None, "--compare", help="Train these methods side by s
 def run(config: Path, set: list[str] = SetOpt, force: bool = ForceOpt, address: Optional[str] = AddressOpt,
         compare: Optional[str] = CompareOpt):
     """Every stage: items, generate, mark, datasets, train, evaluate (`rounds.count` times)."""
-    from lossaverse.cluster.stages import STAGE_NAMES
+    from lossaverse.cluster.stages import STAGE_NAMES  # deferred: imports pandas
 
     _command(config, set + _compare_set(compare), STAGE_NAMES, force, address)
 
@@ -124,9 +123,9 @@ def mark(
         return
 
     def go():
-        from lossaverse.cluster.config import MarkConfig, RayConfig
-        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
-        from lossaverse.cluster.stages import build_dataset_dir, mark_answers
+        from lossaverse.cluster.config import MarkConfig, RayConfig  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.stages import build_dataset_dir, mark_answers  # deferred: imports pandas
 
         if out is None:
             raise FileNotFoundError("--answers needs --out DIR for the marked rows and datasets")
@@ -172,15 +171,15 @@ def tune(
     """Choose training settings on the validation items (benchmark.n_validation), never on eval."""
 
     def go():
-        from lossaverse.cluster.config import load_config
-        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
-        from lossaverse.cluster.tune import parse_grid, tune as run_tune
-
-        from lossaverse.cluster.logs import library_logs
+        from lossaverse.cluster.config import load_config  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.logs import library_logs  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.tune import parse_grid  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.tune import tune as run_tune  # deferred: keeps `lossaverse --help` light
 
         parsed = parse_grid(grid)
         cfg = load_config(config, set)
-        from lossaverse.cluster.progress import bars
+        from lossaverse.cluster.progress import bars  # deferred: keeps `lossaverse --help` light
 
         with library_logs(cfg.top_dir, VERBOSE["on"], consoles=(err,), outs=(console,)), \
                 bars(console, console.is_terminal and not VERBOSE["on"]):  # tune/ holds only trials
@@ -189,7 +188,7 @@ def tune(
                 out = run_tune(config, set, parsed, report=console.print)
             finally:
                 shutdown_ray()
-        from lossaverse.cluster.summary import tune_table
+        from lossaverse.cluster.summary import tune_table  # deferred: keeps `lossaverse --help` light
 
         console.print(tune_table(out))
         console.print("best: " + (" ".join(f"--set {s}" for s in out["best"]) or "the config as it is"))
@@ -207,7 +206,7 @@ def check(config: Path, set: list[str] = SetOpt):
     """Validate a config without running anything."""
 
     def go():
-        from lossaverse.cluster.config import load_config
+        from lossaverse.cluster.config import load_config  # deferred: keeps `lossaverse --help` light
 
         cfg = load_config(config, set)
         console.print(f"ok: {config} (run directory {cfg.run_dir})")
@@ -247,13 +246,13 @@ def bench(
     cost_replicas: int = typer.Option(8, "--cost-replicas", help="cost model: engine replicas"),
 ):
     """Benchmark stages against their plain baselines in one run; write bench.json and a scaling plot."""
-    from lossaverse.cluster.bench import STAGES
+    from lossaverse.cluster.bench import STAGES  # deferred: keeps `lossaverse --help` light
 
     if stage not in (*STAGES, "all", "gpu"):
         err.print(f"[red]error:[/] unknown bench stage {stage!r}; valid: {', '.join((*STAGES, 'all', 'gpu'))}")
         raise typer.Exit(2)
     if stage == "gpu":  # torch, transformers, TRL and peft only: a GPU machine's bare Python runs it
-        from lossaverse.training.gpubench import main as gpu_main
+        from lossaverse.training.gpubench import main as gpu_main  # deferred: keeps `lossaverse --help` light
 
         if out is None:
             err.print("[red]error:[/] bench gpu needs --out DIR (for gpubench.json)")
@@ -271,9 +270,9 @@ def bench(
     sweep_r, sweep_w, sweep_rows = _numbers(replicas, "--replicas"), _numbers(workers, "--workers"), _numbers(rows, "--rows")
 
     def go():
-        from lossaverse.cluster.bench import bench_table, run_bench
-        from lossaverse.cluster.config import load_config
-        from lossaverse.cluster.ray_env import init_ray, shutdown_ray
+        from lossaverse.cluster.bench import bench_table, run_bench  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.config import load_config  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.ray_env import init_ray, shutdown_ray  # deferred: keeps `lossaverse --help` light
 
         cfg = load_config(config, set)
         target = out or cfg.run_dir / "bench"
@@ -300,8 +299,8 @@ def serve(
     """Serve the trained target behind an OpenAI-compatible API (Ray Serve LLM), and the marker at POST /mark."""
 
     def go():
-        from lossaverse.cluster.serve import plan_for, serve_until_stopped
-        from lossaverse.serving.model import describe
+        from lossaverse.cluster.serve import plan_for, serve_until_stopped  # deferred: keeps `lossaverse --help` light
+        from lossaverse.serving.model import describe  # deferred: keeps `lossaverse --help` light
 
         plan = plan_for(target, base, set)  # every check before anything starts
         for line in describe(plan):
@@ -332,8 +331,8 @@ def submit(
     """Run CONFIG on a Ray cluster through the Ray Jobs API: stream the logs, print the job id and final status."""
 
     def go():
-        from lossaverse.cluster import submit as jobs
-        from lossaverse.cluster.config import load_config
+        from lossaverse.cluster import submit as jobs  # deferred: keeps `lossaverse --help` light
+        from lossaverse.cluster.config import load_config  # deferred: keeps `lossaverse --help` light
 
         cfg = load_config(config, set)  # a bad config fails here, before anything is uploaded
         jc = jobs.client(address)
@@ -361,7 +360,7 @@ def jobs_status(job_id: str, address: Optional[str] = JobAddressOpt):
     """The job's status, message and entrypoint."""
 
     def go():
-        from lossaverse.cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs  # deferred: keeps `lossaverse --help` light
 
         d = jobs.info(jobs.client(address), job_id)
         console.print(f"{job_id}: {d.status.value}")
@@ -377,7 +376,7 @@ def jobs_logs(job_id: str, address: Optional[str] = JobAddressOpt, follow: bool 
     """The job's logs so far (or, with --follow, until it ends)."""
 
     def go():
-        from lossaverse.cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs  # deferred: keeps `lossaverse --help` light
 
         jc = jobs.client(address)
         if follow:
@@ -393,7 +392,7 @@ def jobs_stop(job_id: str, address: Optional[str] = JobAddressOpt, wait: float =
     """Stop a running job."""
 
     def go():
-        from lossaverse.cluster import submit as jobs
+        from lossaverse.cluster import submit as jobs  # deferred: keeps `lossaverse --help` light
 
         jc = jobs.client(address)
         if not jobs.stop(jc, job_id):
@@ -410,7 +409,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     """Re-render RUN_DIR/report.md and its plots (RUN_DIR/report/*.png) from the stored Parquet and JSON alone."""
 
     def go():
-        from lossaverse.pipeline.report.report import render_report
+        from lossaverse.pipeline.report.report import render_report  # deferred: imports pandas
 
         out = render_report(run_dir)
         console.print(summary_table(run_dir))
@@ -430,7 +429,7 @@ def export(
     """Release RUN_DIR's kto / pairs / negatives as a Hugging Face datasets folder with a dataset card."""
 
     def go():
-        from lossaverse.pipeline.report.export import export_run
+        from lossaverse.pipeline.report.export import export_run  # deferred: keeps `lossaverse --help` light
 
         counts = export_run(run_dir, out_dir, force)
         console.print(", ".join(f"{name}: {rows} rows" for name, rows in counts.items()))

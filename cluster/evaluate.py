@@ -4,17 +4,35 @@ paired differences in eval/results.json, then report.md."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig
-from lossaverse.cluster.stages import (StageError, generate_into, mark_answers, need_dir, prompt_style, split_of,
-                                       stage_fingerprints, trained_dirs)
+from lossaverse.cluster.recipe import curve_exports
+from lossaverse.cluster.stages import (
+    StageError,
+    generate_into,
+    mark_answers,
+    need_dir,
+    prompt_style,
+    split_of,
+    stage_fingerprints,
+    trained_dirs,
+)
 from lossaverse.pipeline.data.rundir import fingerprint, read_table, write_json
 from lossaverse.pipeline.data.schemas import ITEMS, MARKED
-from lossaverse.pipeline.report.evalstats import TRANSFER  # the transfer benchmark's split and results folder
+from lossaverse.pipeline.generation.generate import Competitor
+from lossaverse.pipeline.models.adapters import lora_chain, stack_adapters, unstackable, vllm_rank, zero_adapter
+from lossaverse.pipeline.report.evalstats import (
+    TRANSFER,  # the transfer benchmark's split and results folder
+    evaluation_results,
+    models_of,
+)
+from lossaverse.pipeline.report.report import render_report
+from lossaverse.pipeline.sources.benchmarks import load_items
 
 RECIPE_SFT = "target-recipe-sft"  # the evaluated name of train.recipe sft_then_kto's SFT step
 CURVE_PREFIX = "target-sft-"  # + a step of train.sft_curve: the SFT run's model after that step
@@ -23,8 +41,7 @@ CURVE_PREFIX = "target-sft-"  # + a step of train.sft_curve: the SFT run's model
 def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     """The evaluated models: the untrained target (`target-base`), then each trained method
     (`target-kto`, `target-dpo`, ...)."""
-    from lossaverse.pipeline.generation.generate import Competitor
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     engine = cfg.engine_for(cfg.target)
     style = prompt_style(cfg, cfg.target)
@@ -32,8 +49,6 @@ def eval_models(cfg: RunConfig, run_dir: Path) -> list:
     methods = cfg.train.methods
     recipe = cfg.train.recipe == "sft_then_kto"
     if recipe and cfg.evaluate.sft_curve:  # the SFT run's curve points, earliest first
-        from lossaverse.cluster.recipe import curve_exports
-
         for step, folder in curve_exports(cfg, run_dir):
             if not (folder / "config.json").is_file():
                 raise StageError(f"{folder} is missing: the SFT run exports it with train.sft_curve; run `lossaverse train` first")
@@ -60,10 +75,6 @@ def one_engine(models: list, out: Path) -> tuple[list, str | None]:
     (with vLLM's `enable_lora`), or the models unchanged and why not. A model trained from another
     trained model (the recipe's KTO step) is the chain of adapters back to the base, stacked into one
     in `out/<name>` (lossaverse.pipeline.models.adapters)."""
-    from dataclasses import replace
-
-    from lossaverse.pipeline.models.adapters import lora_chain, stack_adapters, unstackable, vllm_rank, zero_adapter
-
     base, trained = models[0], models[1:]
     chains = {m.name: lora_chain(m.model) for m in trained}
     if not trained or any(c is None for c in chains.values()):
@@ -91,10 +102,6 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
     per model) and scored apart into eval/transfer/results.json. report.md and its plots are
     rendered from the stored files."""
-    from lossaverse.pipeline.report.evalstats import evaluation_results, models_of
-    from lossaverse.pipeline.report.report import render_report
-    from lossaverse.pipeline.sources.benchmarks import load_items
-
     items = split_of(read_table(need_dir(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
     if items.num_rows == 0:
         raise StageError(f"no {cfg.evaluate.split} items in {run_dir / 'items'}: check benchmark.n_{cfg.evaluate.split}")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lossaverse.cluster.config import ConfigError
+from lossaverse.cluster.logs import note_session
+
 # The Ray config the process connected with: the plan check reads its declared node types.
 _CONNECTED: list = []
 
@@ -23,7 +26,7 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lust
 def init_ray(ray_cfg, address: str | None = None, output_dir: str | Path | None = None) -> str:
     """Start or connect to Ray once per process; return a one-line description. With `output_dir`,
     refuse (ConfigError) a cluster of several nodes that may not all see it."""
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
     address = address or ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -45,7 +48,6 @@ def init_ray(ray_cfg, address: str | None = None, output_dir: str | Path | None 
     if ray_cfg.object_store_memory:
         kwargs["object_store_memory"] = ray_cfg.object_store_memory
     context = ray.init(**kwargs)
-    from lossaverse.cluster.logs import note_session
 
     note_session(getattr(context, "address_info", {}).get("session_dir"))
     return f"ray: embedded local ({ray_cfg.num_cpus} logical CPUs)"
@@ -65,7 +67,7 @@ def node_groups(ray_cfg=None) -> list[dict]:
     """The autoscaler's worker node types: [{"name", "resources", "max"}]. From the cluster config
     that the autoscaler reports to the GCS (autoscaler v2, KubeRay: what Ray Train and Ray Data
     also read), else from `ray.node_types` in the run config."""
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
     config = ray._private.state.state.get_cluster_config()
     groups = [{"name": g.name, "resources": {k: float(v) for k, v in g.resources.items()}, "max": g.max_count}
@@ -91,7 +93,7 @@ def ray_nodes(ray_cfg=None) -> list[dict]:
     """The resources of the nodes the plan may use: the alive nodes of the connected Ray cluster,
     plus those its autoscaler can still add (marked `pending`). `ray_cfg` defaults to the config
     the cluster was connected with (`init_ray`)."""
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
     alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     return with_autoscaling(alive, node_groups(ray_cfg if ray_cfg is not None else connected_config()))
@@ -133,8 +135,6 @@ def check_shared_storage(output_dir: str | Path, nodes: int, declared: bool, fs_
     it (Ray Data blocks, Ray Train checkpoints, the served model), so on a cluster that directory
     must be one path that every node mounts. On one machine any path is trivially shared; a
     cluster of several nodes on one host (tests) declares it with `ray.shared_storage`."""
-    from lossaverse.cluster.config import ConfigError
-
     if nodes <= 1 or declared:
         return
     fs_type = fs_type or filesystem_of(output_dir)
@@ -149,7 +149,7 @@ def check_shared_storage(output_dir: str | Path, nodes: int, declared: bool, fs_
 
 
 def shutdown_ray() -> None:
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
     if ray.is_initialized():
         ray.shutdown()

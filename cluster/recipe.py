@@ -32,8 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig, SamplingConfig
+from lossaverse.pipeline.data.build import kto_table, label_counts, recommended_weights
+from lossaverse.pipeline.data.divergence import split_shared_prefixes
 from lossaverse.pipeline.data.rundir import fingerprint, read_json, read_table, replace_dir, write_json, write_table
 from lossaverse.pipeline.data.schemas import ITEMS, MARKED, ON_POLICY
+from lossaverse.pipeline.generation.generate import tokenizer_for
+from lossaverse.pipeline.sources.benchmarks import BenchmarkError, load_items
 from lossaverse.training.config import kto_step_fields
 
 # The KTO step's own settings (`train.<key>`): neither the SFT step nor the on-policy answers depend
@@ -43,10 +47,6 @@ KTO_STEP_ONLY = kto_step_fields()  # the fields training/config.py marks KTO_STE
 
 def on_policy_items(cfg: RunConfig) -> pa.Table:
     """The fresh train items the SFT'd target answers (see the module docstring)."""
-    from lossaverse.pipeline.sources.benchmarks import load_items
-
-    from lossaverse.pipeline.sources.benchmarks import BenchmarkError
-
     block = cfg.rounds.count + cfg.round
     try:
         items, _ = load_items(cfg.benchmark, cfg.seed, block)
@@ -78,9 +78,6 @@ def _record(folder: Path, fp: str, result: dict) -> dict:
 
 def on_policy_datasets(cfg: RunConfig, marked: pa.Table, competitor_kto: pa.Table, tokenizer) -> tuple[pa.Table, dict]:
     """recipe/datasets/kto: the competitors' kto rows + the on-policy answers' kto rows, and stats."""
-    from lossaverse.pipeline.data.build import kto_table, label_counts, recommended_weights
-    from lossaverse.pipeline.data.divergence import split_shared_prefixes
-
     own = kto_table(marked)
     divergence = None
     if cfg.datasets.divergent_negatives:
@@ -148,8 +145,6 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
     + max_steps) into `sft_dirs`, whose model after `sft_steps` is exported into recipe/sft/model.
     The KTO step, RFT and the rest of that SFT run then all start from that one checkpoint and run
     the same steps; the result's `shared_sft` is the SFT baseline's training result."""
-    from lossaverse.pipeline.generation.generate import tokenizer_for
-
     folder = run_dir / "recipe"
     sft_dir = folder / "sft"
     sft_train = sft_settings(cfg, sft_dirs is not None)

@@ -11,11 +11,13 @@ from typing import Callable
 import pyarrow.compute as pc
 
 from lossaverse.cluster.config import RunConfig
+from lossaverse.cluster.ray_env import init_ray, shutdown_ray
 from lossaverse.cluster.runner import execute
 from lossaverse.cluster.stages import StageError, stage_fingerprints
 from lossaverse.pipeline.data.rundir import MANIFEST, Manifest, read_json, read_table, write_json
 from lossaverse.pipeline.data.schemas import MARKED
-from lossaverse.pipeline.report.evalstats import TRANSFER, pair_of
+from lossaverse.pipeline.report.evalstats import TRANSFER, compare, item_scores, models_of, pair_of
+from lossaverse.pipeline.report.report import render_report
 
 
 def round_summary(cfg: RunConfig) -> dict:
@@ -23,9 +25,6 @@ def round_summary(cfg: RunConfig) -> dict:
     competitor's accuracy on the round's train items, and the round's `gain`: the trained target
     (`train.method`) against the untrained one in round 1, against the round before's trained
     target from round 2 on (paired on the same eval items)."""
-    from lossaverse.pipeline.data.rundir import read_json
-    from lossaverse.pipeline.report.evalstats import compare, item_scores, models_of
-
     run_dir = cfg.run_dir
     results = read_json(run_dir / "eval" / "results.json")
     if results is None:
@@ -58,8 +57,6 @@ def execute_rounds(cfg: RunConfig, names: list[str], force: bool = False, report
     report is re-rendered; with `rounds.stop_when_no_gain`, a round without a significant gain ends
     the loop. Completed rounds are skipped stage by stage, so an interrupted run continues where it
     stopped."""
-    from lossaverse.pipeline.report.report import render_report
-
     if cfg.rounds.count == 1:
         return execute(cfg, names, force, report)
     if not {"train", "evaluate"} <= set(names):
@@ -108,9 +105,8 @@ def run_stages(cfg: RunConfig, names: list[str], force: bool = False, report: Ca
     already started is used and left running; otherwise `address` (or RAY_ADDRESS) is connected
     to, or an embedded local Ray is started, and shut down at the end. A run whose every stage is
     already complete (a rerun) starts no Ray at all: it only reports the skips."""
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
-    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
 
     needs_ray = force or not complete(cfg, names)
     ours = needs_ray and not ray.is_initialized()

@@ -17,8 +17,10 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lossaverse.cluster.config import RunConfig, load_config
+from lossaverse.cluster.ray_env import init_ray, shutdown_ray
 from lossaverse.pipeline.config import errors_in
 from lossaverse.serving.model import ServeError, ServePlan, model_app, plan_from_model_dir, plan_from_run
+from lossaverse.serving.run import start, stop
 
 
 def plan_from_config(cfg: RunConfig) -> ServePlan:
@@ -80,9 +82,6 @@ def _interrupt(*_):
 def serve_until_stopped(plan: ServePlan, address: str | None, report: Callable[[str], None] = print) -> None:
     """Start Ray and the apps, report the URLs, block until SIGINT/SIGTERM, stop Serve and an
     embedded Ray."""
-    from lossaverse.cluster.ray_env import init_ray, shutdown_ray
-    from lossaverse.serving.run import start, stop
-
     report(init_ray(plan.ray, address))
     # After ray.init, which installs its own SIGTERM handler: SIGTERM must end in the cleanup below.
     signal.signal(signal.SIGTERM, _interrupt)

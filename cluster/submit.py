@@ -30,7 +30,7 @@ class SubmitError(RuntimeError):
 
 def client(address: str | None):
     """A JobSubmissionClient for `address` (else RAY_API_SERVER_ADDRESS / RAY_ADDRESS)."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: Ray loads in seconds
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:

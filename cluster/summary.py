@@ -17,7 +17,7 @@ LEGEND = "Δ: paired difference in points [95% CI]; ▲/▼ better/worse (CI and
 
 
 def model_rich_table(results: dict, title: str) -> Table:
-    from lossaverse.pipeline.report.evalstats import model_table
+    from lossaverse.pipeline.report.evalstats import model_table  # deferred: keeps `lossaverse --help` light
 
     header, rows = model_table(results)
     table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
@@ -32,8 +32,8 @@ def model_rich_table(results: dict, title: str) -> Table:
 def summary_lines(run_dir: Path) -> list[str]:
     """The lines under the table: what the wrong answers added, competitors and datasets, rounds,
     and the paths of the report and the logs."""
-    from lossaverse.pipeline.data.rundir import read_json
-    from lossaverse.pipeline.report.evalstats import wrong_answers_pair
+    from lossaverse.pipeline.data.rundir import read_json  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.report.evalstats import wrong_answers_pair  # deferred: keeps `lossaverse --help` light
 
     lines = []
     top = run_dir
@@ -72,7 +72,7 @@ def summary_lines(run_dir: Path) -> list[str]:
 def summary_table(run_dir: Path) -> Group:
     """The headline of a run (a multi-round run: its last round's): the model table, the transfer
     benchmark's where there is one, then `summary_lines`."""
-    from lossaverse.pipeline.data.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json  # deferred: keeps `lossaverse --help` light
 
     rounds = read_json(run_dir / "rounds.json") or []
     last = max((r["round"] for r in rounds), default=1)
@@ -96,7 +96,10 @@ def summary_table(run_dir: Path) -> Group:
 def tune_table(out: dict) -> Table:
     """`lossaverse tune`'s trials, one row each in the summary's shape (points, paired Δ with its
     95% CI and mark), against the untrained target and each baseline: fits 100 columns."""
-    from lossaverse.pipeline.report.evalstats import accuracy_cell, delta_cell
+    from lossaverse.pipeline.report.evalstats import (  # deferred: keeps `lossaverse --help` light
+        accuracy_cell,
+        delta_cell,
+    )
 
     vs = [b["method"] for b in out["baselines"]]
     table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)", box=box.SIMPLE_HEAD,

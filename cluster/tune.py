@@ -30,9 +30,10 @@ from typing import Callable
 import yaml
 
 from lossaverse.cluster.config import ConfigError, RunConfig, load_config
-from lossaverse.cluster.recipe import KTO_STEP_ONLY
-from lossaverse.pipeline.data.rundir import read_json, write_json
-from lossaverse.pipeline.report.evalstats import pair_of
+from lossaverse.cluster.recipe import KTO_STEP_ONLY, step_fingerprints
+from lossaverse.pipeline.data.rundir import read_json, read_table, write_json
+from lossaverse.pipeline.data.schemas import MARKED
+from lossaverse.pipeline.report.evalstats import compare, item_scores, pair_of
 from lossaverse.training.config import RECIPE_BASELINES
 
 
@@ -59,10 +60,6 @@ def trial_name(combo: dict) -> str:
 
 
 def _trial_scores(trial_dir: Path, model: str) -> dict[str, float]:
-    from lossaverse.pipeline.data.rundir import read_table
-    from lossaverse.pipeline.data.schemas import MARKED
-    from lossaverse.pipeline.report.evalstats import item_scores
-
     return item_scores(read_table(trial_dir / "eval" / "marked", MARKED))[model]
 
 
@@ -92,8 +89,7 @@ def link_into(trial_dir: Path, top: Path, subs: list[str]) -> None:
 def _same_recipe_steps(trial: RunConfig, run: RunConfig) -> bool:
     """Whether the run's recipe steps are complete under the fingerprints the trial computes, so
     the trial's recipe skips them all (and writes nothing into the linked recipe/ folder)."""
-    from lossaverse.cluster.recipe import step_fingerprints
-    from lossaverse.cluster.stages import stage_fingerprints
+    from lossaverse.cluster.stages import stage_fingerprints  # deferred: imports pandas
 
     def steps(c: RunConfig) -> tuple[str, str, str]:
         return step_fingerprints(c, stage_fingerprints(c)["datasets"], "sft" in c.train.methods)
@@ -139,7 +135,7 @@ def _entry(tcfg: RunConfig, name: str, sets: list[str], model: str, trained_in: 
 def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, top: Path,
                report: Callable[[str], None]) -> tuple[RunConfig, dict]:
     """Train and evaluate one trial on the validation items; (its config, its entry of tune.json)."""
-    from lossaverse.cluster.runner import execute
+    from lossaverse.cluster.runner import execute  # deferred: imports pandas
 
     cfg = load_config(config, overrides)
     shared = shares_recipe_start(cfg, sets)
@@ -169,7 +165,7 @@ def _run_trial(config: Path, overrides: list[str], sets: list[str], name: str, t
 def _configured(config: Path, overrides: list[str], top: Path, report: Callable[[str], None]) -> RunConfig:
     """The run's own recipe and its baselines (trained in the run directory, as `lossaverse run`
     trains them) evaluated on the validation items, in the trial directory `configured`."""
-    from lossaverse.cluster.runner import execute
+    from lossaverse.cluster.runner import execute  # deferred: imports pandas
 
     cfg = load_config(config, overrides)
     tcfg = _trial_config(config, overrides, ["evaluate.sft_curve=true"], "configured", top, cfg.train.compare, curve=True)
@@ -185,7 +181,7 @@ def sft_curve(cfg: RunConfig, results: dict) -> dict:
     run (train.sft_curve, the recipe's start at sft_steps, the SFT baseline at the whole budget) and
     the step where SFT stopped gaining: the first point that no later point beats by a paired
     difference whose 95% CI is above 0 (ties to the earlier step: fewer SFT steps, more for KTO)."""
-    from lossaverse.cluster.evaluate import CURVE_PREFIX, RECIPE_SFT
+    from lossaverse.cluster.evaluate import CURVE_PREFIX, RECIPE_SFT  # deferred: imports pandas
 
     named = [(k, f"{CURVE_PREFIX}{k}") for k in cfg.train.sft_curve] + [(cfg.train.sft_steps, RECIPE_SFT)]
     if "sft" in cfg.train.methods:
@@ -225,8 +221,6 @@ def earlier_trials(before: dict, same: dict, baseline_methods: list[str], trials
 
 def _versus(scores: dict, baselines: dict, seed: int) -> dict:
     """A trial's paired difference against each baseline on the same validation items."""
-    from lossaverse.pipeline.report.evalstats import compare
-
     out = {}
     for method, (_, base_scores) in baselines.items():
         pair = compare(scores, base_scores, seed=seed)
@@ -243,8 +237,8 @@ def tune(config: Path, overrides: list[str], grid: dict[str, list], report: Call
     docstring), beside the trial `configured`. Every trial gets its paired difference against each
     baseline on the same validation items (`vs`), so an ablation reads against SFT (and RFT) as
     well as against the untrained target."""
-    from lossaverse.cluster.runner import execute
-    from lossaverse.cluster.stages import stage_fingerprints
+    from lossaverse.cluster.runner import execute  # deferred: imports pandas
+    from lossaverse.cluster.stages import stage_fingerprints  # deferred: imports pandas
 
     cfg = load_config(config, overrides)
     if cfg.benchmark.n_validation == 0:

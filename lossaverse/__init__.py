@@ -38,7 +38,7 @@ def load_config(config: str | Path, overrides: Iterable[str] = ()) -> "RunConfig
     """Read a YAML run config, apply `KEY=VALUE` overrides (as `--set`), validate it.
 
     Raises `lossaverse.cluster.config.ConfigError` naming the bad field."""
-    from lossaverse.cluster.config import load_config as _load
+    from lossaverse.cluster.config import load_config as _load  # deferred: keeps `lossaverse --help` light
 
     return _load(config, list(overrides))
 
@@ -52,10 +52,10 @@ def run(config: "str | Path | RunConfig", stages: Iterable[str] | None = None, *
     (or RAY_ADDRESS) is connected to, or an embedded local Ray is started, and shut down at the end.
     A run whose every stage is already complete starts no Ray.
     """
-    from lossaverse.cluster.config import RunConfig
-    from lossaverse.cluster.rounds import run_stages
-    from lossaverse.cluster.stages import STAGE_NAMES
-    from lossaverse.pipeline.data.rundir import lock_run_dir
+    from lossaverse.cluster.config import RunConfig  # deferred: keeps `lossaverse --help` light
+    from lossaverse.cluster.rounds import run_stages  # deferred: imports pandas
+    from lossaverse.cluster.stages import STAGE_NAMES  # deferred: imports pandas
+    from lossaverse.pipeline.data.rundir import lock_run_dir  # deferred: keeps `lossaverse --help` light
 
     if isinstance(config, RunConfig):
         if overrides:
@@ -86,13 +86,13 @@ def mark(rows: "pa.Table | list[dict[str, Any]]", timeout_s: float = 5) -> "pa.T
     and field. Returns the input rows, in order, with `correct`, `extracted`, `reason` and
     `marked_by` added.
     """
-    import pyarrow as pa
-    from pydantic import ValidationError
+    import pyarrow as pa  # deferred: keeps `lossaverse --help` light
+    from pydantic import ValidationError  # deferred: keeps `lossaverse --help` light
 
-    from lossaverse.pipeline.config import errors_in
-    from lossaverse.pipeline.data.schemas import ANSWERS
-    from lossaverse.pipeline.marker.mark import mark_table
-    from lossaverse.serving.marker import Answer
+    from lossaverse.pipeline.config import errors_in  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.data.schemas import ANSWERS  # deferred: keeps `lossaverse --help` light
+    from lossaverse.pipeline.marker.mark import mark_table  # deferred: keeps `lossaverse --help` light
+    from lossaverse.serving.marker import Answer  # deferred: imports FastAPI, pandas, Ray
 
     if isinstance(rows, pa.Table):
         table = rows
@@ -127,7 +127,7 @@ def results(run_dir: str | Path) -> dict:
     `tune` where they exist, and `stages` (manifest.json: each finished stage's figures).
 
     Raises FileNotFoundError when `run_dir` holds no finished stage."""
-    from lossaverse.pipeline.data.rundir import read_json
+    from lossaverse.pipeline.data.rundir import read_json  # deferred: keeps `lossaverse --help` light
 
     top = Path(run_dir)
     manifest = read_json(top / "manifest.json")

@@ -17,6 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lossaverse.pipeline.data.kinds import kind_of
+from lossaverse.pipeline.data.synthetic import FAMILIES
+from lossaverse.pipeline.models.tinymodels import TINY_SIZES
+from lossaverse.pipeline.sources.benchmarks import LOADERS
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the field."""
@@ -89,13 +94,11 @@ class ModelRef(Strict):
         if info.data.get("endpoint") is not None:
             return value  # the served model's name, checked by the server
         if value.startswith(TINY_PREFIX):
-            from lossaverse.pipeline.models.tinymodels import TINY_SIZES
-
             size = value[len(TINY_PREFIX):]
             if size not in TINY_SIZES:
                 raise ValueError(f"unknown tiny model {size!r}; valid: {sorted(TINY_SIZES)}")
             return value
-        from lossaverse.pipeline.models.pkgmodels import is_packaged, parse_reference
+        from lossaverse.pipeline.models.pkgmodels import is_packaged, parse_reference  # deferred: tests patch it
 
         if is_packaged(value):
             parse_reference(value)  # syntax and alias only: the wheel is fetched when the model is first used
@@ -158,19 +161,13 @@ class BenchmarkConfig(Strict):
     @field_validator("kind")
     @classmethod
     def _kind_known(cls, value: str) -> str:
-        from lossaverse.pipeline.data.kinds import kind_of
-
         return kind_of(value).name
 
     @model_validator(mode="after")
     def _source_known(self) -> "BenchmarkConfig":
-        from lossaverse.pipeline.sources.benchmarks import LOADERS
-
         if self.source not in LOADERS:
             raise ValueError(f"unknown benchmark source {self.source!r}; valid: {sorted(LOADERS)}")
         if self.source == "synthetic":
-            from lossaverse.pipeline.data.synthetic import FAMILIES
-
             if self.name not in FAMILIES:
                 raise ValueError(f"unknown synthetic benchmark name {self.name!r}; valid: {list(FAMILIES)}")
         if self.source != "synthetic" and not self.path:

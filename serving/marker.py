@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 
 from lossaverse.pipeline.data.kinds import kind_of
+from lossaverse.pipeline.data.prompts import LETTERS
+from lossaverse.pipeline.marker.mark import mark_row
 from lossaverse.serving.http import RequestRejected, api_key_from_env, check_api_key, read_json, validate
 
 
@@ -46,8 +48,6 @@ class Answer(BaseModel):
     @field_validator("choices")
     @classmethod
     def _at_most_26_options(cls, value: list[str] | None) -> list[str] | None:
-        from lossaverse.pipeline.data.prompts import LETTERS
-
         if value is not None and len(value) > len(LETTERS):
             raise ValueError(f"{len(value)} options; the marker reads option letters A-Z, so at most {len(LETTERS)}")
         return value
@@ -79,8 +79,6 @@ class MarkerArgs(BaseModel):
 
 def mark_answers(answers: list[Answer]) -> list[dict]:
     """Verdicts of `answers`, in order (pure; the mark stage's per-row grading)."""
-    from lossaverse.pipeline.marker.mark import mark_row
-
     out = []
     for a in answers:
         v = mark_row(a.completion, a.reference, a.kind, choices=a.choices, finish_reason=a.finish_reason, question=a.question)

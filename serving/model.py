@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lossaverse.pipeline.config import ConfigError, EngineConfig, ModelRef, RayConfig, apply_overrides, errors_in
 from lossaverse.pipeline.generation.kvcache import read_hf_config
+from lossaverse.pipeline.generation.processors import engine_kwargs
 from lossaverse.serving.config import ServeConfig
 
 
@@ -77,7 +78,7 @@ def plan_from_run(serve: ServeConfig, model_dir: Path, target: ModelRef, target_
                   ray: RayConfig) -> ServePlan:
     """Serve a run's trained target at `model_dir`, and with `serve.base_model_id` the untrained
     `target` beside it; the engine is the target's (`target_engine`) with `serve.engine` on top."""
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     models = {serve.model_id: str(Path(model_dir).expanduser().resolve())}
     if serve.base_model_id:
@@ -99,7 +100,7 @@ def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, ov
     """Serve a model directory; `overrides` set `serve.*` and `ray.*` (`serve.engine.kv_cache_gib=0.25`).
     `base_model` (a directory, hub id or `tiny:<size>`) is served beside it for A/B, as
     `serve.base_model_id` (default `base`)."""
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     data = apply_overrides({}, overrides or [])
     try:
@@ -124,9 +125,8 @@ def plan_from_model_dir(model_dir: str | Path, base_model: str | None = None, ov
 
 def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeConfig):
     """One served model as a ray.serve.llm LLMConfig: engine arguments, placement, autoscaling."""
-    from ray.serve.llm import LLMConfig
+    from ray.serve.llm import LLMConfig  # deferred: Ray loads in seconds
 
-    from lossaverse.pipeline.generation.processors import engine_kwargs
 
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": source},
@@ -147,7 +147,7 @@ def llm_config(model_id: str, source: str, engine: EngineConfig, serve: ServeCon
 
 def model_app(plan: ServePlan):
     """The OpenAI-compatible application for `plan` (not yet running)."""
-    from ray.serve.llm import build_openai_app
+    from ray.serve.llm import build_openai_app  # deferred: Ray loads in seconds
 
     return build_openai_app(
         {

@@ -15,9 +15,9 @@ MODEL_APP, MARKER_APP = "lossaverse", "marker"
 
 def start(plan: ServePlan) -> list[str]:
     """Deploy the apps on the connected Ray (waits until their replicas are up); return the URLs."""
-    from ray import serve
+    from ray import serve  # deferred: Ray loads in seconds
 
-    from lossaverse.serving.marker import marker_app
+    from lossaverse.serving.marker import marker_app  # deferred: imports FastAPI, pandas, Ray
 
     s = plan.serve
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
@@ -38,6 +38,6 @@ def start(plan: ServePlan) -> list[str]:
 
 def stop() -> None:
     """Shut Serve and its apps down (Ray itself is the caller's to stop)."""
-    from ray import serve
+    from ray import serve  # deferred: Ray loads in seconds
 
     serve.shutdown()

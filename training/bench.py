@@ -14,20 +14,30 @@ GPU memory where there is a GPU). Needs a running Ray (the caller's `init_ray`).
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+
+from lossaverse.pipeline.bench.measure import PeakRSS, peak_memory, spread
+from lossaverse.pipeline.data import synthetic
+from lossaverse.pipeline.data.prompts import render, template_for
+from lossaverse.pipeline.data.rundir import write_table
+from lossaverse.training.config import TrainConfig
+from lossaverse.training.flops import extra_forwards, flops_per_token, matmul_peak, mfu
+from lossaverse.training.methods import get_method, method_args, peft_config
+from lossaverse.training.train import shuffled, train_model
 
 GOAL = 0.9
 
 
 def synthetic_kto_table(rows: int, seed: int = 0) -> pa.Table:
     """KTO rows for the benchmark: synthetic problems, the stated answer right on even rows."""
-    from lossaverse.pipeline.data import synthetic
-    from lossaverse.pipeline.data.prompts import render, template_for
-
     out = {"prompt": [], "completion": [], "label": []}
     for i, p in enumerate(synthetic.problems("train", rows, seed)):
         right = i % 2 == 0
@@ -47,13 +57,11 @@ def steady_samples_per_second(step_seconds: list[tuple[int, float]], global_batc
 
 def direct_samples_per_second(train, model: str, table: pa.Table, seed: int, warmup: int, work: Path) -> float:
     """TRL's trainer in this process, configured exactly like a Ray Train worker."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # deferred: torch loads in seconds
+    from datasets import Dataset  # deferred: datasets loads in seconds
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
-    from lossaverse.training.methods import get_method, method_args, peft_config
-    from lossaverse.training.train import shuffled
-    from lossaverse.training.worker import StepMetrics, training_args
+    from lossaverse.training.worker import StepMetrics, training_args  # deferred: imports transformers
 
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))  # what each worker gets
     metrics = StepMetrics(train.per_device_batch_size * train.gradient_accumulation_steps, None)
@@ -72,11 +80,6 @@ def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, 
     """`direct_samples_per_second` in a fresh Python process with the environment a Ray worker gets:
     Ray sets OMP_NUM_THREADS to the worker's CPUs, and on CPU that alone changes the speed of
     these tiny steps severalfold, so the baseline must have it too."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import json, sys, pyarrow.parquet as pq; from pathlib import Path; "
         "from lossaverse.training.config import TrainConfig; from lossaverse.training.bench import direct_samples_per_second as f; "
@@ -95,10 +98,6 @@ def direct_in_subprocess(train, model: str, data: Path, seed: int, warmup: int, 
 
 
 def ray_samples_per_second(train, model: str, datasets: Path, seed: int, warmup: int, work: Path) -> float:
-    import json
-
-    from lossaverse.training.train import train_model
-
     train_model(train, model, datasets, work / "model", work / "checkpoints", seed, params=None)
     result = json.loads((work / "checkpoints" / "result.json").read_text())
     return steady_samples_per_second(result["step_seconds"], result["global_batch"], warmup)
@@ -118,10 +117,7 @@ def bench_train(model: str = "tiny:small", *, rows: int = 256, steps: int = 100,
     "memory": {"direct" | "<workers>x<deepspeed>": the largest `PeakRSS.mib` figures over repeats}}.
     `lora` (the `train.lora` settings, as a dict) trains LoRA adapters on both sides, as the run would.
     """
-    from lossaverse.pipeline.bench.measure import PeakRSS, peak_memory, spread
-    from lossaverse.pipeline.data.rundir import write_table
-    from lossaverse.pipeline.models.tinymodels import resolve_model
-    from lossaverse.training.config import TrainConfig
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     path = resolve_model(model)
     table = synthetic_kto_table(rows, seed)
@@ -171,11 +167,9 @@ def model_flops(model: str, table: pa.Table, lora: dict | None, max_length: int,
     """samples/s -> `lossaverse.training.flops.mfu` of a KTO run of `model` on `table` (the bench's
     rows; tokens per sample: prompt + completion, cut at max_length), against a matmul peak on
     `threads` threads measured once here; None -> the same dict without a run (the peak alone)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # deferred: torch loads in seconds
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
-    from lossaverse.training.flops import extra_forwards, flops_per_token, matmul_peak, mfu
-    from lossaverse.training.methods import peft_config
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     lengths = [min(max_length, len(tokenizer(p + c)["input_ids"])) for p, c in
@@ -184,7 +178,7 @@ def model_flops(model: str, table: pa.Table, lora: dict | None, max_length: int,
     params = sum(p.numel() for p in net.parameters())
     lora_params = 0
     if lora:
-        from peft import get_peft_model
+        from peft import get_peft_model  # deferred: peft loads in seconds
 
         lora_params = sum(p.numel() for p in get_peft_model(net, peft_config(lora)).parameters() if p.requires_grad)
     per_token = flops_per_token(params, extra_forwards("kto"), lora_params)

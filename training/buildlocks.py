@@ -21,7 +21,7 @@ STALE_S = 600.0  # seconds: older locks belong to no running build
 
 def extensions_root() -> Path:
     """torch's extension build root: $TORCH_EXTENSIONS_DIR, else its per-user default."""
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import get_default_build_root  # deferred: torch loads in seconds
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lossaverse.pipeline.config import Strict
+from lossaverse.training.methods import get_method
+from lossaverse.training.zero import deepspeed_config, deepspeed_conflicts
 
 
 class LoraSettings(Strict):
@@ -122,16 +124,12 @@ class TrainConfig(Strict):
     @field_validator("method")
     @classmethod
     def _method_known(cls, value: str) -> str:
-        from lossaverse.training.methods import get_method
-
         get_method(value)
         return value
 
     @field_validator("compare")
     @classmethod
     def _compare_known(cls, value: list[str]) -> list[str]:
-        from lossaverse.training.methods import get_method
-
         for method in value:
             if method not in RECIPE_BASELINES:
                 get_method(method)
@@ -156,15 +154,11 @@ class TrainConfig(Strict):
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_known(cls, value: str) -> str:
-        from lossaverse.training.zero import deepspeed_config
-
         deepspeed_config(value)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        from lossaverse.training.zero import deepspeed_config, deepspeed_conflicts
-
         if "rft" in self.compare and self.recipe != "sft_then_kto":
             raise ValueError("train.compare rft starts from the recipe's SFT checkpoint and trains on its on-policy "
                              "right answers: set train.recipe: sft_then_kto, or drop rft from train.compare")

@@ -18,8 +18,8 @@ from lossaverse.pipeline.models.adapters import ADAPTER
 
 def merge_lora(base_model: str, adapter_dir: str, out_dir: str) -> None:
     """Base model + LoRA adapters -> one plain Hugging Face model in `out_dir`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from peft import PeftModel  # deferred: peft loads in seconds
+    from transformers import AutoModelForCausalLM  # deferred: transformers loads in seconds
 
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

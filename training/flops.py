@@ -41,7 +41,7 @@ def flops_per_token(params: int, forwards: int, lora_params: int = 0) -> int:
 def matmul_peak(n: int = 1024, repeats: int = 5, threads: int | None = None) -> float:
     """FLOP/s of the best of `repeats` fp32 `torch.matmul`s of two n x n matrices (2n^3 FLOPs
     each), on `threads` threads (the worker's CPUs); the machine's attainable peak, measured."""
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     before = torch.get_num_threads()
     if threads:

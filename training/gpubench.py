@@ -43,13 +43,19 @@ import argparse
 import copy
 import gc
 import json
+import random
 import statistics
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+
+from lossaverse.training.config import TrainConfig
 from lossaverse.training.flops import extra_forwards, flops_per_token
+from lossaverse.training.methods import get_method, method_args, peft_config
+from lossaverse.training.validate import check_memory
 
 # Qwen2-0.5B's architecture (its config.json on the hub), random weights.
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -93,7 +99,7 @@ def device_peak_flops(device: str, override_tflops: float | None = None) -> floa
         return override_tflops * 1e12
     if device != "cuda":
         return None
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     name = torch.cuda.get_device_name()
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -101,8 +107,8 @@ def device_peak_flops(device: str, override_tflops: float | None = None) -> floa
 
 def word_tokenizer(words: int):
     """A word-level tokenizer: `w0` ... `w{words-1}` are ids 2 ... words+1, `<pad>` 0, `</s>` 1."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers  # deferred: tokenizers loads in seconds
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers loads in seconds
 
     vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -113,10 +119,6 @@ def word_tokenizer(words: int):
 def synthetic_rows(rows: int, seq_len: int, words: int, seed: int):
     """KTO rows (prompt, completion, label) that tokenize to exactly `seq_len` tokens with the EOS the
     trainers append: seq_len // 2 prompt words, the rest completion words less one for the EOS."""
-    import random
-
-    import pyarrow as pa
-
     rng = random.Random(seed)
     half = seq_len // 2
 
@@ -132,8 +134,8 @@ def save_model(spec: dict, device: str, seed: int, folder: Path) -> Path:
     """A Qwen2 causal LM with random weights, saved in Hugging Face format (bf16 on GPU, fp32 on CPU):
     every run loads it from there as a Ray Train worker does, and TRL builds its reference copy
     from that path."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    import torch  # deferred: torch loads in seconds
+    from transformers import AutoModelForCausalLM, Qwen2Config  # deferred: transformers loads in seconds
 
     torch.manual_seed(seed)
     config = Qwen2Config(**spec, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=None)
@@ -144,13 +146,13 @@ def save_model(spec: dict, device: str, seed: int, folder: Path) -> Path:
 
 
 def load_model(folder: Path, device: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers loads in seconds
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(device))
 
 
 def _dtype(device: str):
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     return torch.bfloat16 if device == "cuda" else torch.float32
 
@@ -164,7 +166,7 @@ class _Memory:
     def __enter__(self):
         gc.collect()
         if self.cuda:
-            import torch
+            import torch  # deferred: torch loads in seconds
 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -174,21 +176,21 @@ class _Memory:
     def __exit__(self, *exc):
         self.peak_gib = None
         if self.cuda:
-            import torch
+            import torch  # deferred: torch loads in seconds
 
             self.peak_gib = (torch.cuda.max_memory_allocated() - self.base) / 2**30
 
     def now_gib(self) -> float | None:
         if not self.cuda:
             return None
-        import torch
+        import torch  # deferred: torch loads in seconds
 
         return (torch.cuda.memory_allocated() - self.base) / 2**30
 
 
 def _synchronize(device: str) -> None:
     if device == "cuda":
-        import torch
+        import torch  # deferred: torch loads in seconds
 
         torch.cuda.synchronize()
 
@@ -196,7 +198,7 @@ def _synchronize(device: str) -> None:
 def _sync_callback(device: str):
     """Waits for the GPU at each step's start and end, so StepMetrics (next in the list) times the
     step's kernels rather than their launch. A no-op on CPU."""
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # deferred: transformers loads in seconds
 
     class SyncSteps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -219,13 +221,10 @@ def _rates(seconds: list[float], warmup: int, batch: int, tokens_per_step: float
 def trl_run(variant: str, model_dir: Path, spec: dict, seq_len: int, batch: int, steps: int, warmup: int, device: str,
             seed: int, work: Path) -> dict:
     """One TRL trainer, set up by the project's own path, trained for `steps` steps."""
-    from datasets import Dataset
-    from transformers import PrinterCallback
+    from datasets import Dataset  # deferred: datasets loads in seconds
+    from transformers import PrinterCallback  # deferred: transformers loads in seconds
 
-    from lossaverse.training.config import TrainConfig
-    from lossaverse.training.methods import get_method, method_args, peft_config
-    from lossaverse.training.validate import check_memory
-    from lossaverse.training.worker import StepMetrics, training_args
+    from lossaverse.training.worker import StepMetrics, training_args  # deferred: imports transformers
 
     fields, extra = VARIANTS[variant]
     # Validated as a CPU config, then moved to the GPU: one GPU without DeepSpeed (bf16 weights, as
@@ -266,7 +265,7 @@ def trl_run(variant: str, model_dir: Path, spec: dict, seq_len: int, batch: int,
 def _completion_logps(model, ids, start: int):
     """Sum of log p(token) over positions start.. of each row; the LM head sees only those positions,
     like TRL's fused head."""
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     hidden = model.model(input_ids=ids).last_hidden_state[:, start - 1:-1]
     logps = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
@@ -278,7 +277,7 @@ def plain_run(method: str, model_dir: Path, spec: dict, seq_len: int, batch: int
     """The same forward and backward work as TRL's trainer in a bare loop: AdamW (fused on GPU),
     gradient clipping, no trainer, no data loader. KTO's loss is Eq. 8 of Ethayarajh et al. (2024)
     with lambda_D = lambda_U = 1 and z0 from the batch's completions rotated by one row."""
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     words = min(TOKENIZER_WORDS, spec["vocab_size"] - 2)
     start = seq_len // 2
@@ -325,10 +324,10 @@ def bench_gpu(size: str = "tiny", *, seq_lens: tuple[int, ...] | None = None, st
     Runs on the GPU when there is one (bf16), else on the CPU (fp32; GPU memory and, without
     `peak_tflops`, MFU are None).
     """
-    import datasets
-    import torch
-    import transformers
-    import trl
+    import datasets  # deferred: datasets loads in seconds
+    import torch  # deferred: torch loads in seconds
+    import transformers  # deferred: transformers loads in seconds
+    import trl  # deferred: TRL loads in seconds
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def score_labelled_positions_only() -> bool:
     """Make TRL's fused LM head project only labelled positions on CPU. Idempotent; True when in
     effect, False (with a warning) on a TRL without the predicate, which then trains as before."""
-    import trl.trainer.utils as trl_utils
+    import trl.trainer.utils as trl_utils  # deferred: TRL loads in seconds
 
     current = getattr(trl_utils, "_use_triton", None)
     if current is None:

@@ -15,6 +15,7 @@ budget from `train:`; only `method_args` differ.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,8 +62,6 @@ class Method:
 
 def _resolve(name: str):
     """A class of `trl` by name, or ours as "module:Class"."""
-    import importlib
-
     module, _, cls = name.rpartition(":")
     return getattr(importlib.import_module(module or "trl"), cls)
 
@@ -126,7 +125,7 @@ def peft_config(lora: dict | None):
     """
     if lora is None:
         return None
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft loads in seconds
 
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                       target_modules=lora["target_modules"], task_type="CAUSAL_LM")

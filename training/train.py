@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,8 +35,6 @@ RAY_RUN = "ray_train"
 def shuffled(table: pa.Table, seed: int) -> pa.Table:
     """A seeded permutation of the rows. KTO's KL estimate pairs neighbouring rows of a micro-batch,
     and the datasets are grouped by item, so unshuffled neighbours would share a prompt."""
-    import numpy as np
-
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
 
 
@@ -81,10 +80,10 @@ def launch_config(plan: TrainPlan, model: str, storage: Path, out_tmp: Path, see
 
 
 def torch_trainer(train, loop_config: dict, storage: Path):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # deferred: Ray loads in seconds
+    from ray.train.torch import TorchTrainer  # deferred: Ray loads in seconds
 
-    from lossaverse.training.worker import train_func
+    from lossaverse.training.worker import train_func  # deferred: imports huggingface_hub, peft, safetensors
 
     if train.start_timeout_s is not None:  # read by Ray Train's controller, started from this process
         os.environ[START_TIMEOUT_ENV] = f"{train.start_timeout_s:g}"
@@ -140,7 +139,7 @@ def train_model(train, model: str, datasets_dir: Path, out_dir: Path, storage: P
     Returns the plan's info (method, rows, weights, memory) plus steps, train_loss, resumed,
     attempts, the last logged metrics and `history` (one dict per logged step).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers loads in seconds
 
     plan = plan_training(train, datasets_dir, params, AutoTokenizer.from_pretrained(model))
     storage = Path(storage).resolve()

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lossaverse.pipeline.config import ConfigError
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.models.tinymodels import meta_model, parameter_count
 from lossaverse.training.config import TrainConfig
 from lossaverse.training.kto import kto_weights
 from lossaverse.training.methods import get_method, kto_rows, method_args, peft_config
@@ -38,13 +40,11 @@ class TrainPlan:
 
 def parameter_counts(model_path: str, lora: dict | None = None) -> tuple[int, int]:
     """(all parameters, trainable parameters) of a model, built on the meta device (no weights read)."""
-    from lossaverse.pipeline.models.tinymodels import meta_model, parameter_count
-
     model = meta_model(model_path)
     total = parameter_count(model)
     if lora is None:
         return total, total
-    from peft import get_peft_model
+    from peft import get_peft_model  # deferred: peft loads in seconds
 
     return total, parameter_count(get_peft_model(model, peft_config(lora)), trainable_only=True)
 
@@ -137,8 +137,6 @@ def plan_training(train, datasets_dir: Path, params: tuple[int, int] | None, tok
     only when `train.memory_per_worker_gib` asks for a memory check. With the target's `tokenizer`,
     rows that `train.max_length` would empty are refused (`check_lengths`).
     """
-    from lossaverse.pipeline.data.rundir import read_table
-
     method = get_method(train.method)
     path = Path(datasets_dir) / method.dataset
     if not path.is_dir():

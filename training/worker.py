@@ -26,9 +26,15 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from lossaverse.pipeline.data.rundir import write_json
+from lossaverse.training.export import save_final
+from lossaverse.training.methods import get_method, method_args, peft_config
+from lossaverse.training.zero import deepspeed_config
 
 
 class WorkerStatus:
@@ -104,7 +110,7 @@ class ReportCheckpoints(TrainerCallback):
         self.status = status
 
     def on_save(self, args, state, control, **kwargs):
-        import ray.train
+        import ray.train  # deferred: Ray loads in seconds
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         last = next((h for h in reversed(state.log_history) if "loss" in h), {})
@@ -132,8 +138,6 @@ class ExportAt(TrainerCallback):
 
 def training_args(t: dict, seed: int, output_dir: str) -> dict:
     """The TrainingArguments every method shares: same optimizer settings and step budget."""
-    from lossaverse.training.zero import deepspeed_config
-
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=t["per_device_batch_size"],
@@ -162,8 +166,6 @@ def training_args(t: dict, seed: int, output_dir: str) -> dict:
 
 
 def _tensorboard(logdir: str):
-    from transformers.integrations import TensorBoardCallback
-
     callback = TensorBoardCallback()
     callback.logging_dir = logdir
     return callback
@@ -174,8 +176,6 @@ def leave_process_group() -> None:
     Ray Train set up, so the trainer runs as one plain process. Over a group of one, DDP and the
     trainers' per-step metric gathers still go through gloo, which cost about a fifth of each step
     of the tiny model on CPU (measured: 150 vs 190 samples/s)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"):
@@ -184,13 +184,9 @@ def leave_process_group() -> None:
 
 def train_func(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import ray.train  # deferred: Ray loads in seconds
+    from datasets import Dataset  # deferred: datasets loads in seconds
 
-    from lossaverse.training.export import save_final
-    from lossaverse.training.methods import get_method, method_args, peft_config
 
     t = config["train"]
     ctx = ray.train.get_context()

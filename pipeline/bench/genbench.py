@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 from lossaverse.pipeline.bench.measure import PeakRSS
+from lossaverse.pipeline.generation.generate import Competitor, PromptStyle, expand_requests
+from lossaverse.pipeline.generation.kvcache import read_hf_config
+from lossaverse.pipeline.generation.processors import engine_env, engine_kwargs
+from lossaverse.pipeline.generation.shards import generate_sharded
 
 
 def stage_scheduler_limits(model: str, engine_kwargs: dict) -> dict:
@@ -25,7 +29,7 @@ def stage_scheduler_limits(model: str, engine_kwargs: dict) -> dict:
     builds its engine from `AsyncEngineArgs(...).create_engine_config()`, whose defaults differ
     from those of vLLM's `LLM` class (on CPU 128 sequences and 2048 tokens a step against 256 and
     4096), so the baseline is given these explicitly."""
-    from vllm import AsyncEngineArgs
+    from vllm import AsyncEngineArgs  # deferred: vLLM loads in seconds
 
     scheduler = AsyncEngineArgs(model=model, **engine_kwargs).create_engine_config().scheduler_config
     return {"max_num_seqs": scheduler.max_num_seqs, "max_num_batched_tokens": scheduler.max_num_batched_tokens}
@@ -35,7 +39,7 @@ def _vllm_offline(model: str, engine_kwargs: dict, prompts: list[str], params: l
     """vLLM's own offline path, cold: import, LLM(...) with the stage's scheduler limits, a warm-up
     LLM.generate on the first `warmup` prompts, then one timed LLM.generate over every prompt."""
     t0 = time.perf_counter()
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # deferred: vLLM loads in seconds
 
     limits = stage_scheduler_limits(model, engine_kwargs)
     llm = LLM(model=model, **{**limits, **engine_kwargs})
@@ -54,11 +58,8 @@ def run_baseline(model: str, engine, items, sampling, seed: int) -> dict:
     """vLLM offline on the stage's requests. End to end it is timed like the stage, from the
     driver: Ray starting the task, importing vLLM, loading the engine and generating; the warm-up
     pass is left out, as the stage has none. start-up = that time less the timed generate."""
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
-    from lossaverse.pipeline.generation.generate import expand_requests
-    from lossaverse.pipeline.generation.kvcache import read_hf_config
-    from lossaverse.pipeline.generation.processors import engine_env, engine_kwargs
 
     requests = expand_requests(items, "baseline", model, sampling, seed)
     # max_calls=1: the worker process exits with the task, and its engine processes with it; a kept
@@ -85,9 +86,6 @@ def run_stage(model: str, engine, items, sampling, seed: int, replicas: int, sha
     (`PeakRSS.mib`) and `driver_growth_mib`: the driver's peak RSS
     after a quarter of the answers were in less its peak before, over the last three quarters of
     the rows (a driver that kept rows would grow by their size; a streaming one stays flat)."""
-    from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
-    from lossaverse.pipeline.generation.shards import generate_sharded
-
     scratch = Path(tempfile.mkdtemp(prefix="lv-bench-gen-"))
     competitor = Competitor("bench", model, engine=engine.model_copy(update={"concurrency": replicas}))
     try:

@@ -27,6 +27,8 @@ import pyarrow as pa
 
 from lossaverse.pipeline.bench.measure import Timer, ratio, spread
 from lossaverse.pipeline.data.schemas import ANSWERS
+from lossaverse.pipeline.marker.mark import grade_row, mark_table
+from lossaverse.pipeline.marker.marktext import cut_new_turn
 
 NAMES = ["Janet", "Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina"]
 THINGS = ["clips", "eggs", "pages", "letters", "pizzas", "cookies", "marbles", "dollars", "apples", "miles"]
@@ -182,8 +184,6 @@ def _batches(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
 
 
 def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) -> dict:
-    from lossaverse.pipeline.marker.mark import mark_table
-
     mark_table(table.slice(0, min(batch_size, table.num_rows)), timeout_s)  # warm-up (imports, regex caches)
     rates, cpu_rates = [], []
     for _ in range(repeats):
@@ -198,8 +198,6 @@ def _rows_per_s(table: pa.Table, batch_size: int, repeats: int, timeout_s: int) 
 
 def row_rules_rate(table: pa.Table, timeout_s: int = 5) -> dict:
     """The same rules as a plain per-row Python loop (`grade_row`), without the vectorised path."""
-    from lossaverse.pipeline.marker.mark import grade_row
-
     names = ["completion", "reference", "kind", "choices", "finish_reason", "error", "question"]
     cols = table.select(names).to_pydict()
     worst = 0.0
@@ -216,9 +214,8 @@ def math_verify_baseline(table: pa.Table, ours: pa.Table) -> dict:
     """math-verify `parse(completion)` + `verify(parse(reference), ...)` on the rows of `table`,
     and the agreement with our verdicts (`ours`, the marked rows) on rows both decide: rows with a
     completion and no error that math-verify parsed and we marked `match` / `mismatch`."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # deferred: math-verify loads in seconds
 
-    from lossaverse.pipeline.marker.marktext import cut_new_turn
 
     comps, refs = table["completion"].to_pylist(), table["reference"].to_pylist()
     errors = table["error"].to_pylist()
@@ -256,7 +253,7 @@ MATH_VERIFY_SUITE = importlib.resources.files("lossaverse.pipeline.marker.suites
 
 def _math_verify_verdict(completion: str, reference: str) -> bool | None:
     """math-verify on the full completion, as its users call it; None where it parsed nothing."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # deferred: math-verify loads in seconds
 
     try:
         answer = parse(completion, parsing_timeout=5)
@@ -273,8 +270,6 @@ def suite_agreement(path: Path = SUITE, timeout_s: float = 5) -> dict:
     `math_verify`: the same for math-verify (no verdict counts as wrong); `disagreements`: every row
     where the two differ, with the grader's verdict and why (the row's format note); `worst_row_s`:
     the slowest row of the marker."""
-    from lossaverse.pipeline.marker.mark import grade_row
-
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars: not a row's time
     ours, theirs, worst = [], [], (0.0, None)
@@ -313,8 +308,6 @@ def math_verify_suite_agreement(path: Path = MATH_VERIFY_SUITE, timeout_s: float
     expectation as its tests write it, `false_positives` (ids marked right where `correct` is
     false), `disagreements` (every row the marker gets wrong, with its source and note) and the
     slowest row of the marker (`worst_row_s`, `worst_row`)."""
-    from lossaverse.pipeline.marker.mark import grade_row
-
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     graded = [r for r in rows if r["excluded"] is None]
     excluded: dict[str, int] = {}
@@ -355,8 +348,6 @@ def hostile_rows() -> list[tuple[str, str, str, str, list | None]]:
 
 def hostile_worst(timeout_s: float = 5) -> dict:
     """The slowest row (CPU seconds of the marking thread, and wall) of `hostile_rows`."""
-    from lossaverse.pipeline.marker.mark import grade_row
-
     grade_row("$\\boxed{x+1}$", "x+2", "math")  # math-verify's first call loads its grammars
     worst = {"cpu_s": 0.0, "wall_s": 0.0, "row": None}
     for name, kind, text, ref, choices in hostile_rows():
@@ -369,8 +360,6 @@ def hostile_worst(timeout_s: float = 5) -> dict:
 
 
 def _rss_child(kind: str, rows: int, seed: int, batch_size: int, queue) -> None:
-    from lossaverse.pipeline.marker.mark import mark_table
-
     done = 0
     while done < rows:  # generate and mark batch by batch: nothing is kept between batches
         n = min(batch_size, rows - done)
@@ -408,8 +397,6 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
     (`math_verify_suite_agreement`). peak_rss_bytes: a fresh
     process marking rows/10 and rows numeric rows in streamed batches (flat = memory does not grow).
     """
-    from lossaverse.pipeline.marker.mark import mark_table
-
     out: dict = {"rows": rows, "repeats": repeats, "seed": seed, "batch_size": batch_size, "kinds": {}}
     with one_core():
         for kind in kinds:
@@ -436,7 +423,7 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
 
 
 if __name__ == "__main__":
-    import argparse
+    import argparse  # only `python -m`'s own entry reads arguments
 
     parser = argparse.ArgumentParser(description="Benchmark the exam marker")
     parser.add_argument("--rows", type=int, default=100_000)

@@ -15,6 +15,8 @@ import statistics
 import threading
 import time
 
+import psutil
+
 # Worker processes of Ray that run no task or actor of ours.
 RAY_IDLE = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 MEMORY_KEYS = ("driver_peak_rss_mib", "workers_peak_rss_mib", "worker_max_rss_mib", "gpu_peak_mib")
@@ -47,7 +49,7 @@ class Timer:
 def nvml():
     """The `pynvml` module, initialised; None without the NVML library or a driver (a CPU machine)."""
     try:
-        import pynvml
+        import pynvml  # deferred: optional, GPU only
 
         pynvml.nvmlInit()
     except Exception:  # no NVML library or no driver: no GPU
@@ -108,8 +110,6 @@ class PeakRSS:
 
     @staticmethod
     def _title(proc) -> str:
-        import psutil
-
         try:
             cmd = proc.cmdline()
         except psutil.Error:
@@ -117,8 +117,6 @@ class PeakRSS:
         return cmd[0] if cmd else ""
 
     def _worker_roots(self, me) -> list:
-        import psutil
-
         roots = []
         for child in me.children(recursive=True):
             try:
@@ -132,8 +130,6 @@ class PeakRSS:
         return roots
 
     def _sample_once(self, me) -> None:
-        import psutil
-
         now = me.memory_info().rss
         self.driver = max(self.driver, now)
         self.samples.append((time.perf_counter(), now))
@@ -159,8 +155,6 @@ class PeakRSS:
             self.gpu = max(self.gpu or 0, sum(v for pid, v in gpu.items() if pid in pids))
 
     def _run(self):
-        import psutil
-
         me = psutil.Process()
         while not self._stop.is_set():
             try:
@@ -170,8 +164,6 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        import psutil
-
         self.start = time.perf_counter()
         self._cpu = sum(psutil.Process().cpu_times()[:2])
         self._before = {p.pid for p in self._worker_roots(psutil.Process())}
@@ -180,8 +172,6 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc):
-        import psutil
-
         self._stop.set()
         self._thread.join()
         try:

@@ -11,7 +11,7 @@ def _panel(ax, title: str, xlabel: str, ylabel: str, points: list[tuple[int, flo
            extra: list[tuple[str, list[tuple[int, float]], str]] = (), label: str = "measured") -> None:
     """One stage: measured throughput against scale, the ideal line through the smallest scale
     (linear in replicas or workers; a constant rate over rows, on log axes as rates differ ~100x)."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter  # deferred: matplotlib loads in seconds
 
     points = sorted(points)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -53,10 +53,10 @@ def _panel(ax, title: str, xlabel: str, ylabel: str, points: list[tuple[int, flo
 def plot_scaling(result: dict, path: Path) -> None:
     """Throughput against scale per stage, with the ideal line through the smallest scale and the
     stage's baseline where there is one. A generate point without a steady-state figure is left out."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads in seconds
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib loads in seconds
 
     panels = []
     if "generate" in result:

@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 LOCK, HOLDER = ".driver.lock", ".driver.json"  # the run directory's lock, and who holds it
@@ -204,7 +205,6 @@ def lock_run_dir(run_dir: Path | str) -> None:
     where = os.path.abspath(os.path.expanduser(os.fspath(run_dir)))
     if where in _HELD:
         return
-    from filelock import FileLock, Timeout
 
     os.makedirs(where, exist_ok=True)
     lock = FileLock(os.path.join(where, LOCK), timeout=0)

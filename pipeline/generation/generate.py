@@ -23,8 +23,15 @@ import pyarrow as pa
 
 from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, check
-from lossaverse.pipeline.generation.processors import EngineFailed, engine_error, http_processor, vllm_processor
-from lossaverse.pipeline.generation.processors import engine_kwargs, http_config, vllm_config  # noqa: F401 (part of this module's interface)
+from lossaverse.pipeline.generation.processors import (  # noqa: F401 (part of this module's interface)
+    EngineFailed,
+    engine_error,
+    engine_kwargs,
+    http_config,
+    http_processor,
+    vllm_config,
+    vllm_processor,
+)
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,7 @@ def expand_requests(items: pa.Table, competitor: str, model: str, sampling, seed
 def tokenizer_for(path: str):
     """The Hugging Face tokenizer of the model directory (or id) `path`, cached per process: the chat
     template of chat competitors, and the target's tokenizer for the driver's prompts and divergent negatives."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers loads in seconds
 
     return AutoTokenizer.from_pretrained(path)
 
@@ -266,7 +273,7 @@ def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competit
     Each shard is one input block, so shards finish roughly in order and the writer holds only a few
     open shards at a time. `on_wave` is told the names of each wave as its engines start.
     """
-    import ray
+    import ray  # deferred: Ray loads in seconds
 
     todo = [c for c in competitors if shards.get(c.name)]
     for wave in engine_waves(todo, at_once, len([n for n in ray.nodes() if n.get("Alive")])):
@@ -277,7 +284,7 @@ def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competit
 
 def _stream_wave(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
                  style: PromptStyle) -> Iterator[dict]:
-    import ray.data
+    import ray.data  # deferred: Ray loads in seconds
 
     outputs = []
     for unit in engine_units(competitors):  # one processor per engine; competitors sharing it in one stream

@@ -12,6 +12,7 @@ OpenAI-compatible endpoints, with the settings that keep a run going or stop it 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 
@@ -74,7 +75,7 @@ def vllm_config(model_path: str, engine):
 
     `concurrency: n` is pinned to a pool of exactly n engines: Ray Data LLM reads a plain int as
     an autoscaling pool from 1 to n, which may run fewer engines than the plan counted on."""
-    from ray.data.llm import vLLMEngineProcessorConfig
+    from ray.data.llm import vLLMEngineProcessorConfig  # deferred: Ray loads in seconds
 
     return vLLMEngineProcessorConfig(
         model_source=model_path,
@@ -148,10 +149,10 @@ def _tagged_engine_udf(competitor: str):
       fails: the error Ray Data raises then only says that an actor died.
 
     Built on first use, so that importing this module does not import Ray or vLLM."""
-    import ray
-    from ray.experimental.internal_kv import _internal_kv_put
-    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
-    from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
+    import ray  # deferred: Ray loads in seconds
+    from ray.experimental.internal_kv import _internal_kv_put  # deferred: Ray loads in seconds
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF  # deferred: Ray loads in seconds
+    from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS  # deferred: Ray loads in seconds
 
     # The same name as the base class: it names the engine actors' processes
     # (`ray::MapWorker(MapBatches(vLLMEngineStageUDF))`), which tools and tests look for.
@@ -181,8 +182,8 @@ def _tagged_engine_udf(competitor: str):
 
 def engine_error(competitor: str) -> str | None:
     """The error an engine of `competitor` died of in this Ray job, if one did (and forget it)."""
-    import ray
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+    import ray  # deferred: Ray loads in seconds
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get  # deferred: Ray loads in seconds
 
     key = _engine_error_key(ray.get_runtime_context().get_job_id(), competitor)
     value = _internal_kv_get(key, namespace=_KV_NAMESPACE)
@@ -199,7 +200,7 @@ def vllm_processor(model_path: str, engine, preprocess=None, postprocess=None, n
     Data's default is to restart forever, so an engine that dies the same way on every batch would
     loop forever. Bounded, the replica stays dead after its last restart and the job fails
     (`stream_answers` then names the engine's own error)."""
-    from ray.data.llm import build_processor
+    from ray.data.llm import build_processor  # deferred: Ray loads in seconds
 
     processor = build_processor(vllm_config(model_path, engine), preprocess=preprocess, postprocess=postprocess)
     # max_restarts: Ray's actor option, which Ray Data's map_batches passes to the engine actors
@@ -220,9 +221,7 @@ def _row_errors_udf():
     answered by an error response for its row (which `http_output` turns into an error row), not
     raised: raised, it fails the batch and with it the whole job. Built on first use, so that
     importing this module does not import Ray."""
-    import asyncio
-
-    from ray.llm._internal.batch.stages.http_request_stage import HttpRequestUDF
+    from ray.llm._internal.batch.stages.http_request_stage import HttpRequestUDF  # deferred: Ray loads in seconds
 
     class RowErrorsHttpRequestUDF(HttpRequestUDF):
         def __init__(self, *args, qps: int | None = None, **kwargs):
@@ -250,7 +249,7 @@ def _row_errors_udf():
 def http_processor(endpoint, preprocess, postprocess):
     """A ray.data.llm processor over an OpenAI-compatible endpoint in which a request that fails
     after its retries is an error row and the job goes on (see `_row_errors_udf`)."""
-    from ray.data.llm import build_processor
+    from ray.data.llm import build_processor  # deferred: Ray loads in seconds
 
     processor = build_processor(http_config(endpoint), preprocess=preprocess, postprocess=postprocess)
     processor.get_stage_by_name("HttpRequestStage").fn = _row_errors_udf()
@@ -260,7 +259,7 @@ def http_processor(endpoint, preprocess, postprocess):
 def http_config(endpoint):
     """EndpointConfig -> ray.data.llm.HttpRequestProcessorConfig (URL, key from the environment,
     qps limit, retries with exponential backoff)."""
-    from ray.data.llm import HttpRequestProcessorConfig
+    from ray.data.llm import HttpRequestProcessorConfig  # deferred: Ray loads in seconds
 
     headers = dict(endpoint.headers)
     if endpoint.api_key_env:

@@ -291,7 +291,7 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     Returns per-competitor totals (rows, generated, resumed, tokens, errors, seconds, tokens/s).
     Raises RuntimeError if a shard came out incomplete (it never should: a failed prompt is a row).
     """
-    from lossaverse.pipeline.generation.generate import stream_answers
+    from lossaverse.pipeline.generation.generate import stream_answers  # deferred: tests patch it
 
     work_dir, final_dir = Path(work_dir), Path(final_dir)
     if not work_dir.exists() and _state_of(final_dir) == fingerprint:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lossaverse.pipeline.data.prompts import LETTERS
+from lossaverse.pipeline.data.prompts import LETTERS, render_chat
 from lossaverse.pipeline.data.schemas import MARKED, check
 from lossaverse.pipeline.marker.marktext import cut_new_turn
 
@@ -175,21 +176,17 @@ def _http_said(row: dict) -> dict:
 
 def processor(cfg):
     """The judge as a ray.data.llm processor: a vLLM engine, or the model's OpenAI-compatible endpoint."""
-    from functools import partial
-
-    from lossaverse.pipeline.generation.processors import http_processor, vllm_processor
+    from lossaverse.pipeline.generation.processors import http_processor, vllm_processor  # deferred: tests patch it
 
     model = cfg.model
     if model.endpoint is not None:
         return http_processor(model.endpoint, partial(http_payload, model=model.path), _http_said)
-    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.pipeline.models.tinymodels import resolve_model  # deferred: tests patch it
 
     path = resolve_model(model.path)
     preprocess = _vllm_request
     if model.chat:
-        from transformers import AutoTokenizer
-
-        from lossaverse.pipeline.data.prompts import render_chat
+        from transformers import AutoTokenizer  # deferred: transformers loads in seconds
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         preprocess = partial(_chat_request, template=render_chat("{prompt}", tokenizer))

@@ -47,11 +47,19 @@ import pyarrow.compute as pc
 
 from lossaverse.pipeline.data.kinds import kind_of
 from lossaverse.pipeline.data.schemas import ANSWERS, MARKED, check
+from lossaverse.pipeline.marker.judge import judge_dataset
+from lossaverse.pipeline.marker.markchoice import read_choice
 from lossaverse.pipeline.marker.markmath import read_math
 from lossaverse.pipeline.marker.marktext import (  # noqa: F401 - cut_new_turn, to_number: this module's interface too (tests)
-    ASCII_SPACE, READ_CHARS, Reading, cut_new_turn, prepare, read_exact, read_number, to_number,
+    ASCII_SPACE,
+    READ_CHARS,
+    Reading,
+    cut_new_turn,
+    prepare,
+    read_exact,
+    read_number,
+    to_number,
 )
-from lossaverse.pipeline.marker.markchoice import read_choice
 
 
 class Verdict(NamedTuple):
@@ -235,7 +243,6 @@ def mark_dataset(ds, batch_size: int, timeout_s: float = 5, judge=None):
     the rows the rules cannot decide are then put to the supervisory LLM (lossaverse.pipeline.marker.judge)."""
     if judge is None or not judge.enabled:
         return ds.map_batches(mark_table, batch_format="pyarrow", batch_size=batch_size, fn_kwargs={"timeout_s": timeout_s})
-    from lossaverse.pipeline.marker.judge import judge_dataset
 
     graded = ds.map_batches(grade_table, batch_format="pyarrow", batch_size=batch_size, fn_kwargs={"timeout_s": timeout_s})
     return judge_dataset(graded, judge)

@@ -37,8 +37,20 @@ from fractions import Fraction
 from functools import lru_cache
 
 from lossaverse.pipeline.marker.marktext import (
-    FINAL_MARK, HASH_OR_SAID, MAX_STATEMENTS, READ_CHARS, Reading, braced, bound, cut_new_turn, distinct, prose_value, read_number,
-    sentence, to_number, window,
+    FINAL_MARK,
+    HASH_OR_SAID,
+    MAX_STATEMENTS,
+    READ_CHARS,
+    Reading,
+    bound,
+    braced,
+    cut_new_turn,
+    distinct,
+    prose_value,
+    read_number,
+    sentence,
+    to_number,
+    window,
 )
 
 _MATH_DROP = re.compile(r"\s++|\\left|\\right|\\[,!;:]|\\quad|\^\s*+\{?\\circ\}?|\\%|%|\$")
@@ -287,7 +299,7 @@ def _same(answer: str, reference: str, deadline: float) -> tuple[bool, bool]:
         return a == b or _approximates(answer, a, b) or _approximates(reference, b, a), False
     if _HUGE.search(answer) or _HUGE.search(reference):
         raise _Undecided
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # deferred: math-verify loads in seconds
 
     with budget(deadline - time.monotonic()):
         try:

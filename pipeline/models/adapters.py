@@ -72,8 +72,8 @@ def unstackable(adapters: tuple[Path, ...]) -> str | None:
 def stack_adapters(adapters: tuple[Path, ...], out: Path) -> Path:
     """One peft adapter in `out` equal to applying `adapters` one after another (module docstring);
     a single adapter is returned as it is."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    import torch  # deferred: torch loads in seconds
+    from safetensors.torch import load_file, save_file  # deferred: safetensors loads in seconds
 
     if len(adapters) == 1:
         return adapters[0]
@@ -104,8 +104,8 @@ def zero_adapter(like: Path, out: Path) -> Path:
     slot index, and a request without an adapter has slot -1, which in torch indexing is the last
     slot: in a batch that mixes them, the base's answers came out with an adapter applied
     (tests/integration/test_lora_engine.py). Given a zero adapter of its own, no request has slot -1."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    import torch  # deferred: torch loads in seconds
+    from safetensors.torch import load_file, save_file  # deferred: safetensors loads in seconds
 
     weights = load_file(str(Path(like) / "adapter_model.safetensors"))
     out.mkdir(parents=True, exist_ok=True)

