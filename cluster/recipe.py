@@ -190,8 +190,9 @@ def run_recipe(cfg: RunConfig, run_dir: Path, base_model: str, train_one: Callab
         write_json(stats, tmp / "stats.json")
         replace_dir(tmp, data_dir)
         data = _record(data_dir, data_fp, stats)  # after the rename: done.json is written last
+    kept = "" if cfg.train.negatives == "all" else f"; train.negatives {cfg.train.negatives}: some wrong ones left out"
     report(f"recipe: kto from the SFT model ({cfg.train.max_steps} steps) on {data['labels']['total']} rows "
-           f"({data['on_policy']['rows']} on-policy, on-policy accuracy {data['on_policy']['accuracy']:.3f})")
+           f"({data['on_policy']['rows']} on-policy, on-policy accuracy {data['on_policy']['accuracy']:.3f}{kept})")
     kto_train = cfg.train.for_method("kto").model_copy(update={"recipe": "single"})
     result = train_one(kto_train, sft_model, data_dir, run_dir / "model", run_dir / "checkpoints", fingerprint(fp, data_fp, "kto"))
     result["recipe"] = {
