@@ -52,7 +52,7 @@ def smol_run(tmp_path_factory):
     overrides = [f"output_dir={tmp}", "name=smol", f"benchmark.n_train={SMOL_TRAIN}", "benchmark.n_validation=0",
                  f"benchmark.n_eval={SMOL_EVAL}", f"generate.sampling.samples={SMOL_SAMPLES}",
                  "generate.sampling.max_tokens=24", "evaluate.sampling.max_tokens=24",
-                 "train.recipe=single", "train.compare=[kto]", f"train.max_steps={SMOL_STEPS}",
+                 "train.recipe=single", "train.negatives=all", "train.compare=[kto]", f"train.max_steps={SMOL_STEPS}",
                  # One ZeRO-2 worker: LoRA on two ZeRO-2 ranks is covered by tests/integration/test_train.py.
                  "train.num_workers=1"]
     result = run_cli("run", str(ROOT / "configs" / "local.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=1500)

@@ -140,8 +140,10 @@ def test_sft_curve_steps_are_checked_against_the_sft_run():
         load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[48]"])
     with pytest.raises(Exception, match=r"inside the SFT run's 64 steps"):
         load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[16, 64]"])
-    # Without the recipe there is no SFT run to export: the default job's curve does not stop `recipe=single`.
-    assert load_config(ROOT / "configs" / "local.yaml", ["train.recipe=single", "train.compare=[kto, sft]"]).train.recipe == "single"
+    # Without the recipe there is no SFT run to export: the default job's curve does not stop `recipe=single`
+    # (its train.negatives does, with the fix named: tests/unit/test_train.py).
+    single = ["train.recipe=single", "train.compare=[kto, sft]", "train.negatives=all"]
+    assert load_config(ROOT / "configs" / "local.yaml", single).train.recipe == "single"
     assert load_config(ROOT / "configs" / "local.yaml", ["train.sft_curve=[32, 16]"]).train.sft_curve == [32, 16]
 
 
