@@ -421,16 +421,3 @@ def bench_mark(rows: int = 100_000, repeats: int = 3, seed: int = 0, kinds=("num
         out["peak_rss_growth_mib"] = (out["peak_rss_bytes"][rows] - out["peak_rss_bytes"][small]) / 2**20
     return out
 
-
-if __name__ == "__main__":
-    import argparse  # only `python -m`'s own entry reads arguments
-
-    parser = argparse.ArgumentParser(description="Benchmark the exam marker")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline-rows", type=int, default=2_000)
-    parser.add_argument("--kinds", default="numeric,math,choice,exact")
-    args = parser.parse_args()
-    result = bench_mark(args.rows, args.repeats, args.seed, tuple(args.kinds.split(",")), baseline_rows=args.baseline_rows)
-    print(json.dumps(result, indent=2, default=str))
