@@ -7,7 +7,7 @@ math-verify's `parse` + `verify` on a subset of the same `numeric` rows as the b
 agreement of the two verdicts on the rows both decide. Peak RSS is taken in a fresh process per row
 count, so a flat figure shows memory does not grow with the number of rows.
 
-    python -m lossaverse.pipeline.bench.markbench --rows 100000 --repeats 3
+    lossaverse bench mark configs/local.yaml --rows 100000 --repeats 3
 """
 
 from __future__ import annotations
