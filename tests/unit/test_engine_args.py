@@ -47,12 +47,16 @@ def test_concurrency_n_is_a_pool_of_exactly_n_engines():
     assert cfg.concurrency == (4, 4) and cfg.get_concurrency() == {"min_size": 4, "max_size": 4}
 
 
-def test_cpu_engines_reserve_the_cores_asked_for_and_gpu_engines_are_left_alone():
-    """cpu_reserved_cores reaches the engine actors' environment as vLLM's own variable; unset, or
-    on a GPU engine, the actors get no environment of ours."""
-    assert vllm_config("m", EngineConfig(cpu_reserved_cores=0)).runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+def test_cpu_engines_reserve_the_cores_asked_for_run_in_one_process_and_gpu_engines_are_left_alone():
+    """cpu_reserved_cores reaches the engine actors' environment as vLLM's own variable. A
+    single-worker CPU engine runs its model inside the engine core process (vLLM's CPU platform
+    forces a spawned worker unless VLLM_ENABLE_V1_MULTIPROCESSING is 0); a tensor-parallel one
+    keeps its workers, and a GPU engine gets no environment of ours."""
+    one = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert vllm_config("m", EngineConfig(cpu_reserved_cores=0)).runtime_env == {"env_vars": {**one, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
     assert vllm_config("m", EngineConfig(cpu_reserved_cores=2)).runtime_env["env_vars"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
-    assert vllm_config("m", EngineConfig()).runtime_env is None
+    assert vllm_config("m", EngineConfig()).runtime_env == {"env_vars": one}
+    assert vllm_config("m", EngineConfig(tensor_parallel_size=2)).runtime_env is None
     assert vllm_config("m", EngineConfig(cpu_reserved_cores=0, num_gpus=1)).runtime_env is None
     with pytest.raises(ValueError, match="cpu_reserved_cores"):
         EngineConfig(cpu_reserved_cores=-1)
