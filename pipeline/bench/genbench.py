@@ -20,7 +20,7 @@ from pathlib import Path
 from lossaverse.pipeline.bench.measure import PeakRSS
 from lossaverse.pipeline.generation.generate import Competitor, PromptStyle, expand_requests
 from lossaverse.pipeline.generation.kvcache import read_hf_config
-from lossaverse.pipeline.generation.processors import engine_env, engine_kwargs
+from lossaverse.pipeline.generation.processors import engine_env, engine_kwargs, engine_threads
 from lossaverse.pipeline.generation.shards import generate_sharded
 
 
@@ -39,6 +39,7 @@ def _vllm_offline(model: str, engine_kwargs: dict, prompts: list[str], params: l
     """vLLM's own offline path, cold: import, LLM(...) with the stage's scheduler limits, a warm-up
     LLM.generate on the first `warmup` prompts, then one timed LLM.generate over every prompt."""
     t0 = time.perf_counter()
+    engine_threads()  # the stage's engine threads (its engine actors call it too)
     from vllm import LLM, SamplingParams  # deferred: vLLM loads in seconds
 
     limits = stage_scheduler_limits(model, engine_kwargs)

@@ -74,7 +74,8 @@ def engine_env(engine) -> dict[str, str]:
       21-25 s, decoding 286-289 tokens/s against 159-173, token-identical answers
       (`lossaverse bench generate` measures it in the stage). vLLM's CPU platform forces the
       multiprocessing executor while this variable is 1, so it cannot be set through engine
-      arguments; a tensor-parallel engine keeps its worker processes."""
+      arguments; a tensor-parallel engine keeps its worker processes. Its OpenMP thread count is
+      then set on the node by `engine_threads`."""
     if engine.num_gpus:
         return {}
     env = {}
@@ -83,6 +84,19 @@ def engine_env(engine) -> dict[str, str]:
     if engine.cpu_reserved_cores is not None:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(engine.cpu_reserved_cores)
     return env
+
+
+def engine_threads() -> None:
+    """In a process about to start a single-process CPU engine (`engine_env`), set the OpenMP
+    threads the engine core process will run the model on: the cores this process may use less
+    VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's default reserve, 1, when unset). vLLM's multiprocessing
+    executor sets the same count for its worker, and it skips that set-up in one process; the
+    engine core would otherwise inherit Ray's OMP_NUM_THREADS (the actor's `num_cpus`, 1 here).
+    Does nothing where the engine keeps its own worker processes (GPU or tensor-parallel)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        return
+    reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) - reserved))
 
 
 def vllm_config(model_path: str, engine):
@@ -173,6 +187,7 @@ def _tagged_engine_udf(competitor: str):
     # (`ray::MapWorker(MapBatches(vLLMEngineStageUDF))`), which tools and tests look for.
     class vLLMEngineStageUDF(vLLMEngineStageUDF):  # noqa: N801 (vLLM's name)
         def __init__(self, *args, **kwargs):
+            engine_threads()
             super().__init__(*args, **kwargs)
             generate = self.llm.generate_async
 
