@@ -70,11 +70,12 @@ def engine_env(engine) -> dict[str, str]:
     - VLLM_ENABLE_V1_MULTIPROCESSING=0 for a single-worker CPU engine (tensor and pipeline
       parallel size 1): the model runs inside the EngineCore process (vLLM's "uni" executor)
       instead of one more spawned worker process that polls the engine core over shared memory.
-      On 2 cores, SmolLM2-135M with 32 greedy requests of 96 tokens: engine start 15 s against
-      21-25 s, decoding 286-289 tokens/s against 159-173, token-identical answers
-      (`lossaverse bench generate` measures it in the stage). vLLM's CPU platform forces the
-      multiprocessing executor while this variable is 1, so it cannot be set through engine
-      arguments; a tensor-parallel engine keeps its worker processes. Its OpenMP thread count is
+      `lossaverse bench generate configs/local.yaml --replicas 1 --prompts 256` on 2 cores: the
+      stage's first answer after 46 s against 57 s, the same steady tokens/s (448 against 453).
+      bf16 greedy texts can differ from the worker-process layout's (38 of 400 items for
+      SmolLM2); fp32 texts were identical. vLLM's CPU platform forces the multiprocessing
+      executor while this variable is 1, so it cannot be set through engine arguments; a
+      tensor-parallel engine keeps its worker processes. Its OpenMP thread count is
       then set on the node by `engine_threads`."""
     if engine.num_gpus:
         return {}

@@ -2,10 +2,12 @@
 Serve: chunked prefill off on CPU (vLLM CPU 0.32 crashes on a split seeded prompt), engine pools
 pinned to the configured size, restarts bounded."""
 
+import os
+
 import pytest
 
 from lossaverse.cluster.config import EngineConfig, JudgeConfig, ModelRef, ServeConfig
-from lossaverse.pipeline.generation.processors import ENGINE_STAGE, engine_kwargs, last_engine_error, vllm_config
+from lossaverse.pipeline.generation.processors import ENGINE_STAGE, engine_kwargs, engine_threads, last_engine_error, vllm_config
 from lossaverse.pipeline.models.tinymodels import resolve_model
 
 
@@ -60,6 +62,27 @@ def test_cpu_engines_reserve_the_cores_asked_for_run_in_one_process_and_gpu_engi
     assert vllm_config("m", EngineConfig(cpu_reserved_cores=0, num_gpus=1)).runtime_env is None
     with pytest.raises(ValueError, match="cpu_reserved_cores"):
         EngineConfig(cpu_reserved_cores=-1)
+
+
+def test_a_single_process_cpu_engine_gets_the_cores_less_the_reserved_ones(monkeypatch):
+    """engine_threads sets OMP_NUM_THREADS where the engine runs in one process: the cores this
+    process may use less VLLM_CPU_NUM_OF_RESERVED_CPU (1 when unset, vLLM's own default), at
+    least 1; with the engine's worker processes (the variable unset or 1) it leaves it alone."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's: the actor's num_cpus
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    engine_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    engine_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    engine_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "6")
+    engine_threads()
+    assert os.environ["OMP_NUM_THREADS"] == "1"
 
 
 def test_the_engines_own_error_is_read_from_its_log():
