@@ -22,8 +22,8 @@ from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration
 
-# 48 prompts of ~245 tokens: one engine step's budget (2048 tokens) holds 8 of them, so with
-# chunked prefill on, a prompt is split across two steps in every batch.
+# 48 prompts of ~245 tokens: one engine step's budget (2048 tokens) holds 8 of them, so a batch
+# overflows a step when the prompts reach the engine together.
 N, PAD = 48, "Tom has 3 apples and Ann has 4 pears. " * 12
 SEEDED = SamplingConfig(samples=1, temperature=0.7, max_tokens=8)  # sampled: every request is seeded
 
@@ -61,11 +61,15 @@ def test_seeded_prompts_longer_than_an_engine_step_generate_without_an_engine_re
 def test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error(local_ray, tmp_path):
     """Chunked prefill forced back on: the crash of vLLM CPU 0.32 on a split seeded prompt. The
     replica is restarted once (max_restarts 1), dies again, and the job stops with the engine's
-    error instead of restarting it forever."""
-    engine = _engine(max_restarts=1, engine_kwargs={"enable_chunked_prefill": True})
+    error instead of restarting it forever. A step's budget of 128 tokens is below every prompt,
+    so each prompt is split however the requests reach the engine: with 2048, whether one is split
+    depends on how many arrive before a step, and a fast one-process engine can take them few at a time."""
+    items, model = _long_items(), resolve_model("tiny:small")
+    assert min(len(tokenizer_for(model)(q)["input_ids"]) for q in items["question"].to_pylist()) > 128
+    engine = _engine(max_restarts=1, engine_kwargs={"enable_chunked_prefill": True, "max_num_batched_tokens": 128})
     start = time.perf_counter()
     with pytest.raises(EngineFailed, match=r"'small' kept dying and was restarted 1 time.*CPU Generator does not use offset"):
-        _generate(tmp_path, _long_items(), Competitor("small", resolve_model("tiny:small"), engine=engine), SEEDED)
+        _generate(tmp_path, items, Competitor("small", model, engine=engine), SEEDED)
     assert time.perf_counter() - start < 400
 
 
