@@ -33,9 +33,20 @@ RAY_RUN = "ray_train"
 
 
 def shuffled(table: pa.Table, seed: int) -> pa.Table:
-    """A seeded permutation of the rows. KTO's KL estimate pairs neighbouring rows of a micro-batch,
-    and the datasets are grouped by item, so unshuffled neighbours would share a prompt."""
+    """A seeded permutation of the rows, whatever order they come in. KTO's KL estimate pairs
+    neighbouring rows of a micro-batch, and the datasets are grouped by item, so unshuffled
+    neighbours would share a prompt. The datasets' files hold their rows in the order the marking
+    tasks finished, which differs from run to run (the same seed gave the default job's SFT run
+    its rows in two orders, and two models), so the rows are sorted by every sortable column first."""
+    keys = [(f.name, "ascending") for f in table.schema if _sortable(f.type)]
+    if keys:
+        table = table.sort_by(keys)
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
+def _sortable(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
+            or pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
 def prepare_storage(storage: Path, fingerprint: str, resume: bool) -> bool:

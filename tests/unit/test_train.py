@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
@@ -291,6 +292,18 @@ def test_shuffle_is_seeded_and_keeps_every_row():
     a, b, c = shuffled(table, 0), shuffled(table, 0), shuffled(table, 1)
     assert a["x"].to_pylist() == b["x"].to_pylist() != c["x"].to_pylist()
     assert sorted(a["x"].to_pylist()) == list(range(50)) and a["x"].to_pylist() != list(range(50))
+
+
+def test_the_shuffle_does_not_depend_on_the_order_the_rows_come_in():
+    """The datasets hold their rows in the order the marking tasks finished: the same rows in
+    another order train in the same order."""
+    rows = {"prompt": [f"q{i % 7}" for i in range(40)], "completion": [f"a{i}" for i in range(40)],
+            "label": [i % 3 == 0 for i in range(40)]}
+    table = pa.table(rows)
+    other = table.take(np.random.default_rng(5).permutation(40))
+    assert other["completion"].to_pylist() != table["completion"].to_pylist()
+    assert shuffled(other, 0).to_pylist() == shuffled(table, 0).to_pylist()
+    assert shuffled(other, 1).to_pylist() != shuffled(table, 0).to_pylist()
 
 
 def test_resume_checks_the_config_and_a_fresh_start_clears_old_checkpoints(tmp_path):
