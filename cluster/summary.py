@@ -104,8 +104,11 @@ def tune_table(out: dict) -> Table:
     vs = [b["method"] for b in out["baselines"]]
     table = Table(title=f"lossaverse tune: {out['items']} validation items (eval split not read)", box=box.SIMPLE_HEAD,
                   show_edge=False, pad_edge=False, collapse_padding=True, title_justify="left")
-    for i, name in enumerate(["trial", "accuracy [95% CI]", "Δ untrained", *[f"Δ {m}" for m in vs]]):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    # A long trial name (a grid of several settings) folds onto a second line: the figures keep
+    # their width, where rich would otherwise cut them short to fit.
+    table.add_column("trial", justify="left", overflow="fold")
+    for name in ["accuracy [95% CI]", "Δ untrained", *[f"Δ {m}" for m in vs]]:
+        table.add_column(name, justify="right", no_wrap=True)
     for t in out["baselines"] + out["trials"]:
         gain = {"diff": t["gain"], "ci95": t["gain_ci95"], "mcnemar_p": t["mcnemar_p"]}
         table.add_row(t["trial"], accuracy_cell(t["validation_accuracy"], t["ci95"]), delta_cell(gain),
