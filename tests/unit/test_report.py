@@ -227,9 +227,13 @@ def test_the_tune_table_has_one_row_per_trial_and_fits_100_columns():
 
     out = {"items": 200, "baselines": [entry("baseline-sft", 0.67, {}) | {"method": "sft"}, entry("baseline-rft", 0.725, {}) | {"method": "rft"}],
            "trials": [entry("configured", 0.71, {"sft": 0.04, "rft": -0.015}), entry("desirable_weight-1.68", 0.675, {"sft": 0.005, "rft": -0.05})]}
-    text = io.StringIO()
-    Console(file=text, width=100).print(tune_table(out))
-    lines = text.getvalue().splitlines()
+
+    def render(out) -> str:
+        text = io.StringIO()
+        Console(file=text, width=100).print(tune_table(out))
+        return text.getvalue()
+
+    lines = render(out).splitlines()
     assert max(len(line) for line in lines) <= 100
     row = next(line for line in lines if line.startswith("desirable_weight-1.68"))
     assert "67.5 [61.0,74.0]" in row and "+28.0 [21.5,34.5]▲" in row and row.rstrip().endswith("-5.0 [-8.5,-1.5]▼")
@@ -237,10 +241,9 @@ def test_the_tune_table_has_one_row_per_trial_and_fits_100_columns():
 
     # A grid of two settings names its trial past the column: the name folds, the figures stay whole.
     out["trials"].append(entry("beta-0.5_undesirable_weight-2.0", 0.70, {"sft": 0.05, "rft": 0.02}))
-    text = io.StringIO()
-    Console(file=text, width=100).print(tune_table(out))
-    lines = text.getvalue().splitlines()
-    assert max(len(line) for line in lines) <= 100 and "…" not in text.getvalue()
+    text = render(out)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100 and "…" not in text
     row = next(line for line in lines if line.startswith("beta-0.5_"))
     assert "70.0 [63.5,76.5]" in row and "+30.5 [24.0,37.0]▲" in row and row.rstrip().endswith("+2.0 [-1.5,5.5]=")
     assert "".join(line.split()[0] for line in lines[lines.index(row):lines.index(row) + 2]) == "beta-0.5_undesirable_weight-2.0"
