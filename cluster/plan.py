@@ -58,7 +58,8 @@ class Placement:
 
 def placements(competitors: list) -> list[Placement]:
     """One Placement per engine (lossaverse.pipeline.generation.generate.Competitor): one per
-    competitor, and one for competitors that share an engine (a base with LoRA adapters)."""
+    competitor, and one for competitors that share an engine (a base with LoRA adapters, or whose
+    weights take turns in it)."""
     out, seen = [], set()
     for c in competitors:
         if c.endpoint is not None:
@@ -69,7 +70,12 @@ def placements(competitors: list) -> list[Placement]:
         seen.add(c.engine_name)
         shared = [x for x in competitors if x.endpoint is None and x.engine_name == c.engine_name]
         others = [x.name for x in shared if x.name != c.engine_name]  # the base's own (zero) adapter is not counted
-        model = f"{c.model} + LoRA adapters for {', '.join(others)}" if c.shared_engine else c.model
+        if not c.shared_engine:
+            model = c.model
+        elif c.reload:
+            model = f"{c.model}, then the weights of {', '.join(others)} in turn"
+        else:
+            model = f"{c.model} + LoRA adapters for {', '.join(others)}"
         e = c.engine
         out.append(Placement(c.engine_name, model, e.concurrency, e.bundles_per_replica, e.bundle, e.placement_strategy, "vllm"))
     return out

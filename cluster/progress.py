@@ -33,7 +33,7 @@ class Bars:
                 return
             if not self.tasks:
                 self.progress.start()
-            self.tasks[name] = self.progress.add_task("", total=tally.total, name=name, rate="engines starting")
+            self.tasks[name] = self.progress.add_task("", total=tally.total, name=name, rate=tally.waiting())
         task = self.tasks[name]
         if tally.end is not None:
             self.progress.remove_task(task)
@@ -41,7 +41,7 @@ class Bars:
             if not self.tasks:
                 self.progress.stop()
             return
-        rate = "engines starting"
+        rate = tally.waiting()
         if tally.first is not None and (running := time.perf_counter() - tally.first) > 0 and len(tally.batches) >= 2:
             rate = f"{tally.done / running:,.1f} rows/s, {tally.tokens / running:,.0f} tokens/s"
         elif tally.first is not None:

@@ -316,12 +316,18 @@ class EvaluateConfig(Strict):
     split: Literal["eval", "validation"] = "eval"
     # A second benchmark the target is never trained on (its eval split): transfer, or damage.
     transfer: BenchmarkConfig | None = None
-    # LoRA-trained targets: one engine of the base answers for every evaluated model, each trained
-    # model loaded as its adapters (a chain of them stacked into one); false, or a model trained
-    # without LoRA: one engine per model. None (the default): on for GPU engines, off on CPU, where
-    # vLLM 0.32's LoRA kernels (torch ops that copy each token's adapter weights) ran SmolLM2's
-    # five evaluated models at under 10 tokens/s together, against about 240 for one merged model.
-    one_engine: bool | None = None
+    # How many vLLM engines answer the evaluated models:
+    # - `reload`: one engine of the untrained target; each model's full weights are loaded into it
+    #   in turn (vLLM's in-place reload, 0.4 s for SmolLM2-135M against a 25-30 s engine start on CPU);
+    # - `lora`: one engine of the untrained target with `enable_lora`; each LoRA-trained model is
+    #   its adapters (a chain of them stacked into one), all models' requests in the same batches;
+    # - `per_model`: one engine each;
+    # - `auto` (the default): `lora` on GPU engines, `reload` on CPU, where vLLM 0.32's LoRA kernels
+    #   (torch ops that copy each token's adapter weights) ran SmolLM2's five evaluated models at
+    #   under 10 tokens/s together, against about 240 for one merged model.
+    # Where the chosen way cannot take every model (one trained without LoRA, one of another
+    # architecture or tokenizer), one engine per model; manifest.json says which and why.
+    engines: Literal["auto", "reload", "lora", "per_model"] = "auto"
     # With the recipe: also score the SFT run's curve points (train.sft_curve, recipe/sft_curve/),
     # as `lossaverse tune` does on the validation items to show where SFT stops gaining.
     sft_curve: bool = False

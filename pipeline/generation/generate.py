@@ -45,10 +45,13 @@ class Competitor:
     endpoint: Any = None  # lossaverse.pipeline.config.EndpointConfig
     params: int | None = None
     style: "PromptStyle | None" = None  # None: the job's (generate's) prompt style
-    # Competitors with the same `shared_engine` are answered by one vLLM engine of `model` (their
-    # common base); each with a `lora` adapter folder gets it as a LoRA request (vLLM `enable_lora`).
+    # Competitors with the same `shared_engine` are answered by one vLLM engine of the first one's
+    # `model` (their common base); each with a `lora` adapter folder gets it as a LoRA request
+    # (vLLM `enable_lora`); each with `reload` has its own full weights (`model`) loaded into that
+    # engine in turn (lossaverse.pipeline.generation.weights).
     lora: str | None = None
     shared_engine: str | None = None
+    reload: bool = False
 
     @property
     def engine_name(self) -> str:
@@ -156,6 +159,8 @@ def expand_batch(batch: pa.Table, competitor: Competitor, sampling, seed: int, s
     # own as a LoRA request for that adapter.
     rows = expand_requests(batch.select(ITEMS.names), competitor.name, competitor.lora or competitor.model, sampling,
                            seed, tokenizer=tokenizer, style=style, api=api)
+    if competitor.reload:  # the weights the engine must hold for these rows
+        rows = [{**row, "weights": competitor.model} for row in rows]
     return pa.Table.from_pylist(rows)
 
 
@@ -282,17 +287,44 @@ def stream_answers(shards: dict[str, list[pa.Table]], competitors: list[Competit
         yield from _stream_wave(shards, wave, sampling, seed, style)
 
 
+def _expand_tagged(batch: pa.Table, competitors: dict, sampling, seed: int, style: PromptStyle) -> pa.Table:
+    """`expand_batch` for a block of one competitor's items tagged with its name (`_in_model_order`)."""
+    competitor = competitors[batch["__competitor"][0].as_py()]
+    return expand_batch(batch.drop_columns(["__competitor"]), competitor, sampling, seed, competitor.style or style)
+
+
+def _in_model_order(shards: dict[str, list[pa.Table]], unit: list[Competitor], sampling, seed: int, style: PromptStyle):
+    """The requests of competitors whose weights take turns in one engine, as one dataset whose
+    blocks keep the competitors' order, so that the engine reloads once per model. (A union of one
+    dataset per competitor interleaves their blocks as they come, and in order it is round-robin.)"""
+    import ray.data  # deferred: Ray loads in seconds
+
+    # One block per shard, as in a competitor's own dataset: the engine stage returns a block's rows
+    # when the whole block is answered, so blocks of many shards would turn progress into one jump.
+    blocks = [t.append_column("__competitor", pa.array([c.name] * t.num_rows, pa.string()))
+              for c in unit for t in shards.get(c.name, [])]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _expand_tagged, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"competitors": {c.name: c for c in unit}, "sampling": sampling, "seed": seed, "style": style})
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def _stream_wave(shards: dict[str, list[pa.Table]], competitors: list[Competitor], sampling, seed: int,
                  style: PromptStyle) -> Iterator[dict]:
     import ray.data  # deferred: Ray loads in seconds
 
     outputs = []
     for unit in engine_units(competitors):  # one processor per engine; competitors sharing it in one stream
-        requests = [ray.data.from_arrow(shards[c.name]).map_batches(
-            expand_batch, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"competitor": c, "sampling": sampling, "seed": seed, "style": c.style or style},
-        ) for c in unit]
-        outputs.append(processor_for(unit[0])(requests[0].union(*requests[1:]) if len(requests) > 1 else requests[0]))
+        if any(c.reload for c in unit):
+            requests = _in_model_order(shards, unit, sampling, seed, style)
+        else:
+            requests = [ray.data.from_arrow(shards[c.name]).map_batches(
+                expand_batch, batch_size=None, batch_format="pyarrow",
+                fn_kwargs={"competitor": c, "sampling": sampling, "seed": seed, "style": c.style or style},
+            ) for c in unit]
+            requests = requests[0].union(*requests[1:]) if len(requests) > 1 else requests[0]
+        outputs.append(processor_for(unit[0])(requests))
     ds = outputs[0].union(*outputs[1:]) if len(outputs) > 1 else outputs[0]
     engines = {c.engine_name: c for c in competitors if c.endpoint is None}
     try:

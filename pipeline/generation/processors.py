@@ -17,6 +17,7 @@ import os
 import re
 
 from lossaverse.pipeline.generation.kvcache import plan_kv, read_hf_config
+from lossaverse.pipeline.generation.weights import WeightsGate
 
 # vLLM's step token budget on CPU when chunked prefill is on (its default); a prompt longer than
 # the budget needs the budget raised once prompts may no longer be split.
@@ -176,7 +177,12 @@ def _tagged_engine_udf(competitor: str):
       which `lossaverse.pipeline.generation.shards.Tally` counts the engines that actually ran;
     - when the engine dies, its own error (read from the end of the replica's log) is left in
       Ray's key-value store before the replica exits, for `stream_answers` to name if the job
-      fails: the error Ray Data raises then only says that an actor died.
+      fails: the error Ray Data raises then only says that an actor died;
+    - rows with a `weights` column (competitors with `reload`, see
+      `lossaverse.pipeline.generation.weights`) are answered by the engine holding those weights:
+      each batch's rows of one model run under the replica's `WeightsGate`, which reloads the
+      engine's weights in place between models (and forgets the prefix cache computed with the
+      old ones). Such a row is sent as the engine's own model, not as a LoRA adapter.
 
     Built on first use, so that importing this module does not import Ray or vLLM."""
     import ray  # deferred: Ray loads in seconds
@@ -202,11 +208,27 @@ def _tagged_engine_udf(competitor: str):
                     raise
 
             self.llm.generate_async = watched
+            self.weights = WeightsGate(self.model, self._reload)
+
+        async def _reload(self, weights: str) -> None:
+            engine = self.llm.engine
+            await engine.collective_rpc("reload_weights", kwargs={"weights_path": weights})
+            if not await engine.reset_prefix_cache():
+                raise RuntimeError(f"the prefix cache was not reset after loading {weights}: requests were running")
 
         async def udf(self, batch):
             tag = {"engine_actor": ray.get_runtime_context().get_actor_id(), "engine_pid": os.getpid()}
-            async for out in super().udf(batch):
-                yield {**out, **tag}
+            groups: dict = {}  # a batch may span the blocks of two models
+            for row in batch:
+                groups.setdefault(row.get("weights"), []).append(row)
+            for weights, rows in groups.items():
+                if weights is None:
+                    async for out in super().udf(rows):
+                        yield {**out, **tag}
+                    continue
+                async with self.weights.holding(weights):
+                    async for out in super().udf([{**row, "model": self.model} for row in rows]):
+                        yield {**out, **tag}
 
     return vLLMEngineStageUDF
 

@@ -101,6 +101,7 @@ class Tally:
     # engine actor -> its processes seen (a restarted replica keeps its actor, in a new process)
     engines: dict[str, set] = field(default_factory=dict)
     started: bool = False  # its wave of engines began (lossaverse.pipeline.generation.generate.engine_waves)
+    turn_on: str | None = None  # the model whose engine it waits its turn on (weights loaded in turn)
     reported_end: bool = False  # its last progress line was printed
 
     def add(self, tokens: int, error: bool, batch: str | None = None, engine: tuple | None = None) -> None:
@@ -119,6 +120,10 @@ class Tally:
             entry = self.batches.setdefault(batch, [now, 0, 0])
             entry[0], entry[1], entry[2] = now, entry[1] + tokens, entry[2] + 1
 
+    def waiting(self) -> str:
+        """What it waits for before its first answer."""
+        return f"waiting its turn on {self.turn_on}'s engine" if self.turn_on else "engines starting"
+
     def line(self, name: str) -> str:
         """The progress line. Rates run from the first answer on: the engines' start-up before it
         would turn one early answer into an ETA of days. No ETA until two batches have come back."""
@@ -126,7 +131,7 @@ class Tally:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         head = f"generate {name}: {self.done}/{self.total} prompts ({pct:.0f}%)"
         if self.first is None:
-            return f"{head}, engines starting ({now - self.start:.0f}s)"
+            return f"{head}, {self.waiting()} ({now - self.start:.0f}s)"
         running = now - self.first
         if len(self.batches) < 2 and self.done < self.total or running <= 0:
             return f"{head}, first answers after {self.first - self.start:.0f}s, {self.errors} errors"
@@ -304,7 +309,8 @@ def generate_sharded(items: pa.Table, competitors: list, sampling, style, seed: 
     for c in competitors:
         todo = sum(t.num_rows for t in pending[c.name].values()) * samples
         asked = c.engine.concurrency if getattr(c, "engine", None) is not None and getattr(c, "endpoint", None) is None else None
-        tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo, engines_asked=asked)
+        turn_on = c.engine_name if getattr(c, "reload", False) and c.engine_name != c.name else None
+        tallies[c.name] = Tally(total=todo, resumed=items.num_rows * samples - todo, engines_asked=asked, turn_on=turn_on)
         if tallies[c.name].resumed:
             report(f"generate {c.name}: resuming, {len(all_shards) - len(pending[c.name])}/{len(all_shards)} shards already written")
     def on_wave(names: list[str]) -> None:  # the progress clock of a model starts with its engines

@@ -1,5 +1,6 @@
-"""One vLLM engine for every evaluated model: LoRA-trained models as adapters of their base (the
-evaluate stage's `one_engine`), against one engine per merged model, on the real vLLM CPU engine."""
+"""One vLLM engine for every evaluated model, on the real vLLM CPU engine, against one engine per
+model: LoRA-trained models as adapters of their base (`evaluate.engines: lora`), and each model's
+full weights loaded into one engine in turn (`evaluate.engines: reload`)."""
 
 import shutil
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lossaverse.cluster.config import BenchmarkConfig, EngineConfig, SamplingConfig
 from lossaverse.cluster.plan import placements
-from lossaverse.cluster.evaluate import one_engine
+from lossaverse.cluster.evaluate import lora_engine, reload_engine
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS
 from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
@@ -54,7 +55,7 @@ def test_two_lora_models_through_one_engine_answer_as_their_merged_models_do(loc
     second = lora_model(first, tmp_path / "second", seed=2)  # trained from a trained model: a chain of two
     merged = [Competitor("base", base, engine=ENGINE), Competitor("first", first, engine=ENGINE),
               Competitor("second", second, engine=ENGINE)]
-    shared, why_not = one_engine(merged, tmp_path / "adapters")
+    shared, why_not = lora_engine(merged, tmp_path / "adapters")
     assert why_not is None
     assert [c.engine_name for c in shared] == ["base"] * 3 and len(placements(shared)) == 1
     assert shared[1].lora == str((tmp_path / "first" / "adapter").resolve())  # one adapter: used as it is
@@ -62,18 +63,33 @@ def test_two_lora_models_through_one_engine_answer_as_their_merged_models_do(loc
     assert stacked["r"] == 16 and stacked["lora_alpha"] == 16 and stacked["base_model_name_or_path"] == base
     assert shared[0].engine.engine_kwargs["max_lora_rank"] == 16 and shared[0].engine.engine_kwargs["max_loras"] == 3
 
+    reloaded, why_not = reload_engine(merged)
+    assert why_not is None
+    assert [c.engine_name for c in reloaded] == ["base"] * 3 and len(placements(reloaded)) == 1
+    assert [c.model for c in reloaded] == [base, first, second] and all(c.reload for c in reloaded)
+
     items, _ = load_items(BenchmarkConfig(n_train=24, n_eval=1), seed=0)
     items = items.filter(pc.equal(items["split"], "train"))
     one = answers(tmp_path, "one", items, shared)
     each = answers(tmp_path, "each", items, merged)
-    assert len(one) == len(each) == 3 * 24
+    reload = answers(tmp_path, "reload", items, reloaded)
+    assert len(one) == len(each) == len(reload) == 3 * 24
     assert one == each  # greedy: the adapters answer exactly as the merged models
-    for name in ("first", "second"):  # and the adapters were applied: the models answer otherwise than the base
+    assert reload == each  # and so does each model's weights loaded into the base's engine
+    for name in ("first", "second"):  # the adapters and the weights were applied: the models answer otherwise than the base
         assert sum(one[(name, i)] != one[("base", i)] for i in items["id"].to_pylist()) >= 12
 
 
 def test_a_model_trained_without_lora_keeps_one_engine_per_model(tmp_path):
     base = resolve_model("tiny:small")
     models = [Competitor("base", base, engine=ENGINE), Competitor("full", base, engine=ENGINE)]
-    kept, why_not = one_engine(models, tmp_path)
+    kept, why_not = lora_engine(models, tmp_path)
     assert kept == models and why_not == "a model was trained without LoRA"
+
+
+def test_a_model_of_another_architecture_keeps_one_engine_per_model():
+    small, large = resolve_model("tiny:small"), resolve_model("tiny:large")
+    models = [Competitor("small", small, engine=ENGINE), Competitor("large", large, engine=ENGINE)]
+    kept, why_not = reload_engine(models)
+    assert kept == models
+    assert why_not.startswith(f"{large}/config.json differs from the engine model's in ")

@@ -21,6 +21,16 @@ def test_cpu_engines_never_split_a_prompt_and_gpu_engines_keep_vllms_default():
     assert engine_kwargs(chosen)["enable_chunked_prefill"] is True  # the config's own engine_kwargs win
 
 
+def test_evaluates_cpu_engines_cache_shared_prompt_prefixes_in_small_blocks():
+    from lossaverse.cluster.evaluate import eval_engine
+
+    # 32 tokens, the CPU attention's smallest block: a 168-token shared prefix is reused to 160, not 128
+    assert engine_kwargs(eval_engine(EngineConfig()))["block_size"] == 32
+    assert "block_size" not in engine_kwargs(EngineConfig())  # the generate stage: vLLM's default
+    assert "block_size" not in engine_kwargs(eval_engine(EngineConfig(num_gpus=1)))  # GPU engines: vLLM's own
+    assert engine_kwargs(eval_engine(EngineConfig(engine_kwargs={"block_size": 128})))["block_size"] == 128
+
+
 def test_the_stage_the_judge_and_serving_build_the_same_engine_arguments(monkeypatch):
     from lossaverse.serving.model import llm_config
 

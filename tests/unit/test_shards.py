@@ -78,6 +78,8 @@ def test_the_progress_line_counts_from_the_first_answer_not_from_the_engines_sta
     the first row, the "ETA 248217s" of a slow start."""
     t = Tally(total=512, start=0.0)
     assert "engines starting" in t.line("large")
+    # a model whose weights wait for another's to finish in the one engine they share
+    assert ", waiting its turn on target-base's engine (" in Tally(total=400, start=0.0, turn_on="target-base").line("target-kto")
     t.first, t.end = 100.0, 100.0
     t.done, t.tokens, t.batches = 1, 10, {"b0": [100.0, 10, 1]}
     assert t.line("large") == "generate large: 1/512 prompts (0%), first answers after 100s, 0 errors"  # no ETA yet
