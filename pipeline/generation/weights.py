@@ -23,9 +23,11 @@ from typing import Awaitable, Callable
 # What the engine reads of its model besides the weights: the architecture and shapes, the
 # tokenizer (vLLM tokenizes every prompt with the engine's), and the sampling defaults.
 ENGINE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
-# Keys that say where a file was loaded from and what wrote it, not what it describes. The
+# Keys that say where a file was loaded from and what wrote it, not what it describes, and
+# `use_cache`, which training turns off (TRL, for gradient checkpointing) and vLLM never reads. The
 # weights' dtype is the engine's own (`engine.dtype`) unless the engine takes it from the model ("auto").
-_WRITER_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "is_local", "local_files_only", "_commit_hash"}
+_WRITER_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "is_local", "local_files_only", "_commit_hash",
+                "use_cache"}
 _DTYPE_KEYS = {"torch_dtype", "dtype"}
 
 

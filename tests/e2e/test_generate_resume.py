@@ -58,4 +58,6 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(tmp_path):
     resumed = sum(c["resumed"] for c in per.values())
     assert resumed == len(before) * 4 * SAMPLES  # the finished shards were kept, not regenerated
     assert sum(c["generated"] for c in per.values()) == 2 * N_TRAIN * SAMPLES - resumed
-    assert all(c["tokens"] > 0 and c["seconds"] > 0 for c in per.values())
+    # A competitor whose shards were all written before the kill (tiny models answer in under a
+    # second, and the two run one after the other) is resumed whole: no rows, no tokens.
+    assert all((c["tokens"] > 0) == (c["generated"] > 0) and c["seconds"] > 0 for c in per.values()), per

@@ -100,7 +100,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "vocab_size"
 def test_a_model_trained_from_the_engine_model_may_share_its_engine(tmp_path):
     base = write(tmp_path / "base", **{"config.json": CONFIG, "tokenizer.json": {"model": {"vocab": {"a": 0}}}})
     trained = write(tmp_path / "trained", **{"config.json": {**CONFIG, "torch_dtype": "bfloat16", "transformers_version": "5.0",
-                                                            "_name_or_path": "/x"},
+                                                            "_name_or_path": "/x", "use_cache": False},
                                              "tokenizer.json": {"model": {"vocab": {"a": 0}}}})
     assert reload_reason(base, trained, dtype="float32") is None
     # with the engine's dtype taken from the model, the weights' dtype matters
