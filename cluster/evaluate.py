@@ -132,8 +132,8 @@ def run_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     """The target before training and after each method on the eval split (`evaluate.split:
     validation` while tuning); eval/results.json holds accuracy, items and a 95% CI per model and
     each pair's paired difference and McNemar p (lossaverse.pipeline.report.evalstats). With `evaluate.transfer`, a
-    second benchmark's eval items (split `transfer`) are answered in the same pass (one engine start
-    per model) and scored apart into eval/transfer/results.json. report.md and its plots are
+    second benchmark's eval items (split `transfer`) are answered in the same pass, by the same
+    engines, and scored apart into eval/transfer/results.json. report.md and its plots are
     rendered from the stored files."""
     items = split_of(read_table(need_dir(run_dir, "items", "generate"), ITEMS), cfg.evaluate.split)
     if items.num_rows == 0:

@@ -8,7 +8,7 @@ into the engine in turn (vLLM's in-place `reload_weights`), instead of one engin
   batches running have finished.
 
 On CPU an engine start costs 25-30 s in the evaluate stage (Ray actor, vLLM import, engine set-up),
-a reload of SmolLM2-135M's weights 0.4 s; greedy answers are the same as from an engine of the
+a reload of SmolLM2-135M's weights 0.4-1.1 s; greedy answers are the same as from an engine of the
 model's own (`tests/integration/test_lora_engine.py`)."""
 
 from __future__ import annotations
