@@ -15,11 +15,9 @@ LOSSAVERSE = [sys.executable, "-m", "lossaverse"]
 
 # The two tiers (README "Tests"). `make test` runs `-m "not slow"`: unit and integration, the one a
 # contributor runs between edits. `make test-all` (CI) runs everything. `slow` is set here alone:
-# every e2e test, and the integration tests that kill engines or training workers.
+# every e2e test, and the integration tests that kill engines.
 SLOW_INTEGRATION = {
-    "tests/integration/test_generate.py::test_an_engine_replica_killed_mid_run_is_replaced_and_no_row_is_lost",
     "tests/integration/test_generate_faults.py::test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error",
-    "tests/integration/test_train.py::test_killed_workers_resume_and_train_resume_finishes_the_run",
 }
 # pytest-timeout's limit for a slow test, setup included (pyproject sets the fast tier's): the
 # whole-loop fixtures took up to 406 s on 2 cores, so a hang fails in 15 minutes, with the stack.
@@ -135,6 +133,33 @@ def local_ray():
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# Training's reference: KTO on 2 workers with DeepSpeed ZeRO-2, uninterrupted, on the datasets of
+# tests/unit/test_train.py's `make_datasets` (33 KTO rows: 16 steps of a global batch of 4 span
+# more than an epoch, with checkpoints at steps 4, 8 and 12). The integration tier checks the run
+# itself (tests/integration/test_train.py); the run that loses nodes and resumes
+# (tests/e2e/test_train_node_loss.py) must end with its losses and weights. One run serves both.
+REFERENCE_TRAIN = {"method": "kto", "num_workers": 2, "per_device_batch_size": 2, "max_steps": 16, "checkpoint_every": 4,
+                   "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "deepspeed": "zero2"}
+
+
+@pytest.fixture(scope="session")
+def kto_reference(local_ray, tmp_path_factory):
+    """The reference run, with TensorBoard: {tmp (its model/ and checkpoints/), result, logged (the
+    entries streamed live to the driver)}."""
+    from lossaverse.cluster.config import TrainConfig
+    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.training.train import train_model
+    from lossaverse.training.validate import target_parameters
+    from tests.unit.test_train import make_datasets
+
+    tmp = tmp_path_factory.mktemp("kto-reference")
+    train = TrainConfig(**REFERENCE_TRAIN, report_to=["tensorboard"])
+    model, logged = resolve_model("tiny:small"), []
+    result = train_model(train, model, make_datasets(tmp), tmp / "model", tmp / "checkpoints", seed=0,
+                         params=target_parameters(model, train), on_log=logged.append)
+    return {"tmp": tmp, "result": result, "logged": logged}
 
 
 class JSONHandler(BaseHTTPRequestHandler):

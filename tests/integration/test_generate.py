@@ -1,27 +1,22 @@
-"""Generation on an embedded local Ray with the real vLLM CPU engine and a real HTTP endpoint."""
+"""Generation on an embedded local Ray through a real OpenAI-compatible HTTP endpoint on 127.0.0.1: retries,
+error rows, the API key. (The vLLM engine's faults: test_generate_faults.py; an engine's node lost mid-run:
+tests/e2e/test_multinode_generate.py.)"""
 
 import json
-import os
-import signal
-import threading
-import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from lossaverse.cluster.config import BenchmarkConfig, EndpointConfig, EngineConfig, SamplingConfig
+from lossaverse.cluster.config import BenchmarkConfig, EndpointConfig, SamplingConfig
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS
 from lossaverse.pipeline.generation.generate import Competitor, PromptStyle
 from lossaverse.pipeline.generation.shards import generate_sharded
-from lossaverse.pipeline.models.tinymodels import resolve_model
 from lossaverse.pipeline.sources.benchmarks import load_items
 from tests.conftest import JSONHandler, http_server
 
 pytestmark = pytest.mark.integration
-
-ENGINE = EngineConfig(max_model_len=128, kv_cache_gib=0.1, enforce_eager=True, dtype="float32", batch_size=8)
 
 
 def _train_items(n):
@@ -36,72 +31,6 @@ def _generate(tmp_path, items, competitors, sampling, shard_items=4, lines=None)
 
 def _keys(table):
     return list(zip(table["competitor"].to_pylist(), table["id"].to_pylist(), table["sample"].to_pylist()))
-
-
-def test_a_prompt_too_long_for_the_context_is_an_error_row_not_a_failed_job(local_ray, tmp_path):
-    items = _train_items(6)
-    rows = items.to_pylist()
-    rows[2]["question"] = "How many apples " * 200 + "?"  # far beyond max_model_len: the engine rejects it
-    items = pa.Table.from_pylist(rows, schema=items.schema)
-    sampling = SamplingConfig(samples=2, temperature=0.0, max_tokens=16)
-    totals = _generate(tmp_path, items, [Competitor("small", resolve_model("tiny:small"), engine=ENGINE)], sampling)
-    answers = read_table(tmp_path / "answers", ANSWERS)
-    assert answers.num_rows == 6 * 2 and len(set(_keys(answers))) == 12  # one row per (item, sample)
-    failed = answers.filter(pc.invert(pc.is_null(answers["error"])))
-    assert sorted(set(failed["id"].to_pylist())) == [rows[2]["id"]]
-    assert set(failed["finish_reason"].to_pylist()) == {"context_length"}
-    assert totals["small"]["errors"] == 2 and totals["small"]["rows"] == 12
-    ok = answers.filter(pc.is_null(answers["error"]))
-    assert all(t > 0 for t in ok["completion_tokens"].to_pylist())
-    by_item = {}  # greedy decoding is deterministic: both samples of an item agree
-    for r in ok.to_pylist():
-        by_item.setdefault(r["id"], set()).add(r["completion"])
-    assert all(len(v) == 1 for v in by_item.values())
-
-
-def _engine_actor_pids():
-    """Pids of this test's own vLLM engine actors: descendants of this process (the embedded Ray's
-    raylet starts the workers) whose title names the engine stage."""
-    import psutil
-
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "vLLMEngineStageUDF" in " ".join(proc.cmdline()):
-                pids.append(proc.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
-def test_an_engine_replica_killed_mid_run_is_replaced_and_no_row_is_lost(local_ray, tmp_path):
-    items = _train_items(240)
-    sampling = SamplingConfig(samples=1, temperature=0.7, max_tokens=48)
-    shards_dir = tmp_path / "answers.shards"
-    killed = {}
-
-    def kill_when_output_flows():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            written = list(shards_dir.glob("large-*.parquet")) if shards_dir.is_dir() else []
-            pids = _engine_actor_pids()
-            if written and pids:
-                killed["pid"], killed["shards_before"] = pids[0], len(written)
-                os.kill(pids[0], signal.SIGKILL)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_when_output_flows, daemon=True)
-    killer.start()
-    totals = _generate(tmp_path, items, [Competitor("large", resolve_model("tiny:large"), engine=ENGINE)], sampling)
-    killer.join(timeout=10)
-    assert "pid" in killed, "the engine actor was never seen running"
-    assert killed["shards_before"] < 60  # the kill landed mid-run (240 items / 4 per shard)
-    answers = read_table(tmp_path / "answers", ANSWERS)
-    keys = _keys(answers)
-    assert answers.num_rows == 240 == len(set(keys)) == totals["large"]["rows"]
-    assert set(answers["id"].to_pylist()) == set(items["id"].to_pylist())
-    assert killed["pid"] not in _engine_actor_pids()
 
 
 class _Endpoint(JSONHandler):

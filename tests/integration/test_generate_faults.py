@@ -1,7 +1,7 @@
 """Generation faults on an embedded local Ray with the real vLLM CPU engine and a real HTTP
-endpoint: seeded prompts that chunked prefill would split (the vLLM CPU crash), an engine that
-dies on every batch (bounded restarts, the engine's error named), and an endpoint request that
-never succeeds (an error row, the job goes on)."""
+endpoint: seeded prompts that chunked prefill would split (the vLLM CPU crash) beside a prompt too
+long for the context (an error row), an engine that dies on every batch (bounded restarts, the
+engine's error named), and an endpoint request that never succeeds (an error row, the job goes on)."""
 
 import json
 import time
@@ -45,16 +45,30 @@ def _generate(tmp_path, items, competitor, sampling):
                             tmp_path / "answers", "fp", N, lambda line: None, 1e9)
 
 
-def test_seeded_prompts_longer_than_an_engine_step_generate_without_an_engine_restart(local_ray, tmp_path):
+def test_seeded_prompts_longer_than_a_step_need_no_engine_restart_and_one_too_long_is_an_error_row(local_ray, tmp_path):
+    """The engine's batches overflow a step (no chunked prefill on CPU: no split, no crash), and a
+    prompt longer than the context is an error row for each of its samples, not a failed job nor a
+    dead engine."""
     items = _long_items()
     model = resolve_model("tiny:small")
     longest = max(len(tokenizer_for(model)(q)["input_ids"]) for q in items["question"].to_pylist())
     assert 2048 < N * longest and longest + SEEDED.max_tokens <= 256  # a batch overflows a step; each prompt fits
+    rows = items.to_pylist()
+    too_long = {**rows[0], "id": "too-long", "question": "How many apples " * 200 + "?"}  # far beyond max_model_len
+    items = pa.Table.from_pylist(rows[:N // 2] + [too_long] + rows[N // 2:], schema=items.schema)
+    sampling = SamplingConfig(samples=2, temperature=0.7, max_tokens=SEEDED.max_tokens)
     # max_restarts 0: an engine that dies even once fails the job.
-    totals = _generate(tmp_path, items, Competitor("small", model, engine=_engine(max_restarts=0)), SEEDED)
+    totals = _generate(tmp_path, items, Competitor("small", model, engine=_engine(max_restarts=0)), sampling)
     answers = read_table(tmp_path / "answers", ANSWERS)
-    assert answers.num_rows == N and answers.filter(pc.is_valid(answers["error"])).num_rows == 0
+    keys = set(zip(answers["id"].to_pylist(), answers["sample"].to_pylist()))
+    assert answers.num_rows == len(keys) == 2 * (N + 1)  # one row per (item, sample)
+    failed = answers.filter(pc.is_valid(answers["error"]))
+    assert set(failed["id"].to_pylist()) == {"too-long"} and failed.num_rows == 2
+    assert set(failed["finish_reason"].to_pylist()) == {"context_length"}
+    ok = answers.filter(pc.is_null(answers["error"]))
+    assert all(t > 0 for t in ok["completion_tokens"].to_pylist())
     t = totals["small"]
+    assert t["errors"] == 2 and t["rows"] == 2 * (N + 1)
     assert (t["engines_asked"], t["engines_ran"], t["engine_restarts"]) == (1, 1, 0)
 
 
