@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 # process titled `VLLM::EngineCore` (Ray Data replicas, Serve replicas and `LLM.generate` alike),
 # every Ray Train run a `TrainController` actor, and every worker group its `RayTrainWorker`
 # actors, started together. A daemon thread polls /proc (the processes live for seconds at least)
-# and the summary at the end names the totals and the test files that started the most.
+# and the summary at the end names the totals and every test file that started any, most first.
 STARTS = {"vLLM engines": "VLLM::EngineCore", "Ray Train runs": "ray::TrainController", "Ray Train workers": "ray::RayTrainWorker"}
 GROUP_GAP_TICKS = 5 * os.sysconf("SC_CLK_TCK")  # workers that start within 5 s of each other: one group
 
@@ -74,7 +74,7 @@ class StartCounter:
         ticks = sorted(t for (_, t), (kind, _) in self.seen.items() if kind == "Ray Train workers")
         groups = sum(1 for i, t in enumerate(ticks) if i == 0 or t - ticks[i - 1] > GROUP_GAP_TICKS)
         lines = [", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" (about {groups} worker groups)"]
-        top = sorted(per_file.items(), key=lambda kv: -sum(kv[1].values()))[:12]
+        top = sorted(per_file.items(), key=lambda kv: -sum(kv[1].values()))
         lines += [f"  {test}: " + ", ".join(f"{n} {kind}" for kind, n in c.items() if n) for test, c in top]
         return lines
 

