@@ -15,12 +15,12 @@ LOSSAVERSE = [sys.executable, "-m", "lossaverse"]
 
 # The two tiers (README "Tests"). `make test` runs `-m "not slow"`: unit and integration, the one a
 # contributor runs between edits. `make test-all` (CI) runs everything. `slow` is set here alone:
-# every e2e test, and the integration tests that kill engines.
+# every e2e test, and the integration test whose engine dies on every batch (restarted, then failed).
 SLOW_INTEGRATION = {
     "tests/integration/test_generate_faults.py::test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error",
 }
 # pytest-timeout's limit for a slow test, setup included (pyproject sets the fast tier's): the
-# whole-loop fixtures took up to 406 s on 2 cores, so a hang fails in 15 minutes, with the stack.
+# whole-loop fixtures took up to 428 s on 2 cores (the SmolLM2 loop of two rounds), so a hang fails in 15 minutes, with the stack.
 SLOW_TIMEOUT_S = 900
 
 
