@@ -20,7 +20,8 @@ SLOW_INTEGRATION = {
     "tests/integration/test_generate_faults.py::test_an_engine_dying_on_every_batch_fails_the_job_naming_its_error",
 }
 # pytest-timeout's limit for a slow test, setup included (pyproject sets the fast tier's): the
-# whole-loop fixtures took up to 428 s on 2 cores (the SmolLM2 loop of two rounds), so a hang fails in 15 minutes, with the stack.
+# whole-loop fixtures took up to 428 s on 2 cores (the SmolLM2 loop of two rounds), so a hang fails
+# in 15 minutes, with the stack.
 SLOW_TIMEOUT_S = 900
 
 
