@@ -145,21 +145,28 @@ REFERENCE_TRAIN = {"method": "kto", "num_workers": 2, "per_device_batch_size": 2
                    "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "deepspeed": "zero2"}
 
 
+def train_tiny(train, tmp: Path, datasets: Path, **kw) -> dict:
+    """Train tiny:small with `train` (a TrainConfig) on `datasets`, seed 0: the model to tmp/model,
+    Ray Train's storage in tmp/checkpoints. `train_model`'s result."""
+    from lossaverse.pipeline.models.tinymodels import resolve_model
+    from lossaverse.training.train import train_model
+    from lossaverse.training.validate import target_parameters
+
+    model = resolve_model("tiny:small")
+    return train_model(train, model, datasets, tmp / "model", tmp / "checkpoints", seed=0,
+                       params=target_parameters(model, train), **kw)
+
+
 @pytest.fixture(scope="session")
 def kto_reference(local_ray, tmp_path_factory):
     """The reference run, with TensorBoard: {tmp (its model/ and checkpoints/), result, logged (the
     entries streamed live to the driver)}."""
     from lossaverse.cluster.config import TrainConfig
-    from lossaverse.pipeline.models.tinymodels import resolve_model
-    from lossaverse.training.train import train_model
-    from lossaverse.training.validate import target_parameters
     from tests.unit.test_train import make_datasets
 
-    tmp = tmp_path_factory.mktemp("kto-reference")
-    train = TrainConfig(**REFERENCE_TRAIN, report_to=["tensorboard"])
-    model, logged = resolve_model("tiny:small"), []
-    result = train_model(train, model, make_datasets(tmp), tmp / "model", tmp / "checkpoints", seed=0,
-                         params=target_parameters(model, train), on_log=logged.append)
+    tmp, logged = tmp_path_factory.mktemp("kto-reference"), []
+    result = train_tiny(TrainConfig(**REFERENCE_TRAIN, report_to=["tensorboard"]), tmp, make_datasets(tmp),
+                        on_log=logged.append)
     return {"tmp": tmp, "result": result, "logged": logged}
 
 

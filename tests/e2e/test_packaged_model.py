@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pytest
 
 from lossaverse.pipeline.data.rundir import read_table
-from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS
+from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, KTO, MARKED
 from tests.conftest import LOSSAVERSE, ROOT
 
 pytestmark = pytest.mark.e2e
@@ -109,10 +109,7 @@ def smol_run(tmp_path_factory):
 
 
 def test_smollm2_whole_loop_conserves_rows_and_renders_its_chat_template(smol_run):
-    from lossaverse.pipeline.data.schemas import KTO, MARKED
-
     top = smol_run["top"]
-
     answers, marked = read_table(top / "answers", ANSWERS), read_table(top / "marked", MARKED)
     assert answers.num_rows == marked.num_rows == SMOL_TRAIN * 2 * SMOL_SAMPLES
     assert len({(r["id"], r["competitor"], r["sample"]) for r in marked.to_pylist()}) == marked.num_rows

@@ -2,9 +2,9 @@
 
 The data is built by the real dataset builder from a small in-memory table of marked answers
 (`make_datasets`: synthetic problems, the large competitor right, the small one wrong, one
-inference error), so every method reads the same datasets/ layout a run produces. The KTO run here is the suite's
-reference (tests/conftest.py): the run that loses nodes and resumes, on a multi-node cluster
-(tests/e2e/test_train_node_loss.py), must end with its losses and weights.
+inference error), so every method reads the same datasets/ layout a run produces. The KTO run
+here is the suite's reference (tests/conftest.py): the run that loses nodes and resumes, on a
+multi-node cluster (tests/e2e/test_train_node_loss.py), must end with its losses and weights.
 """
 
 import json
@@ -17,10 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from lossaverse.cluster.config import TrainConfig
 from lossaverse.pipeline.models.tinymodels import resolve_model
-from tests.conftest import REFERENCE_TRAIN
+from tests.conftest import REFERENCE_TRAIN, train_tiny
 from tests.unit.test_train import make_datasets
-from lossaverse.training.train import train_model
-from lossaverse.training.validate import target_parameters
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +32,6 @@ def config(**kw) -> TrainConfig:
     base = dict(num_workers=WORKERS, per_device_batch_size=BATCH, epochs=1, learning_rate=1e-3, max_length=64,
                 checkpoint_every=0, logging_steps=1)
     return TrainConfig(**{**base, **kw})
-
-
-def run(train: TrainConfig, tmp: Path, datasets: Path, **kw) -> dict:
-    model = resolve_model("tiny:small")
-    return train_model(train, model, datasets, tmp / "model", tmp / "checkpoints", seed=0,
-                       params=target_parameters(model, train), **kw)
 
 
 def changed(model_dir: Path) -> bool:
@@ -82,7 +74,7 @@ def test_both_ranks_run_the_same_steps_on_an_odd_row_count(kto_reference):
 def test_kto_zero3_on_negatives_only_with_precomputed_reference(local_ray, tmp_path):
     datasets = make_datasets(tmp_path, large_right=False)
     train = config(deepspeed="zero3", weights="auto", precompute_ref_log_probs=True)
-    result = run(train, tmp_path, datasets)
+    result = train_tiny(train, tmp_path, datasets)
     assert result["desirable"] == 0 and result["undesirable"] == 33
     assert result["weight_ratio"] is None and result["undesirable_weight"] == 1.0
     assert result["steps"] == EPOCH_STEPS
@@ -93,7 +85,7 @@ def test_kto_zero3_on_negatives_only_with_precomputed_reference(local_ray, tmp_p
 
 def test_dpo_with_lora_exports_a_merged_plain_model(local_ray, tmp_path):
     train = config(method="dpo", deepspeed="zero2", lora={"r": 4, "alpha": 8}, max_steps=4)
-    result = run(train, tmp_path, make_datasets(tmp_path))
+    result = train_tiny(train, tmp_path, make_datasets(tmp_path))
     assert result["method"] == "dpo" and result["rows"] == ITEMS - 1 and result["steps"] == 4
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "loss"} <= set(result["history"][-1])
     assert result["trainable_params"] < result["params"] / 5
@@ -108,7 +100,7 @@ def test_dpo_with_lora_exports_a_merged_plain_model(local_ray, tmp_path):
 
 def test_sft_trains_on_the_correct_answers_only(local_ray, tmp_path):
     train = config(method="sft", deepspeed="none", max_steps=4)
-    result = run(train, tmp_path, make_datasets(tmp_path))
+    result = train_tiny(train, tmp_path, make_datasets(tmp_path))
     assert result["method"] == "sft" and result["rows"] == ITEMS  # the large competitor's answers
     assert result["steps"] == 4 and "loss" in result["history"][-1]
     assert changed(tmp_path / "model")
