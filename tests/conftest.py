@@ -100,11 +100,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line)
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a `lossaverse` child process that starts its own embedded Ray."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def run_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run the real `lossaverse` command line in a child process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([*LOSSAVERSE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*LOSSAVERSE, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 90) -> None:

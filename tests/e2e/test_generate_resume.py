@@ -11,7 +11,7 @@ import pytest
 
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS
-from tests.conftest import LOSSAVERSE, ROOT, run_cli
+from tests.conftest import LOSSAVERSE, ROOT, cli_env, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -24,12 +24,10 @@ def test_a_killed_generate_resumes_without_duplicates_or_gaps(tmp_path):
             "generate.sampling.max_tokens=32", "generate.progress_interval_s=1"]
     args = ["generate", str(ROOT / "configs" / "tiny.yaml")] + [x for s in sets for x in ("--set", s)]
     shards = tmp_path / "resume" / "answers.shards"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
     # Its own session: the driver and the embedded Ray it starts are killed together, by process group.
     log = tmp_path / "driver.log"
     with log.open("w") as out:
-        driver = subprocess.Popen([*LOSSAVERSE, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        driver = subprocess.Popen([*LOSSAVERSE, *args], cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
         deadline = time.time() + 600  # the embedded Ray and two engines start first; minutes on a loaded machine

@@ -60,10 +60,6 @@ def write_config(tmp: Path, name: str, shared: bool = True) -> Path:
     return path
 
 
-def start_generate(config: Path, address: str) -> Job:
-    return Job("generate", config, address)
-
-
 def engine_nodes(cluster) -> set[str]:
     return {name for name in cluster.nodes if cluster.holds(name, ENGINE)}
 
@@ -165,7 +161,7 @@ def test_a_submitted_generate_job_loses_the_large_engines_node_and_costs_time_no
 
 
 def test_a_local_output_dir_on_several_nodes_is_refused_with_the_fix(multinode, tmp_path):
-    job = start_generate(write_config(tmp_path, "local", shared=False), multinode.address)
+    job = Job("generate", write_config(tmp_path, "local", shared=False), multinode.address)
     code = job.wait(timeout=180)
     out = job.output
     assert code == 2, out[-3000:]

@@ -9,7 +9,6 @@ and converts (12-45 s on 2 cores); later runs find the converted directory and o
 """
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from lossaverse.pipeline.data.rundir import read_table
 from lossaverse.pipeline.data.schemas import ANSWERS, ITEMS, KTO, MARKED
-from tests.conftest import LOSSAVERSE, ROOT
+from tests.conftest import LOSSAVERSE, ROOT, cli_env
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +55,8 @@ SMOL_TRAIN, SMOL_EVAL, SMOL_SAMPLES, SMOL_STEPS = 12, 8, 2, 2
 
 def _interrupt_in_round_two(args: list[str], log) -> int:
     """Start the run; once round 2 has started generating, Ctrl-C it (SIGINT to its pid)."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=cli_env(COLUMNS="200"))
     seen_round_two = False
     try:
         for line in proc.stdout:
@@ -72,12 +72,6 @@ def _interrupt_in_round_two(args: list[str], log) -> int:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def smol_run(tmp_path_factory):
     top = tmp / "smol"
     assert not (top / "rounds.json").is_file() or len(json.loads((top / "rounds.json").read_text())) == 1
     stamp = (top / "model" / "config.json").stat().st_mtime_ns
-    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=1500)
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=cli_env(COLUMNS="200"), timeout=1500)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
     return {"top": top, "second": second.stdout, "stamp": stamp}
 
