@@ -1,7 +1,15 @@
-"""`lossaverse serve`: the real command (Ray Serve, ray.serve.llm with vLLM CPU engines, tiny models)
-on 127.0.0.1 with an API key, called with the `openai` client and httpx; bad requests get a 4xx
-with a message and the server keeps answering, also under a bounded load and a fuzz of malformed
-requests. Also the checks that refuse a serve before anything starts."""
+"""`lossaverse serve`: the real command (Ray Serve, ray.serve.llm with vLLM CPU engines) on 127.0.0.1
+with an API key, called with the `openai` client and httpx; bad requests get a 4xx with a message and
+the server keeps answering, also under a bounded load and a fuzz of malformed requests. Also the
+checks that refuse a serve before anything starts.
+
+The server is the default job's: `lossaverse serve configs/local.yaml` with `serve.base_model_id`
+serves the run's trained model (`<run_dir>/model`, stood in for by tiny:small, linked into a fresh run
+directory, so no training runs) and, beside it as `base`, the config's target, the packaged reference
+`smollm2:135m-instruct` (its converted directory, with its chat template). Token counts prove what
+reached the engine: a chat request's prompt is the tokenizer's chat-template rendering, a completions
+prompt is tokenized as given.
+"""
 
 import concurrent.futures
 import json
@@ -18,7 +26,7 @@ import openai
 import pytest
 
 from lossaverse.cluster.config import ConfigError
-from lossaverse.cluster.serve import build_app, plan_from_args
+from lossaverse.cluster.serve import build_app, plan_for, plan_from_args
 from lossaverse.pipeline.data import synthetic
 from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.marker.mark import mark_row
@@ -33,6 +41,9 @@ CAP, BODY, MAX_ANSWERS = 32, 4096, 5
 MAX_N, MAX_PROMPTS, MAX_LOGPROBS = 2, 3, 1
 KEY_ENV, KEY = "LV_TEST_SERVE_KEY", "serve-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+REF = "smollm2:135m-instruct"  # configs/local.yaml's target: served as `base`
+MESSAGES = [{"role": "user", "content": "What is 2 + 3? Answer with the number only."}]
+RAW_PROMPT = "Question: What is 2 + 3?\nAnswer:"
 
 
 def _post(url, headers=None, **kwargs):
@@ -61,30 +72,54 @@ def _ready(base: str, log: Path) -> bool:
     return {m["id"] for m in models.get("data", [])} == {"target", "base"}
 
 
+def _run_dir_with_model(out: Path, model_dir: str) -> Path:
+    """A run directory of configs/local.yaml under `out` whose trained model is `model_dir`."""
+    (out / "local").mkdir(parents=True)
+    (out / "local" / "model").symlink_to(model_dir, target_is_directory=True)
+    return out
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`lossaverse serve MODEL_DIR --base tiny:large` in its own process group, stopped by pid."""
+def smollm2_dir() -> str:
+    return resolve_model(REF)  # fetched from its wheel and converted on first use, then cached
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_dir):
+    """`lossaverse serve configs/local.yaml` (trained model: tiny:small; base: SmolLM2) in its own
+    process group, stopped by pid."""
+    out = _run_dir_with_model(tmp_path_factory.mktemp("runs"), resolve_model("tiny:small"))
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    sets = [*CPU_ENGINE, f"serve.port={port}", f"serve.max_tokens={CAP}", f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}",
-            f"serve.max_n={MAX_N}", f"serve.max_prompts={MAX_PROMPTS}", f"serve.max_logprobs={MAX_LOGPROBS}", f"serve.api_key_env={KEY_ENV}"]
-    argv = [sys.executable, "-m", "lossaverse", "serve", resolve_model("tiny:small"), "--base", "tiny:large"]
+    log = out / "serve.log"
+    sets = [*CPU_ENGINE, f"output_dir={out}", "serve.base_model_id=base", f"serve.port={port}", f"serve.max_tokens={CAP}",
+            f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}", f"serve.max_n={MAX_N}",
+            f"serve.max_prompts={MAX_PROMPTS}", f"serve.max_logprobs={MAX_LOGPROBS}", f"serve.api_key_env={KEY_ENV}"]
+    argv = [sys.executable, "-m", "lossaverse", "serve", str(ROOT / "configs" / "local.yaml")]
     for s in sets:
         argv += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
     env.pop("RAY_ADDRESS", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    began = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 480
+        deadline = time.time() + 600  # two engines start; minutes on a loaded 2-core machine
         while not _ready(base, log):
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"serve did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
             time.sleep(2)
+        print(f"\nserve configs/local.yaml up in {time.perf_counter() - began:.0f}s")
         yield base, proc, log
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 def _message(response: httpx.Response) -> str:
@@ -116,12 +151,55 @@ def test_ab_completions_come_from_two_different_models(server):
     assert any(texts["target", i] != texts["base", i] for i in range(3)), "A/B served one model twice"
 
 
+def _ids(encoded) -> list[int]:
+    """apply_chat_template(tokenize=True) gives a list (transformers 4) or a BatchEncoding (5)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def test_the_packaged_target_is_served_beside_the_trained_model(tmp_path, smollm2_dir):
+    out = _run_dir_with_model(tmp_path, smollm2_dir)
+    plan = plan_for(ROOT / "configs" / "local.yaml", None, [f"output_dir={out}", "serve.base_model_id=base"])
+    assert list(plan.models) == ["target", "base"]
+    assert {Path(src).resolve() for src in plan.models.values()} == {Path(smollm2_dir).resolve()}
+    assert plan.engine.num_gpus == 0 and plan.max_tokens < plan.engine.max_model_len
+    # No kv_cache_gib in the config: the CPU engine's cache is sized from the model.
+    assert llm_config("target", plan.models["target"], plan.engine, plan.serve).engine_kwargs["kv_cache_memory_bytes"] > 0
+
+
+def test_chat_completions_apply_the_packaged_models_chat_template(server, tokenizer):
+    expected = _ids(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True))
+    raw = len(tokenizer(MESSAGES[0]["content"], add_special_tokens=False)["input_ids"])
+    assert len(expected) > raw + 10  # the template's system turn and role markers are tokens too
+    r = _client(server[0]).chat.completions.create(model="base", messages=MESSAGES, max_tokens=16, temperature=0)
+    choice = r.choices[0]
+    assert r.model == "base" and choice.message.role == "assistant" and choice.message.content.strip(), r
+    assert choice.finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 16
+    assert r.usage.prompt_tokens == len(expected), f"the engine saw {r.usage.prompt_tokens} prompt tokens, the template renders {len(expected)}"
+    # The answer ends at the template's end-of-turn token, which is not part of the text.
+    assert "<|im_end|>" not in choice.message.content and "<|im_start|>" not in choice.message.content
+
+
+def test_completions_take_the_prompt_as_given(server, tokenizer):
+    expected = len(tokenizer(RAW_PROMPT)["input_ids"])
+    r = _client(server[0]).completions.create(model="base", prompt=RAW_PROMPT, max_tokens=16, temperature=0)
+    assert r.usage.prompt_tokens == expected and r.choices[0].text.strip(), r
+    assert r.choices[0].finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 16
+
+
 def test_max_tokens_above_the_cap_is_a_400(server):
     client = _client(server[0])
-    with pytest.raises(openai.BadRequestError, match=f"max_tokens {CAP + 1} is above this server's cap of {CAP}"):
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens {CAP + 1} is above this server's cap of {CAP}") as caught:
         client.completions.create(model="target", prompt="1 + 1 =", max_tokens=CAP + 1)
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens {CAP + 1} is above this server's cap of {CAP}") as caught:
+        client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=CAP + 1)
+    assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError, match=f"cap of {CAP}"):
         client.chat.completions.create(model="target", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="unknown field 'frobnicate'") as caught:
+        client.completions.create(model="base", prompt=RAW_PROMPT, max_tokens=4, extra_body={"frobnicate": 1})
+    assert caught.value.body["param"] == "frobnicate"
+    assert server[1].poll() is None
 
 
 def test_bad_requests_get_4xx_with_a_message_and_the_server_keeps_answering(server):
