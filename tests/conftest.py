@@ -141,13 +141,17 @@ def local_ray():
     ray.shutdown()
 
 
-# Training's reference: KTO on 2 workers with DeepSpeed ZeRO-2, uninterrupted, on the datasets of
-# tests/unit/test_train.py's `make_datasets` (33 KTO rows: 16 steps of a global batch of 4 span
-# more than an epoch, with checkpoints at steps 4, 8 and 12). The integration tier checks the run
-# itself (tests/integration/test_train.py); the run that loses nodes and resumes
-# (tests/e2e/test_train_node_loss.py) must end with its losses and weights. One run serves both.
+# Training's reference: KTO on 2 workers with DeepSpeed ZeRO-3 (parameters partitioned over the
+# ranks), the reference model's log-probabilities precomputed and the class weights from the counts
+# ("auto"), uninterrupted, on `make_datasets`'s table with every answer wrong (REFERENCE_DATA: 33 KTO
+# rows, all undesirable; 16 steps of a global batch of 4 span more than an epoch, with checkpoints at
+# steps 4, 8 and 12). The integration tier checks the run itself (tests/integration/test_train.py);
+# the run that loses nodes and resumes (tests/e2e/test_train_node_loss.py) must end with its losses
+# and weights. One run serves both.
 REFERENCE_TRAIN = {"method": "kto", "num_workers": 2, "per_device_batch_size": 2, "max_steps": 16, "checkpoint_every": 4,
-                   "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "deepspeed": "zero2"}
+                   "learning_rate": 1e-3, "max_length": 64, "logging_steps": 1, "deepspeed": "zero3", "weights": "auto",
+                   "precompute_ref_log_probs": True}
+REFERENCE_DATA = {"large_right": False}  # make_datasets: negatives only
 
 
 def train_tiny(train, tmp: Path, datasets: Path, **kw) -> dict:
@@ -170,7 +174,7 @@ def kto_reference(local_ray, tmp_path_factory):
     from tests.unit.test_train import make_datasets
 
     tmp, logged = tmp_path_factory.mktemp("kto-reference"), []
-    result = train_tiny(TrainConfig(**REFERENCE_TRAIN, report_to=["tensorboard"]), tmp, make_datasets(tmp),
+    result = train_tiny(TrainConfig(**REFERENCE_TRAIN, report_to=["tensorboard"]), tmp, make_datasets(tmp, **REFERENCE_DATA),
                         on_log=logged.append)
     return {"tmp": tmp, "result": result, "logged": logged}
 

@@ -158,6 +158,22 @@ def test_rft_trains_from_the_recipes_sft_model_on_exactly_the_desirable_rows_of_
     assert any(not torch.equal(sft[k], tuned[k]) for k in sft)
 
 
+def test_sft_trains_on_exactly_the_competitors_right_answers(run):
+    """The SFT run (the SFT baseline, and after SFT_STEPS the recipe's start): the desirable rows of
+    the competitors' datasets/kto, every one of them and nothing else, a loss logged at each step."""
+    import pyarrow.parquet as pq
+
+    d = run["dir"]
+    kto = read_table(d / "datasets" / "kto", KTO)
+    desirable = kto.filter(pc.equal(kto["label"], True))
+    trained = pq.read_table(d / "recipe" / "sft" / "checkpoints" / "data" / "train.parquet")
+    key = lambda t: sorted(zip(t["prompt"].to_pylist(), t["completion"].to_pylist()))  # noqa: E731
+    assert 0 < desirable.num_rows < kto.num_rows
+    assert key(trained) == key(desirable)
+    metrics = json.loads((d / "recipe" / "sft" / "checkpoints" / "metrics.json").read_text())
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, SFT_STEPS + KTO_STEPS + 1))
+
+
 def test_rerun_skips_complete_stages(run):
     second = run["second"]
     assert second.returncode == 0, second.stderr[-2000:]

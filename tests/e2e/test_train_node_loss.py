@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import REFERENCE_TRAIN, ROOT
+from tests.conftest import REFERENCE_DATA, REFERENCE_TRAIN, ROOT
 from tests.multinode import Job, MultiNode
 from tests.unit.test_train import make_datasets
 
@@ -59,7 +59,7 @@ def write_config(tmp: Path, name: str) -> Path:
     cfg.update(name=name, output_dir=str(tmp), ray={"shared_storage": True})  # every node of this host sees tmp
     cfg["train"] = {**REFERENCE_TRAIN, "recipe": "single", "cpus_per_worker": 1.5, "placement_strategy": "STRICT_SPREAD",
                     "keep_checkpoints": 2, "max_failures": MAX_FAILURES}
-    make_datasets(tmp / name)
+    make_datasets(tmp / name, **REFERENCE_DATA)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
