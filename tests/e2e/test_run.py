@@ -166,11 +166,11 @@ def test_sft_trains_on_exactly_the_competitors_right_answers(run):
     d = run["dir"]
     kto = read_table(d / "datasets" / "kto", KTO)
     desirable = kto.filter(pc.equal(kto["label"], True))
-    trained = pq.read_table(d / "recipe" / "sft" / "checkpoints" / "data" / "train.parquet")
+    trained = pq.read_table(d / "compare" / "sft" / "checkpoints" / "data" / "train.parquet")
     key = lambda t: sorted(zip(t["prompt"].to_pylist(), t["completion"].to_pylist()))  # noqa: E731
     assert 0 < desirable.num_rows < kto.num_rows
     assert key(trained) == key(desirable)
-    metrics = json.loads((d / "recipe" / "sft" / "checkpoints" / "metrics.json").read_text())
+    metrics = json.loads((d / "compare" / "sft" / "checkpoints" / "metrics.json").read_text())
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, SFT_STEPS + KTO_STEPS + 1))
 
 
