@@ -13,11 +13,9 @@ prompt is tokenized as given.
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from lossaverse.pipeline.data.prompts import render, template_for
 from lossaverse.pipeline.marker.mark import mark_row
 from lossaverse.pipeline.models.tinymodels import resolve_model
 from lossaverse.serving.model import ServeError, _checked, llm_config, plan_from_model_dir
-from tests.conftest import ROOT, run_cli, stop_group
+from tests.conftest import LOSSAVERSE, ROOT, cli_env, run_cli, stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -94,14 +92,13 @@ def server(tmp_path_factory, smollm2_dir):
     sets = [*CPU_ENGINE, f"output_dir={out}", "serve.base_model_id=base", f"serve.port={port}", f"serve.max_tokens={CAP}",
             f"serve.max_body_bytes={BODY}", f"serve.max_mark_answers={MAX_ANSWERS}", f"serve.max_n={MAX_N}",
             f"serve.max_prompts={MAX_PROMPTS}", f"serve.max_logprobs={MAX_LOGPROBS}", f"serve.api_key_env={KEY_ENV}"]
-    argv = [sys.executable, "-m", "lossaverse", "serve", str(ROOT / "configs" / "local.yaml")]
+    argv = [*LOSSAVERSE, "serve", str(ROOT / "configs" / "local.yaml")]
     for s in sets:
         argv += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
-    env.pop("RAY_ADDRESS", None)
     began = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=cli_env(**{KEY_ENV: KEY}), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600  # two engines start; minutes on a loaded 2-core machine
